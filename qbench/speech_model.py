@@ -1,0 +1,47 @@
+"""What the harness needs from any speech model: one interface for Whisper and wav2vec 2.0.
+
+Quantizers, calibration, memory accounting and the runner only ever talk to this protocol, so
+a new architecture is a new file in `qbench/models/` that satisfies it.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from qbench.weight_store import WeightInfo, WeightStore
+
+
+class SpeechModel(Protocol):
+    """A numpy ASR model whose every weight matmul goes through `self.store`."""
+
+    #: registry name, e.g. "whisper-tiny.en"
+    name: str
+    #: the parameters; replace it (`with_store`) to run with quantized or packed weights
+    store: WeightStore
+    sample_rate: int
+
+    def quantizable_weights(self) -> list[WeightInfo]:
+        """Every weight matrix the quantization policy may touch, in execution order."""
+        ...
+
+    def with_store(self, store: WeightStore) -> SpeechModel:
+        """The same model running on other parameters (same names and shapes)."""
+        ...
+
+    def transcribe(self, audios: list[np.ndarray]) -> list[str]:
+        """Raw (unnormalized) transcripts of a batch of 16 kHz mono float32 waveforms."""
+        ...
+
+    def calibration_forward(self, audios: list[np.ndarray]) -> None:
+        """One forward pass over all calibration audio, for capturing layer inputs.
+
+        Contract: every matrix of `quantizable_weights()` is passed through `store.linear`
+        exactly once, with the inputs of all calibration utterances stacked along the leading
+        axes, and layers are called in execution order with inputs computed by the layers before
+        them as the store returns them. A store that quantizes a layer on first use therefore
+        gets GPTQ's sequential calibration (each layer sees the outputs of the already-quantized
+        layers before it) from a single pass.
+        """
+        ...
