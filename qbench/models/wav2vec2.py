@@ -1,0 +1,439 @@
+"""wav2vec 2.0 for CTC in numpy: feature encoder, transformer encoder, greedy CTC decoding.
+
+Read top to bottom like openai/whisper's model.py. Equal (to float32 rounding) to Hugging Face
+`Wav2Vec2ForCTC` in eval mode for both checkpoint families:
+
+* base (facebook/wav2vec2-base-960h): `feat_extract_norm="group"` (group norm with one group per
+  channel on the first conv layer only), post-LN transformer with an encoder layer norm before
+  the layers;
+* large "stable layer norm" (facebook/wav2vec2-large-960h-lv60-self): `feat_extract_norm="layer"`
+  (layer norm over channels after every conv layer), pre-LN transformer with the encoder layer
+  norm after the layers.
+
+Parameter names (the canonical names `qbench.checkpoints.hf_wav2vec2` maps to; `d` hidden size,
+`c_l` conv channels, `G` positional conv groups, `K` positional conv kernel):
+
+    feature_encoder.conv.{l}.weight [c_l, c_{l-1}, k_l]   (c_{-1} = 1)   feature_encoder.conv.{l}.bias
+    feature_encoder.norm.{l}.{weight,bias} [c_l]   group norm (l = 0 only) or layer norm (every l)
+    feature_projection.ln.{weight,bias} [c_last]
+    feature_projection.proj.{weight [d, c_last], bias}
+    encoder.pos_conv.{g}.weight [d/G, d/G, K]  encoder.pos_conv.{g}.bias [d/G]   g = 0..G-1:
+        the grouped positional conv split into its G independent convs (weight norm already
+        folded in), so that each is an ordinary matrix [d/G, d/G*K] for `store.linear`
+    encoder.ln.{weight,bias}           before the layers (post-LN) or after them (stable LN)
+    encoder.blocks.{i}.attn.qkv.{weight [3d, d], bias [3d]}   query, key, value stacked
+    encoder.blocks.{i}.attn.out.{weight, bias}
+    encoder.blocks.{i}.attn_ln.{weight,bias}   HF `layer_norm`: after the attention residual
+                                               (post-LN) or before attention (stable LN)
+    encoder.blocks.{i}.mlp.fc1.{weight [ffn, d], bias}  encoder.blocks.{i}.mlp.fc2.{weight, bias}
+    encoder.blocks.{i}.mlp_ln.{weight,bias}    HF `final_layer_norm`
+    lm_head.{weight [vocab, d], bias}
+
+Activations are time-major `[frames, channels]` throughout, so every conv is im2col followed by
+`store.linear`, and a conv weight seen as a matrix is `[out, in * k]`, input-channel major.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from itertools import groupby
+from typing import Any
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from qbench.weight_store import WeightInfo, WeightStore
+
+#: eps of the torch.nn.GroupNorm / LayerNorm in the feature encoder (HF does not pass the
+#: config's layer_norm_eps there)
+CONV_NORM_EPS = 1e-5
+#: Wav2Vec2FeatureExtractor's per-utterance normalisation eps (do_normalize=True)
+INPUT_NORM_EPS = 1e-7
+
+
+@dataclass(frozen=True)
+class Wav2Vec2Config:
+    """The fields of a Hugging Face wav2vec2 `config.json` that the forward pass depends on."""
+
+    conv_dim: tuple[int, ...] = (512, 512, 512, 512, 512, 512, 512)
+    conv_kernel: tuple[int, ...] = (10, 3, 3, 3, 3, 2, 2)
+    conv_stride: tuple[int, ...] = (5, 2, 2, 2, 2, 2, 2)
+    conv_bias: bool = False
+    feat_extract_norm: str = "group"
+    feat_extract_activation: str = "gelu"
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    num_conv_pos_embeddings: int = 128
+    num_conv_pos_embedding_groups: int = 16
+    do_stable_layer_norm: bool = False
+    layer_norm_eps: float = 1e-5
+    vocab_size: int = 32
+    pad_token_id: int = 0
+    add_adapter: bool = False
+
+    def __post_init__(self) -> None:
+        if not len(self.conv_dim) == len(self.conv_kernel) == len(self.conv_stride):
+            raise ValueError("conv_dim, conv_kernel and conv_stride must have the same length")
+        if self.feat_extract_norm not in ("group", "layer"):
+            raise ValueError(f"feat_extract_norm must be 'group' or 'layer', not {self.feat_extract_norm!r}")
+        if self.hidden_act != "gelu" or self.feat_extract_activation != "gelu":
+            raise ValueError("only the exact (erf) GELU activation is implemented")
+        if self.add_adapter:
+            raise ValueError("wav2vec2 adapter layers (add_adapter=true) are not implemented")
+        if self.hidden_size % self.num_attention_heads or self.hidden_size % self.num_conv_pos_embedding_groups:
+            raise ValueError("hidden_size must divide into attention heads and positional conv groups")
+
+    @classmethod
+    def from_hf(cls, config: Mapping[str, Any]) -> Wav2Vec2Config:
+        """From a parsed HF `config.json`; keys the forward pass does not use are ignored."""
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in config.items() if k in known and v is not None}
+        for key in ("conv_dim", "conv_kernel", "conv_stride"):
+            if key in kwargs:
+                kwargs[key] = tuple(int(v) for v in kwargs[key])
+        return cls(**kwargs)
+
+    @property
+    def total_stride(self) -> int:
+        """Audio samples per output frame (320 = 20 ms at 16 kHz for every released model)."""
+        return math.prod(self.conv_stride)
+
+    @property
+    def receptive_field(self) -> int:
+        """Audio samples one output frame depends on (400 for every released model)."""
+        field, jump = 1, 1
+        for k, s in zip(self.conv_kernel, self.conv_stride):
+            field += (k - 1) * jump
+            jump *= s
+        return field
+
+    def num_frames(self, num_samples: int) -> int:
+        """Output frames for an input of `num_samples` (0 if shorter than the receptive field)."""
+        n = num_samples
+        for k, s in zip(self.conv_kernel, self.conv_stride):
+            n = (n - k) // s + 1 if n >= k else 0
+        return n
+
+
+def weight_infos(config: Wav2Vec2Config) -> list[WeightInfo]:
+    """Every weight matrix of the model, in execution order."""
+    infos: list[WeightInfo] = []
+    c_in = 1
+    for l, (c, k) in enumerate(zip(config.conv_dim, config.conv_kernel)):
+        infos.append(WeightInfo(f"feature_encoder.conv.{l}", (c, c_in * k), "conv"))
+        c_in = c
+    d, ffn = config.hidden_size, config.intermediate_size
+    infos.append(WeightInfo("feature_projection.proj", (d, c_in), "linear"))
+    dg = d // config.num_conv_pos_embedding_groups
+    for g in range(config.num_conv_pos_embedding_groups):
+        infos.append(WeightInfo(f"encoder.pos_conv.{g}", (dg, dg * config.num_conv_pos_embeddings), "conv"))
+    for i in range(config.num_hidden_layers):
+        p = f"encoder.blocks.{i}"
+        infos += [
+            WeightInfo(f"{p}.attn.qkv", (3 * d, d), "linear"),
+            WeightInfo(f"{p}.attn.out", (d, d), "linear"),
+            WeightInfo(f"{p}.mlp.fc1", (ffn, d), "linear"),
+            WeightInfo(f"{p}.mlp.fc2", (d, ffn), "linear"),
+        ]
+    infos.append(WeightInfo("lm_head", (config.vocab_size, d), "linear"))
+    return infos
+
+
+# -- elementwise building blocks ---------------------------------------------------------------
+
+# Eigen's / XLA's float32 rational approximation of erf on [-4, 4] (erf is +-1 in float32
+# outside). Max abs error 4.5e-7 against math.erf; a few float32 ulp, far below the 1e-4
+# parity budget, and ~10x faster than np.vectorize(math.erf).
+_ERF_P = tuple(np.float32(c) for c in (
+    -2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+    -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02))
+_ERF_Q = tuple(np.float32(c) for c in (
+    -1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+    -1.42647390514189e-02))
+
+
+def erf(x: np.ndarray) -> np.ndarray:
+    """Error function of a float32 array, float32."""
+    x = np.clip(x, -4.0, 4.0, dtype=np.float32)
+    x2 = x * x
+    p = np.full_like(x, _ERF_P[0])
+    for c in _ERF_P[1:]:
+        p *= x2
+        p += c
+    p *= x
+    q = np.full_like(x, _ERF_Q[0])
+    for c in _ERF_Q[1:]:
+        q *= x2
+        q += c
+    p /= q
+    return p
+
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    """Exact GELU, x * Phi(x), as torch.nn.functional.gelu(approximate='none')."""
+    y = erf(x * np.float32(1.0 / math.sqrt(2.0)))
+    y += 1.0
+    y *= 0.5
+    y *= x
+    return y
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+    mean = x.mean(axis=-1, keepdims=True)
+    xc = x - mean
+    var = np.mean(np.square(xc), axis=-1, keepdims=True)
+    xc *= 1.0 / np.sqrt(var + np.float32(eps))
+    xc *= weight
+    xc += bias
+    return xc
+
+
+def softmax_(x: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, in place."""
+    x -= x.max(axis=-1, keepdims=True)
+    np.exp(x, out=x)
+    x /= x.sum(axis=-1, keepdims=True)
+    return x
+
+
+def im2col(x: np.ndarray, kernel: int, stride: int) -> np.ndarray:
+    """`[T, C]` -> `[T_out, C * kernel]`, input-channel major (the store's conv matrix layout)."""
+    windows = sliding_window_view(x, kernel, axis=0)[::stride]  # [T_out, C, kernel], a view
+    return windows.reshape(windows.shape[0], -1)  # the one copy
+
+
+def normalize_audio(audio: np.ndarray) -> np.ndarray:
+    """Zero mean, unit variance per utterance, as Wav2Vec2FeatureExtractor(do_normalize=True)."""
+    x = np.asarray(audio, dtype=np.float32)
+    return (x - x.mean()) / np.sqrt(x.var() + np.float32(INPUT_NORM_EPS))
+
+
+# -- CTC ----------------------------------------------------------------------------------------
+
+
+def ctc_greedy_decode(ids: Sequence[int], vocab: Sequence[str], blank_id: int = 0,
+                      word_delimiter: str = "|") -> str:
+    """Collapse repeats, drop blanks, `|` -> space: HF `Wav2Vec2CTCTokenizer.decode(ids)`.
+
+    Like HF's default decode (the one every model card uses), special tokens other than the
+    blank (`<s>`, `</s>`, `<unk>`) are kept as text; a trained model practically never emits them.
+    """
+    chars = [vocab[i] for i, _ in groupby(int(i) for i in ids) if i != blank_id]
+    return "".join(" " if c == word_delimiter else c for c in chars).strip()
+
+
+# -- the model ----------------------------------------------------------------------------------
+
+
+class Wav2Vec2:
+    """wav2vec 2.0 with a CTC head; every weight matmul goes through `self.store.linear`."""
+
+    sample_rate: int = 16000
+
+    def __init__(self, config: Wav2Vec2Config, store: WeightStore, vocab: Sequence[str],
+                 name: str = "wav2vec2", chunk_frames: int = 128):
+        """`vocab[i]` is token id i's string; `chunk_frames` output frames (20 ms each) per
+        feature-encoder chunk bounds that stage's memory whatever the utterance length."""
+        if len(vocab) != config.vocab_size:
+            raise ValueError(f"vocab has {len(vocab)} tokens, config.vocab_size is {config.vocab_size}")
+        self.config = config
+        self.store = store
+        self.vocab = list(vocab)
+        self.name = name
+        self.chunk_frames = chunk_frames
+
+    @classmethod
+    def from_params(cls, config: Wav2Vec2Config, params: Mapping[str, np.ndarray],
+                    vocab: Sequence[str], name: str = "wav2vec2") -> Wav2Vec2:
+        """From canonical-named parameters (see the module docstring)."""
+        return cls(config, WeightStore(params, weight_infos(config)), vocab, name)
+
+    # -- SpeechModel -----------------------------------------------------------------------
+    def quantizable_weights(self) -> list[WeightInfo]:
+        return weight_infos(self.config)
+
+    def with_store(self, store: WeightStore) -> Wav2Vec2:
+        return Wav2Vec2(self.config, store, self.vocab, self.name, self.chunk_frames)
+
+    def transcribe(self, audios: list[np.ndarray]) -> list[str]:
+        """Greedy CTC transcripts; each utterance runs alone, so no padding or attention mask
+        is needed and results do not depend on batch composition."""
+        return [self.decode(self.logits(audio)) for audio in audios]
+
+    def calibration_forward(self, audios: list[np.ndarray], max_seconds: float | None = 4.0) -> None:
+        """One pass over all utterances with every matrix applied once to the stacked inputs.
+
+        Each utterance is cropped to its first `max_seconds` (None: no crop) because the
+        stacked, unchunked feature encoder holds 512 x 3200 floats per second of audio at its
+        first layer and ~1.5k x 1600 im2col floats at its second (~45 MB per second of
+        calibration audio). Frames of all utterances are concatenated along the row axis for
+        every conv and linear; attention and the positional conv see utterance boundaries.
+        """
+        xs = [normalize_audio(a) for a in audios]
+        if max_seconds is not None:
+            xs = [x[: int(max_seconds * self.sample_rate)] for x in xs]
+        feats = self._feature_encoder_stacked([x[:, None] for x in xs])
+        lengths = [f.shape[0] for f in feats]
+        self._encode(np.concatenate(feats, axis=0), lengths)
+
+    # -- single-utterance inference ----------------------------------------------------------
+    def logits(self, audio: np.ndarray) -> np.ndarray:
+        """CTC logits `[frames, vocab]` of one 16 kHz waveform (normalised here)."""
+        feats = self.feature_encoder(normalize_audio(audio))
+        return self._encode(feats, [feats.shape[0]])
+
+    def decode(self, logits: np.ndarray) -> str:
+        return ctc_greedy_decode(logits.argmax(axis=-1), self.vocab, self.config.pad_token_id)
+
+    # -- feature encoder -------------------------------------------------------------------
+    def _feature_encoder_stacked(self, xs: list[np.ndarray]) -> list[np.ndarray]:
+        """All conv layers, unchunked, one `store.linear` per layer over all utterances' rows."""
+        c = self.config
+        for l in range(len(c.conv_dim)):
+            cols = [im2col(x, c.conv_kernel[l], c.conv_stride[l]) for x in xs]
+            lengths = [len(col) for col in cols]
+            y = self.store.linear(f"feature_encoder.conv.{l}", np.concatenate(cols, axis=0))
+            del cols
+            xs = [self._norm_gelu(l, seg) for seg in _segments(y, lengths)]
+        return xs
+
+    def _norm_gelu(self, l: int, y: np.ndarray,
+                   group_stats: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """Conv layer `l`'s norm and GELU on its `[T, C]` output.
+
+        `group_stats` (mean, 1/std per channel) are the group norm's statistics over the whole
+        utterance, which a time chunk cannot compute by itself; None: from `y`.
+        """
+        norm = f"feature_encoder.norm.{l}"
+        if self.config.feat_extract_norm == "layer":
+            y = layer_norm(y, self.store.param(norm + ".weight"), self.store.param(norm + ".bias"), CONV_NORM_EPS)
+        elif l == 0:
+            mean, inv_std = _channel_stats(y) if group_stats is None else group_stats
+            y = (y - mean) * (inv_std * self.store.param(norm + ".weight")) + self.store.param(norm + ".bias")
+        return gelu(y)
+
+    def feature_encoder(self, audio: np.ndarray, chunk_frames: int | None = -1) -> np.ndarray:
+        """Normalised waveform `[N]` -> conv features `[T, c_last]`, in time chunks.
+
+        A chunk of output frames [t0, t1) depends exactly on samples
+        [t0 * stride, (t1 - 1) * stride + receptive_field); since t0 * stride is a multiple of
+        every layer's cumulative stride, each chunk reproduces the same frames as the unchunked
+        pass. Group norm (base models) needs per-channel statistics of the whole first-layer
+        output, so that layer is run once more beforehand, in chunks, just to accumulate them.
+
+        Peak memory is set by the chunk, not the utterance: for 512 channels and
+        `chunk_frames`=128, ~17 MB first-layer output, ~25 MB second-layer im2col and a few
+        GELU temporaries, ~70 MB in all (see benchmarks/wav2vec2_forward.py), against ~1.3 GB
+        for an unchunked 35 s utterance. `chunk_frames=None` runs unchunked.
+        """
+        c = self.config
+        if chunk_frames == -1:
+            chunk_frames = self.chunk_frames
+        audio = np.asarray(audio, dtype=np.float32)
+        total = c.num_frames(len(audio))
+        if chunk_frames is None or total <= chunk_frames:
+            return self._feature_encoder_stacked([audio[:, None]])[0]
+        stride, field = c.total_stride, c.receptive_field
+        group_stats = self._first_layer_stats(audio, chunk_frames) if c.feat_extract_norm == "group" else None
+        out = np.empty((total, c.conv_dim[-1]), dtype=np.float32)
+        for t0 in range(0, total, chunk_frames):
+            t1 = min(t0 + chunk_frames, total)
+            x = audio[t0 * stride : (t1 - 1) * stride + field, None]
+            for l in range(len(c.conv_dim)):
+                y = self.store.linear(f"feature_encoder.conv.{l}", im2col(x, c.conv_kernel[l], c.conv_stride[l]))
+                x = self._norm_gelu(l, y, group_stats)
+            out[t0:t1] = x
+        return out
+
+    def _first_layer_stats(self, audio: np.ndarray, chunk_frames: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel mean and 1/sqrt(var + eps) of the first conv layer's whole output."""
+        c = self.config
+        k, s = c.conv_kernel[0], c.conv_stride[0]
+        n = (len(audio) - k) // s + 1
+        step = chunk_frames * (c.total_stride // s)  # the same first-layer frames per chunk
+        # float64 sums of values shifted by a rough mean keep E[x^2] - E[x]^2 free of cancellation
+        shift = None
+        acc = np.zeros(c.conv_dim[0]), np.zeros(c.conv_dim[0])
+        for f0 in range(0, n, step):
+            f1 = min(f0 + step, n)
+            y = self.store.linear("feature_encoder.conv.0", im2col(audio[f0 * s : (f1 - 1) * s + k, None], k, s))
+            if shift is None:
+                shift = y.mean(axis=0, dtype=np.float64)
+            yc = y.astype(np.float64) - shift
+            acc[0][:] += yc.sum(axis=0)
+            acc[1][:] += np.square(yc).sum(axis=0)
+        mean_c = acc[0] / n
+        var = np.maximum(acc[1] / n - mean_c**2, 0.0)
+        return (shift + mean_c).astype(np.float32), (1.0 / np.sqrt(var + CONV_NORM_EPS)).astype(np.float32)
+
+    # -- transformer -----------------------------------------------------------------------
+    def _encode(self, feats: np.ndarray, lengths: list[int]) -> np.ndarray:
+        """Conv features of utterances stacked along rows `[sum(lengths), c_last]` -> logits."""
+        c, st = self.config, self.store
+        ln = lambda x, n, eps=c.layer_norm_eps: layer_norm(x, st.param(n + ".weight"), st.param(n + ".bias"), eps)  # noqa: E731
+        x = st.linear("feature_projection.proj", ln(feats, "feature_projection.ln"))
+        x += self._pos_conv(x, lengths)
+        if not c.do_stable_layer_norm:
+            x = ln(x, "encoder.ln")
+        for i in range(c.num_hidden_layers):
+            p = f"encoder.blocks.{i}"
+            if c.do_stable_layer_norm:
+                x += self._attention(p + ".attn", ln(x, p + ".attn_ln"), lengths)
+                x += self._mlp(p + ".mlp", ln(x, p + ".mlp_ln"))
+            else:
+                x = ln(x + self._attention(p + ".attn", x, lengths), p + ".attn_ln")
+                x = ln(x + self._mlp(p + ".mlp", x), p + ".mlp_ln")
+        if c.do_stable_layer_norm:
+            x = ln(x, "encoder.ln")
+        return st.linear("lm_head", x)
+
+    def _pos_conv(self, x: np.ndarray, lengths: list[int]) -> np.ndarray:
+        """Grouped conv (kernel K, padding K//2, last frame dropped for even K), then GELU."""
+        c = self.config
+        k, groups = c.num_conv_pos_embeddings, c.num_conv_pos_embedding_groups
+        dg = c.hidden_size // groups
+        padded = [np.pad(seg, ((k // 2, k // 2), (0, 0))) for seg in _segments(x, lengths)]
+        out = np.empty_like(x)
+        for g in range(groups):
+            cols = np.concatenate(
+                [im2col(xp[:, g * dg : (g + 1) * dg], k, 1)[:n] for xp, n in zip(padded, lengths)], axis=0)
+            out[:, g * dg : (g + 1) * dg] = self.store.linear(f"encoder.pos_conv.{g}", cols)
+        return gelu(out)
+
+    def _attention(self, name: str, x: np.ndarray, lengths: list[int]) -> np.ndarray:
+        c = self.config
+        d, h = c.hidden_size, c.num_attention_heads
+        dh = d // h
+        qkv = self.store.linear(name + ".qkv", x)
+        qkv[:, :d] *= np.float32(dh**-0.5)
+        out = np.empty((x.shape[0], d), dtype=np.float32)
+        start = 0
+        for n in lengths:
+            seg = qkv[start : start + n]
+            # one head at a time: a 35 s utterance's [T, T] scores are 12 MB, all heads 150 MB
+            for j in range(h):
+                q = seg[:, j * dh : (j + 1) * dh]
+                kk = seg[:, d + j * dh : d + (j + 1) * dh]
+                v = seg[:, 2 * d + j * dh : 2 * d + (j + 1) * dh]
+                out[start : start + n, j * dh : (j + 1) * dh] = softmax_(q @ kk.T) @ v
+            start += n
+        return self.store.linear(name + ".out", out)
+
+    def _mlp(self, name: str, x: np.ndarray) -> np.ndarray:
+        return self.store.linear(name + ".fc2", gelu(self.store.linear(name + ".fc1", x)))
+
+
+def _segments(x: np.ndarray, lengths: list[int]) -> list[np.ndarray]:
+    return np.split(x, np.cumsum(lengths)[:-1], axis=0)
+
+
+def _channel_stats(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """GroupNorm with one group per channel: mean and 1/std over time of `[T, C]`."""
+    mean = y.mean(axis=0)
+    var = np.square(y - mean).mean(axis=0)
+    return mean, (1.0 / np.sqrt(var + np.float32(CONV_NORM_EPS))).astype(np.float32)
