@@ -274,6 +274,20 @@ def test_shared_found_from_package_location(isolated: Path, monkeypatch: pytest.
     assert find_data_dir(None) == shared
 
 
+def test_cwd_is_searched_before_package_location(
+    isolated: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from_cwd = _data_root(isolated / "a" / "shared" / "librispeech")
+    from_pkg = _data_root(isolated / "b" / "shared" / "librispeech")
+    (isolated / "a" / "co").mkdir()
+    (isolated / "b" / "main" / "qbench").mkdir(parents=True)
+    monkeypatch.setattr(ls, "_PACKAGE_DIR", isolated / "b" / "main" / "qbench")
+    monkeypatch.chdir(isolated / "a" / "co")
+    assert find_data_dir(None) == from_cwd
+    monkeypatch.chdir(isolated / "plain")
+    assert find_data_dir(None) == from_pkg
+
+
 def test_cache_requires_the_subset(isolated: Path) -> None:
     _data_root(isolated / "cache", "dev-clean")
     assert find_data_dir(None, subset="dev-clean") == (isolated / "cache").resolve()
@@ -312,7 +326,7 @@ def test_explicit_or_env_without_data_is_an_error(
 
 
 def test_official_archive_table() -> None:
-    assert tuple(ARCHIVES) == STANDARD_SUBSETS or set(ARCHIVES) == set(STANDARD_SUBSETS)
+    assert set(ARCHIVES) == set(STANDARD_SUBSETS)
     for subset, info in ARCHIVES.items():
         assert info.url == f"https://www.openslr.org/resources/12/{subset}.tar.gz"
         assert info.size is not None and 300_000_000 < info.size < 400_000_000
@@ -468,6 +482,17 @@ def test_complete_part_is_not_refetched(tmp_path: Path, server_factory) -> None:
     assert len(list_utterances(cache, "test-other")) == 2
 
 
+def test_complete_part_with_unknown_size_gets_416(tmp_path: Path, server_factory) -> None:
+    data = _build_archive(tmp_path)
+    srv = server_factory(data)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "test-other.tar.gz.part").write_bytes(data)
+    download_subset("test-other", cache, progress=False, archive=_info(srv.url, data, size=None))
+    assert srv.requests == [f"bytes={len(data)}-"]  # answered 416: nothing more to fetch
+    assert len(list_utterances(cache, "test-other")) == 2
+
+
 def test_checksum_mismatch_deletes_and_does_not_extract(tmp_path: Path, server_factory) -> None:
     data = _build_archive(tmp_path)
     srv = server_factory(data)
@@ -499,8 +524,10 @@ def test_unsafe_archive_is_refused(tmp_path: Path, server_factory, evil: str) ->
     data = _build_archive(tmp_path, extra=[(evil, b"pwned")])
     srv = server_factory(data)
     cache = tmp_path / "deep" / "cache"
-    with pytest.raises(DownloadError, match="unsafe"):
+    with pytest.raises(DownloadError) as exc:
         download_subset("test-other", cache, progress=False, archive=_info(srv.url, data))
+    # (the tmp dir's own name contains "unsafe", so match the whole phrase)
+    assert f"unsafe path {evil!r}" in str(exc.value)
     assert not (tmp_path / "deep" / "escape.txt").exists()
     assert not (cache / "LibriSpeech" / "test-other" / ".qbench-complete").exists()
 
