@@ -1,0 +1,135 @@
+"""The result file of a `qbench run`: a pydantic model written as JSON, per-utterance included.
+
+A run writes its file after every batch (atomically), so a crash, a bad audio file or a
+failing plugin never loses what was already computed: the file then says `status: failed` and
+why, and holds every utterance finished before the failure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import psutil
+from pydantic import BaseModel, Field
+
+from qbench import __version__
+
+
+class MachineInfo(BaseModel):
+    platform: str
+    processor: str
+    cpu_count: int
+    memory_bytes: int
+    python: str
+    numpy: str
+    blas: str | None = None
+    threads: int | None = None
+
+    @classmethod
+    def current(cls) -> MachineInfo:
+        blas, threads = None, None
+        try:
+            from threadpoolctl import threadpool_info
+
+            for pool in threadpool_info():
+                if pool.get("user_api") == "blas":
+                    blas = f"{pool.get('internal_api')} {pool.get('version')} ({pool.get('architecture')})"
+                    threads = pool.get("num_threads")
+                    break
+        except ImportError:
+            pass
+        return cls(
+            platform=platform.platform(),
+            processor=platform.processor() or platform.machine(),
+            cpu_count=os.cpu_count() or 1,
+            memory_bytes=psutil.virtual_memory().total,
+            python=platform.python_version(),
+            numpy=np.__version__,
+            blas=blas,
+            threads=threads,
+        )
+
+
+class ModelRef(BaseModel):
+    name: str
+    architecture: str
+    format: str
+    path: str
+    sha256: str = Field(description="sha256 of the main weights file")
+    parameters: int
+
+
+class DatasetRef(BaseModel):
+    name: Literal["librispeech"] = "librispeech"
+    subset: str
+    data_dir: str
+    limit: int | None
+    utterance_count: int
+    utterance_ids_sha256: str = Field(description="sha256 of the newline-joined sorted utterance ids")
+    partial_subset: bool = Field(description="true when fewer utterances than the official subset were present")
+
+
+class UtteranceResult(BaseModel):
+    id: str
+    duration: float
+    reference: str
+    hypothesis: str
+    reference_normalized: str
+    hypothesis_normalized: str
+    word_errors: int
+    words: int
+    char_errors: int
+    chars: int
+
+
+class Metrics(BaseModel):
+    wer: float
+    cer: float
+    utterances: int
+    audio_seconds: float
+    wall_seconds: float
+    rtf: float = Field(description="wall seconds per audio second")
+    rtfx: float = Field(description="audio seconds per wall second")
+    model_bytes: int = Field(description="bytes of the weights as held in memory (real buffers)")
+    peak_rss_bytes: int = Field(description="the process's RSS high-water mark (kernel ru_maxrss)")
+
+
+class RunResult(BaseModel):
+    schema_version: int = 1
+    qbench_version: str = __version__
+    created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    status: Literal["running", "complete", "failed"] = "running"
+    error: str | None = None
+    model: ModelRef
+    dataset: DatasetRef
+    quantization: dict[str, Any] | None = None
+    calibration: dict[str, Any] | None = None
+    device: dict[str, Any] | None = None
+    metrics: Metrics | None = None
+    hypotheses_sha256: str | None = None
+    machine: MachineInfo
+    utterances: list[UtteranceResult] = []
+
+    def write(self, path: str | Path) -> Path:
+        """Write atomically (temp file + rename) so a reader never sees half a file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(self.model_dump_json(indent=2))
+            f.write("\n")
+        os.replace(tmp, path)
+        return path
+
+
+def hypotheses_digest(utterances: list[UtteranceResult]) -> str:
+    """sha256 over `id<TAB>normalized hypothesis` lines in id order: what reproduces a run."""
+    lines = sorted(f"{u.id}\t{u.hypothesis_normalized}" for u in utterances)
+    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
