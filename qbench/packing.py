@@ -1,0 +1,222 @@
+"""Bit-exact storage of quantized weights: what would be flashed onto a device.
+
+The harness packs, not the plugin, so every quantizer's size is measured with the same layout:
+
+* `pack_bits`: unsigned codes of 2..8 bits as one contiguous little-endian bit stream (code `i`
+  occupies bits `[i*b, (i+1)*b)`; 8 bits is one byte per code, 4 bits two per byte, low nibble
+  first), `ceil(n * b / 8)` bytes.
+* `pack_trits`: ternary codes five per byte (`sum(t_j * 3^j)`, `3^5 = 243 <= 256`), i.e.
+  1.6 bits per weight, `ceil(n / 5)` bytes.
+
+`PackedTensor` is the stored form of a layer; `.nbytes` is the sum of its real buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qbench.quantizer import Packing, QuantizedTensor, apply_scales
+
+# Eight codes of at most 8 bits fill at most one uint64: the unit of the vectorized packer.
+_CODES_PER_WORD = 8
+_TRITS_PER_BYTE = 5
+_POW3 = 3 ** np.arange(_TRITS_PER_BYTE, dtype=np.int64)
+# Every byte value 0..242 decoded to its five trits (as -1/0/1); built once at import.
+_TRIT_TABLE = ((np.arange(243)[:, None] // _POW3[None, :]) % 3 - 1).astype(np.int8)
+
+
+def packed_code_bytes(n: int, bits: int, packing: Packing = "int") -> int:
+    """Exact size of the code buffer for `n` codes."""
+    if packing == "trit5":
+        return -(-n // _TRITS_PER_BYTE)
+    return -(-n * bits // 8)
+
+
+def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned codes in `[0, 2^bits)` (any shape, C order) into `ceil(n*bits/8)` bytes."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    flat = np.asarray(codes).reshape(-1)
+    n = flat.size
+    if n and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
+        raise ValueError(f"codes outside [0, {(1 << bits) - 1}] cannot be packed in {bits} bits")
+    if bits == 8:
+        return flat.astype(np.uint8)
+    n_words = -(-n // _CODES_PER_WORD)
+    padded = np.zeros(n_words * _CODES_PER_WORD, dtype=np.uint64)
+    padded[:n] = flat
+    padded = padded.reshape(n_words, _CODES_PER_WORD)
+    shifts = (np.arange(_CODES_PER_WORD, dtype=np.uint64) * np.uint64(bits))[None, :]
+    words = np.bitwise_or.reduce(padded << shifts, axis=1).astype("<u8")
+    # Eight b-bit codes use exactly the low b bytes of their word.
+    stream = words.view(np.uint8).reshape(n_words, 8)[:, :bits].reshape(-1)
+    return np.ascontiguousarray(stream[: packed_code_bytes(n, bits)])
+
+
+def unpack_bits(buf: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """Inverse of `pack_bits`: the first `n` codes as uint8."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    buf = np.asarray(buf, dtype=np.uint8).reshape(-1)
+    need = packed_code_bytes(n, bits)
+    if buf.size < need:
+        raise ValueError(f"{n} codes of {bits} bits need {need} bytes, buffer has {buf.size}")
+    if bits == 8:
+        return buf[:n].copy()
+    n_words = -(-n // _CODES_PER_WORD)
+    raw = np.zeros((n_words, 8), dtype=np.uint8)
+    chunk = np.zeros(n_words * bits, dtype=np.uint8)
+    chunk[:need] = buf[:need]
+    raw[:, :bits] = chunk.reshape(n_words, bits)
+    words = raw.reshape(-1).view("<u8")
+    shifts = (np.arange(_CODES_PER_WORD, dtype=np.uint64) * np.uint64(bits))[None, :]
+    mask = np.uint64((1 << bits) - 1)
+    codes = (words[:, None] >> shifts) & mask
+    return codes.reshape(-1)[:n].astype(np.uint8)
+
+
+def pack_trits(codes: np.ndarray) -> np.ndarray:
+    """Pack codes in {-1, 0, 1} five per byte: `ceil(n/5)` bytes."""
+    flat = np.asarray(codes).reshape(-1)
+    n = flat.size
+    if n and (int(flat.min()) < -1 or int(flat.max()) > 1):
+        raise ValueError("trit packing needs codes in {-1, 0, 1}")
+    n_bytes = packed_code_bytes(n, 2, "trit5")
+    padded = np.zeros(n_bytes * _TRITS_PER_BYTE, dtype=np.int64)
+    padded[:n] = flat.astype(np.int64) + 1
+    return (padded.reshape(n_bytes, _TRITS_PER_BYTE) @ _POW3).astype(np.uint8)
+
+
+def unpack_trits(buf: np.ndarray, n: int) -> np.ndarray:
+    """Inverse of `pack_trits`: the first `n` codes as int8 in {-1, 0, 1}."""
+    buf = np.asarray(buf, dtype=np.uint8).reshape(-1)
+    need = packed_code_bytes(n, 2, "trit5")
+    if buf.size < need:
+        raise ValueError(f"{n} trits need {need} bytes, buffer has {buf.size}")
+    if need and int(buf[:need].max()) >= 243:
+        raise ValueError("corrupt trit buffer: byte value >= 243")
+    return _TRIT_TABLE[buf[:need]].reshape(-1)[:n].copy()
+
+
+@dataclass
+class PackedTensor:
+    """One quantized layer as stored: packed codes plus scales/zeros at storage precision.
+
+    `codes` is the packed uint8 buffer; stored (unsigned) codes are the plugin's codes plus
+    `offset` (`2^(bits-1)` for signed int codes, else 0). `zeros` is uint8 when it holds
+    integer zero points (the usual asymmetric layout), else the scale dtype.
+    """
+
+    codes: np.ndarray
+    code_bits: int
+    packing: Packing
+    shape: tuple[int, int]
+    scales: np.ndarray
+    group_size: int | None = None
+    zeros: np.ndarray | None = None
+    codebook: np.ndarray | None = None
+    offset: int = 0
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def code_nbytes(self) -> int:
+        return int(self.codes.nbytes)
+
+    @property
+    def nbytes(self) -> int:
+        """Every buffer this layer needs at run time: codes, scales, zeros, codebook."""
+        total = self.codes.nbytes + self.scales.nbytes
+        if self.zeros is not None:
+            total += self.zeros.nbytes
+        if self.codebook is not None:
+            total += self.codebook.nbytes
+        return int(total)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / self.numel
+
+    def _codes_range(self, start: int, stop: int) -> np.ndarray:
+        """Stored codes `[start, stop)` of the flattened tensor, as signed-offset-removed int16."""
+        if self.packing == "trit5":
+            first = start // _TRITS_PER_BYTE
+            last = -(-stop // _TRITS_PER_BYTE)
+            vals = unpack_trits(self.codes[first:last], (last - first) * _TRITS_PER_BYTE)
+            return vals[start - first * _TRITS_PER_BYTE : stop - first * _TRITS_PER_BYTE].astype(np.int16)
+        if self.code_bits == 8:
+            vals = self.codes[start:stop]
+        else:
+            # Whole 8-code words are byte-aligned, so a range can be read without the rest.
+            first = start // _CODES_PER_WORD
+            last = -(-stop // _CODES_PER_WORD)
+            lo_byte = first * self.code_bits
+            hi_byte = min(last * self.code_bits, self.codes.size)
+            n = min(last * _CODES_PER_WORD, self.numel) - first * _CODES_PER_WORD
+            vals = unpack_bits(self.codes[lo_byte:hi_byte], self.code_bits, n)
+            vals = vals[start - first * _CODES_PER_WORD : stop - first * _CODES_PER_WORD]
+        return vals.astype(np.int16) - self.offset
+
+    def _values(self, codes: np.ndarray) -> np.ndarray:
+        if self.codebook is not None:
+            return self.codebook[codes]
+        return codes.astype(np.float32)
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 `[out, in]` weight, built fresh on every call (nothing is cached)."""
+        codes = self._codes_range(0, self.numel).reshape(self.shape)
+        return apply_scales(self._values(codes), self.scales, self.zeros, self.group_size)
+
+    def dequantize_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Float32 rows of the weight (embedding lookups) without unpacking the whole table."""
+        rows = np.asarray(rows).reshape(-1)
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        in_f = self.shape[1]
+        codes = np.stack([self._codes_range(int(r) * in_f, (int(r) + 1) * in_f) for r in uniq]) if uniq.size else np.zeros((0, in_f), np.int16)
+        scales = self.scales if self.scales.shape[0] == 1 else self.scales[uniq]
+        zeros = None if self.zeros is None else (self.zeros if self.zeros.shape[0] == 1 else self.zeros[uniq])
+        out = apply_scales(self._values(codes), scales, zeros, self.group_size)
+        return out[inverse]
+
+
+def _stored_zeros(zeros: np.ndarray | None, scale_dtype: np.dtype) -> np.ndarray | None:
+    if zeros is None:
+        return None
+    if np.all(zeros == np.round(zeros)) and zeros.min() >= 0 and zeros.max() <= 255:
+        return zeros.astype(np.uint8)
+    return zeros.astype(scale_dtype)
+
+
+def pack_quantized(qt: QuantizedTensor, scale_dtype: np.dtype | type = np.float16) -> PackedTensor:
+    """Store a validated `QuantizedTensor`: pack its codes, cast its scales to `scale_dtype`."""
+    scale_dtype = np.dtype(scale_dtype)
+    shape = (int(qt.codes.shape[0]), int(qt.codes.shape[1]))
+    offset = 0
+    if qt.packing == "trit5":
+        buf = pack_trits(qt.codes)
+    else:
+        offset = 1 << (qt.code_bits - 1) if qt.signed else 0
+        buf = pack_bits(qt.codes.astype(np.int16) + offset, qt.code_bits)
+    with np.errstate(over="ignore"):
+        scales = qt.scales.astype(scale_dtype)
+    if not np.all(np.isfinite(scales)):
+        raise ValueError(f"scales overflow {scale_dtype.name} (max |scale| {float(np.abs(qt.scales).max()):.3g})")
+    zeros = _stored_zeros(qt.zeros, scale_dtype)
+    if zeros is not None and not np.all(np.isfinite(zeros.astype(np.float32))):
+        raise ValueError(f"zero points overflow {scale_dtype.name}")
+    codebook = None if qt.codebook is None else qt.codebook.astype(np.float32)
+    return PackedTensor(
+        codes=buf,
+        code_bits=qt.code_bits,
+        packing=qt.packing,
+        shape=shape,
+        scales=scales,
+        group_size=qt.group_size,
+        zeros=zeros,
+        codebook=codebook,
+        offset=offset,
+    )

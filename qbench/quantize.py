@@ -1,0 +1,426 @@
+"""Applying a quantizer plugin to a model: policy, calibration, packing, and the report.
+
+The plugin only sees one float matrix at a time (and, for calibrated methods, `LayerStats`).
+Everything around it is done here, the same way for every plugin: choosing the layers, running
+calibration audio, validating and packing the output, swapping the packed weights into the
+model, and measuring what it cost (bytes, bits per weight, reconstruction error).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from qbench.packing import PackedTensor, pack_quantized
+from qbench.plugins import entry_for_class
+from qbench.quantizer import LayerStats, QuantizedTensor, Quantizer
+from qbench.speech_model import SpeechModel
+from qbench.weight_store import WeightInfo, WeightStore
+
+#: `progress(layer_name, done, total)`, called after each layer is quantized.
+Progress = Callable[[str, int, int], None]
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+# Rows of calibration input upcast to float64 at a time: bounds the extra memory of LayerStats.
+_STATS_CHUNK_ROWS = 8192
+
+
+class PluginError(RuntimeError):
+    """A quantizer plugin raised, or returned something unusable, on a specific layer."""
+
+
+class SettingsError(ValueError):
+    """A `--set key=value` that the plugin's Config does not accept."""
+
+
+# -- which weights --------------------------------------------------------------------------
+
+
+class QuantizationPolicy(BaseModel):
+    """Which weight matrices get quantized; recorded with every result.
+
+    Embeddings (the token table, which Whisper also uses as its tied output projection) are
+    opt-in because they are both the largest matrix and the most sensitive one, and results
+    with and without them are not comparable.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    include_kinds: list[Literal["linear", "conv"]] = Field(default_factory=lambda: ["linear", "conv"])
+    quantize_embeddings: bool = False
+    #: fnmatch globs on layer names (without `.weight`), e.g. "encoder.conv*", "*.cross_attn.*"
+    exclude: list[str] = Field(default_factory=list)
+
+    def excluded_by(self, name: str) -> str | None:
+        return next((pat for pat in self.exclude if fnmatch.fnmatchcase(name, pat)), None)
+
+    def wants(self, info: WeightInfo) -> bool:
+        if info.kind == "embedding":
+            kind_ok = self.quantize_embeddings
+        else:
+            kind_ok = info.kind in self.include_kinds
+        return kind_ok and self.excluded_by(info.name) is None
+
+    def select(self, weight_infos: Iterable[WeightInfo]) -> list[WeightInfo]:
+        """The weights to quantize, in the given (execution) order."""
+        return [info for info in weight_infos if self.wants(info)]
+
+
+# -- plugin settings ------------------------------------------------------------------------
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_settings(settings: Sequence[str], config_cls: type[ConfigT], plugin: str | None = None) -> ConfigT:
+    """Build a plugin Config from `["bits=4", "group_size=null", "symmetric=false"]`.
+
+    Values are parsed as JSON when they are valid JSON (numbers, true/false, null, lists), else
+    taken as strings. Any problem raises a one-line `SettingsError` naming the key and plugin.
+    """
+    plugin = plugin or config_cls.__qualname__.split(".")[0]
+    known = list(config_cls.model_fields)
+    raw: dict[str, str] = {}
+    values: dict[str, Any] = {}
+    for item in settings:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SettingsError(f"plugin '{plugin}': setting {item!r} is not of the form key=value")
+        if key not in config_cls.model_fields:
+            raise SettingsError(
+                f"plugin '{plugin}': unknown setting '{key}' (known: {', '.join(known) or 'none'})"
+            )
+        if key in values:
+            raise SettingsError(f"plugin '{plugin}': setting '{key}' given twice")
+        raw[key] = text
+        values[key] = _parse_value(text.strip())
+    try:
+        return config_cls.model_validate(values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "settings"
+        key = str(err["loc"][0]) if err.get("loc") else None
+        got = f" (got {raw[key]!r})" if key in raw else ""
+        msg = " ".join(str(err.get("msg", exc)).split())
+        raise SettingsError(f"plugin '{plugin}': bad value for '{loc}': {msg}{got}") from None
+
+
+# -- one layer ------------------------------------------------------------------------------
+
+
+class LayerReport(BaseModel):
+    name: str
+    kind: str
+    shape: tuple[int, int]
+    code_bits: int
+    packing: str
+    #: every stored buffer of the layer: codes + scales + zeros + codebook
+    packed_bytes: int
+    code_bytes: int
+    bits_per_weight: float
+    #: ||W - Wq||_F / ||W||_F with Wq exactly as the packed layer dequantizes
+    rel_error: float
+
+
+def layer_stats(x: np.ndarray, in_features: int) -> LayerStats:
+    """`sum x^T x` over all rows of a layer input, accumulated in float64."""
+    x2 = x.reshape(-1, in_features)
+    xtx = np.zeros((in_features, in_features), dtype=np.float64)
+    for start in range(0, x2.shape[0], _STATS_CHUNK_ROWS):
+        chunk = x2[start : start + _STATS_CHUNK_ROWS].astype(np.float64)
+        xtx += chunk.T @ chunk
+    return LayerStats(xtx=xtx, n_rows=int(x2.shape[0]))
+
+
+def _plugin_name(quantizer: Quantizer) -> str:
+    return getattr(quantizer, "name", type(quantizer).__name__)
+
+
+def _quantize_layer(
+    quantizer: Quantizer, info: WeightInfo, weight: np.ndarray, stats: LayerStats | None, scale_dtype: np.dtype
+) -> tuple[PackedTensor, np.ndarray, LayerReport]:
+    """Quantize, validate and pack one layer; returns the packed layer and its dequantized weight."""
+    where = f"plugin '{_plugin_name(quantizer)}' failed on layer '{info.name}'"
+    weight = np.ascontiguousarray(weight, dtype=np.float32)
+    try:
+        # The plugin gets a copy: one that edits its input in place must not corrupt the model.
+        qt = quantizer.quantize(weight.copy(), stats)
+    except Exception as exc:
+        raise PluginError(f"{where}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(qt, QuantizedTensor):
+        raise PluginError(f"{where}: quantize returned {type(qt).__name__}, not a QuantizedTensor")
+    try:
+        qt.validate(weight.shape)
+        packed = pack_quantized(qt, scale_dtype)
+    except Exception as exc:
+        raise PluginError(f"{where}: {exc}") from exc
+    deq = packed.dequantize()
+    if not np.all(np.isfinite(deq)):
+        raise PluginError(f"{where}: dequantized weight contains NaN or inf")
+    norm = float(np.linalg.norm(weight))
+    diff = float(np.linalg.norm(weight - deq))
+    rel = diff / norm if norm > 0 else (0.0 if diff == 0 else float("inf"))
+    report = LayerReport(
+        name=info.name,
+        kind=info.kind,
+        shape=info.shape,
+        code_bits=packed.code_bits,
+        packing=packed.packing,
+        packed_bytes=packed.nbytes,
+        code_bytes=packed.code_nbytes,
+        bits_per_weight=packed.bits_per_weight,
+        rel_error=rel,
+    )
+    return packed, deq, report
+
+
+# -- stores ---------------------------------------------------------------------------------
+
+
+class PackedWeightStore(WeightStore):
+    """A model's parameters with the quantized layers held packed, as a device would hold them.
+
+    The float originals of packed layers are not kept. A packed layer is dequantized when it
+    runs; `cache_bytes` is the budget for an LRU of dequantized (transposed) matrices, and 0
+    keeps at most the one float matrix in use resident, so peak memory stays close to what
+    the packed model needs on the target.
+    """
+
+    def __init__(
+        self,
+        params: Mapping[str, np.ndarray],
+        matrices: Iterable[WeightInfo],
+        packed: Mapping[str, PackedTensor],
+        cache_bytes: int = 0,
+    ):
+        self.packed: dict[str, PackedTensor] = dict(packed)
+        self.params = {k: v for k, v in params.items() if not (k.endswith(".weight") and k[: -len(".weight")] in self.packed)}
+        self.infos = {info.name: info for info in matrices}
+        for name, pt in self.packed.items():
+            info = self.infos.get(name)
+            if info is None or tuple(info.shape) != tuple(pt.shape):
+                raise ValueError(f"packed layer {name} {pt.shape} does not match a matrix of the model")
+        for info in self.infos.values():
+            if info.name in self.packed:
+                continue
+            w = self.params[info.name + ".weight"]
+            if int(np.prod(w.shape[1:])) != info.shape[1] or w.shape[0] != info.shape[0]:
+                raise ValueError(f"{info.name}: weight shape {w.shape} does not match {info.shape}")
+        self.cache_bytes = int(cache_bytes)
+        self._param_cache: dict[str, np.ndarray] = {}
+        self._wt_cache: dict[str, np.ndarray] = {}
+        self._lru: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lru_bytes = 0
+
+    def has(self, name: str) -> bool:
+        return name in self.params or (name.endswith(".weight") and name[: -len(".weight")] in self.packed)
+
+    def matrix(self, name: str) -> np.ndarray:
+        pt = self.packed.get(name)
+        if pt is not None:
+            return pt.dequantize()
+        return super().matrix(name)
+
+    def matrix_t(self, name: str) -> np.ndarray:
+        if name not in self.packed:
+            return super().matrix_t(name)
+        wt = self._lru.get(name)
+        if wt is not None:
+            self._lru.move_to_end(name)
+            return wt
+        wt = np.ascontiguousarray(self.packed[name].dequantize().T)
+        if 0 < wt.nbytes <= self.cache_bytes:
+            while self._lru and self._lru_bytes + wt.nbytes > self.cache_bytes:
+                _, old = self._lru.popitem(last=False)
+                self._lru_bytes -= old.nbytes
+            self._lru[name] = wt
+            self._lru_bytes += wt.nbytes
+        return wt
+
+    def embedding(self, name: str, ids: np.ndarray) -> np.ndarray:
+        pt = self.packed.get(name)
+        if pt is None:
+            return super().embedding(name, ids)
+        ids = np.asarray(ids)
+        return pt.dequantize_rows(ids.reshape(-1)).reshape(*ids.shape, pt.shape[1])
+
+    def cached_bytes(self) -> int:
+        """Float bytes currently held by the dequantization cache."""
+        return self._lru_bytes
+
+    def stored_bytes(self) -> int:
+        """Packed layers' buffers plus every other parameter at its stored precision."""
+        return int(sum(np.asarray(p).nbytes for p in self.params.values()) + sum(p.nbytes for p in self.packed.values()))
+
+
+class CalibratingQuantizingStore(WeightStore):
+    """Quantizes each selected layer the first time the calibration pass reaches it.
+
+    The layer's input is turned into `LayerStats` (if the quantizer wants them), the layer is
+    quantized and packed, and its output is computed with the dequantized packed weight, so
+    every later layer is calibrated on the outputs of the already-quantized layers before it
+    (GPTQ's sequential mode) within a single forward pass.
+    """
+
+    def __init__(
+        self,
+        inner: WeightStore,
+        quantizer: Quantizer,
+        selected: Iterable[WeightInfo],
+        scale_dtype: np.dtype | type = np.float16,
+        progress: Progress | None = None,
+    ):
+        super().__init__(inner.params, inner.weight_infos())
+        self.quantizer = quantizer
+        self.selected: dict[str, WeightInfo] = {info.name: info for info in selected}
+        self.scale_dtype = np.dtype(scale_dtype)
+        self.progress = progress
+        self.packed: dict[str, PackedTensor] = {}
+        self.reports: dict[str, LayerReport] = {}
+
+    def _quantize(self, name: str, x: np.ndarray) -> np.ndarray:
+        info = self.selected[name]
+        stats = layer_stats(x, info.shape[1]) if self.quantizer.needs_calibration else None
+        packed, deq, report = _quantize_layer(self.quantizer, info, self.matrix(name), stats, self.scale_dtype)
+        self.packed[name] = packed
+        self.reports[name] = report
+        # The float transposed copy would otherwise stay cached for the whole pass.
+        self._wt_cache.pop(name, None)
+        if self.progress is not None:
+            self.progress(name, len(self.packed), len(self.selected))
+        return deq
+
+    def linear(self, name: str, x: np.ndarray) -> np.ndarray:
+        if name not in self.selected:
+            return super().linear(name, x)
+        deq = self._quantize(name, x) if name not in self.packed else self.packed[name].dequantize()
+        y = x @ deq.T
+        bias_name = name + ".bias"
+        if bias_name in self.params:
+            y += self.param(bias_name)
+        return y
+
+    def embedding(self, name: str, ids: np.ndarray) -> np.ndarray:
+        pt = self.packed.get(name)
+        if pt is None:
+            return super().embedding(name, ids)
+        ids = np.asarray(ids)
+        return pt.dequantize_rows(ids.reshape(-1)).reshape(*ids.shape, pt.shape[1])
+
+    def missing(self) -> list[str]:
+        """Selected layers the calibration pass has not reached (yet)."""
+        return [name for name in self.selected if name not in self.packed]
+
+
+# -- the whole model ------------------------------------------------------------------------
+
+
+class QuantizationReport(BaseModel):
+    """What was done to a model and what it cost in size and reconstruction error."""
+
+    quantizer: str
+    quantizer_version: str
+    distribution: str | None = None
+    distribution_version: str | None = None
+    config: dict[str, Any]
+    policy: QuantizationPolicy
+    needs_calibration: bool
+    n_calibration_audios: int = 0
+    scale_dtype: str
+    layers: list[LayerReport]
+    #: quantizable weights the policy left in float
+    skipped: list[str]
+    #: every parameter as loaded
+    float_model_bytes: int
+    #: every parameter as stored after quantization (packed layers + the rest)
+    model_bytes: int
+    #: quantized weights / all parameters, counted in elements
+    quantized_fraction: float
+    #: 8 * packed bytes (codes + scales + zeros + codebook) / weights, over quantized layers
+    mean_bits_per_weight: float
+    seconds: float
+
+
+def quantize_model(
+    model: SpeechModel,
+    quantizer: Quantizer,
+    policy: QuantizationPolicy | None = None,
+    calibration_audios: list[np.ndarray] | None = None,
+    progress: Progress | None = None,
+    scale_dtype: np.dtype | type = np.float16,
+    cache_bytes: int = 0,
+) -> tuple[SpeechModel, QuantizationReport]:
+    """Quantize the model's selected weights with `quantizer`; return the packed model and report.
+
+    Quantizers that need calibration get one `calibration_forward` over `calibration_audios`
+    (sequential, see `CalibratingQuantizingStore`); others are applied matrix by matrix with
+    no audio. Plugin failures surface as `PluginError` naming the plugin and layer.
+    """
+    policy = policy or QuantizationPolicy()
+    store = model.store
+    if isinstance(store, PackedWeightStore):
+        raise ValueError("model is already quantized (its store is a PackedWeightStore)")
+    t0 = time.perf_counter()
+    all_infos = model.quantizable_weights()
+    selected = policy.select(all_infos)
+    skipped = [info.name for info in all_infos if not policy.wants(info)]
+    scale_dtype = np.dtype(scale_dtype)
+    n_audios = 0
+
+    if quantizer.needs_calibration:
+        if not calibration_audios:
+            raise ValueError(f"quantizer '{_plugin_name(quantizer)}' needs calibration audio")
+        n_audios = len(calibration_audios)
+        cal = CalibratingQuantizingStore(store, quantizer, selected, scale_dtype, progress)
+        model.with_store(cal).calibration_forward(calibration_audios)
+        missing = cal.missing()
+        if missing:
+            shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
+            raise RuntimeError(f"the calibration pass of {model.name} never reached layer(s) {shown}")
+        packed, reports = cal.packed, [cal.reports[info.name] for info in selected]
+    else:
+        packed, reports = {}, []
+        for i, info in enumerate(selected):
+            pt, _, report = _quantize_layer(quantizer, info, store.matrix(info.name), None, scale_dtype)
+            packed[info.name] = pt
+            reports.append(report)
+            if progress is not None:
+                progress(info.name, i + 1, len(selected))
+
+    new_store = PackedWeightStore(store.params, store.weight_infos(), packed, cache_bytes=cache_bytes)
+    n_params = sum(int(np.asarray(p).size) for p in store.params.values())
+    n_quant = sum(info.numel for info in selected)
+    packed_bytes = sum(pt.nbytes for pt in packed.values())
+    entry = entry_for_class(type(quantizer))
+    report = QuantizationReport(
+        quantizer=_plugin_name(quantizer),
+        quantizer_version=getattr(quantizer, "version", "unknown"),
+        distribution=entry.distribution if entry else None,
+        distribution_version=entry.distribution_version if entry else None,
+        config=quantizer.config.model_dump(mode="json"),
+        policy=policy,
+        needs_calibration=bool(quantizer.needs_calibration),
+        n_calibration_audios=n_audios,
+        scale_dtype=scale_dtype.name,
+        layers=reports,
+        skipped=skipped,
+        float_model_bytes=store.stored_bytes(),
+        model_bytes=new_store.stored_bytes(),
+        quantized_fraction=n_quant / n_params if n_params else 0.0,
+        mean_bits_per_weight=8.0 * packed_bytes / n_quant if n_quant else 0.0,
+        seconds=time.perf_counter() - t0,
+    )
+    return model.with_store(new_store), report
