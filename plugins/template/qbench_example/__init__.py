@@ -1,0 +1,27 @@
+"""A complete qbench plugin: int8 codes, one symmetric scale for the whole tensor."""
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from qbench.hookspecs import hookimpl
+from qbench.quantizer import QuantizedTensor, Quantizer
+
+
+class Int8TensorQuantizer(Quantizer):
+    name = "int8-tensor"
+    version = "0.1.0"
+    description = "int8, one symmetric scale per tensor"
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        clip: float = Field(1.0, gt=0, le=1, description="fraction of max|w| mapped to 127")
+
+    def quantize(self, weight, stats):
+        scale = max(float(np.abs(weight).max()) * self.config.clip / 127, 1e-12)
+        codes = np.clip(np.rint(weight / scale), -127, 127).astype(np.int8)
+        return QuantizedTensor(codes=codes, code_bits=8, scales=[[scale]], signed=True)
+
+
+@hookimpl
+def qbench_register_quantizers():
+    return [Int8TensorQuantizer]

@@ -1,0 +1,83 @@
+"""Ternary weights by BitNet b1.58's absmean rule (Ma et al., arXiv:2402.17764, eq. 1-3).
+
+    gamma = mean(|W|)                                  over the tensor, a row, or a group
+    codes = RoundClip(W / (gamma + eps), -1, 1)        in {-1, 0, 1}
+    W ~ gamma * codes
+
+BitNet applies this during training; used post-training, as here, it measures how much a
+pretrained speech model loses when forced to 1.58 bits. Codes are stored five per byte
+("trit5", 1.6 bits/weight) by default, or as 2-bit signed codes ("2bit") for targets whose
+kernels cannot decode base-3.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from qbench.hookspecs import hookimpl
+from qbench.quantizer import LayerStats, QuantizedTensor, Quantizer
+
+__version__ = "0.1.0"
+
+
+class TernaryQuantizer(Quantizer):
+    name = "ternary"
+    version = __version__
+    description = "BitNet b1.58 absmean ternary {-1,0,1} x gamma, 1.6 bits/weight packed"
+    needs_calibration = False
+
+    class Config(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        granularity: Literal["tensor", "channel", "group"] = Field(
+            "tensor", description="what one gamma covers (BitNet: the whole tensor)"
+        )
+        group_size: int = Field(128, ge=1, description="input columns per gamma when granularity='group'")
+        eps: float = Field(1e-5, ge=0.0, description="added to gamma before dividing (BitNet's epsilon)")
+        packing: Literal["trit5", "2bit"] = Field("trit5", description="5 trits per byte, or 2-bit codes")
+
+        @model_validator(mode="after")
+        def _group_size_only_for_groups(self) -> TernaryQuantizer.Config:
+            if self.granularity != "group" and "group_size" in self.model_fields_set:
+                raise ValueError("group_size only applies with granularity='group'")
+            return self
+
+    config: Config
+
+    def quantize(self, weight: np.ndarray, stats: LayerStats | None) -> QuantizedTensor:
+        cfg = self.config
+        w = weight.astype(np.float64)
+        out_f, in_f = w.shape
+        absw = np.abs(w)
+        group_size: int | None = None
+        if cfg.granularity == "tensor":
+            gamma = np.full((1, 1), absw.mean())
+            per_col = np.broadcast_to(gamma, (1, in_f))
+        elif cfg.granularity == "channel":
+            gamma = absw.mean(axis=1, keepdims=True)
+            per_col = gamma
+        else:
+            group_size = cfg.group_size
+            col_group = np.arange(in_f) // group_size
+            n_groups = int(col_group[-1]) + 1
+            gamma = np.zeros((out_f, n_groups))
+            np.add.at(gamma.T, col_group, absw.T)
+            gamma /= np.bincount(col_group, minlength=n_groups)[None, :]
+            per_col = gamma[:, col_group]
+        codes = np.clip(np.rint(w / (per_col + cfg.eps)), -1, 1).astype(np.int8)
+        return QuantizedTensor(
+            codes=codes,
+            code_bits=2,
+            scales=gamma,
+            group_size=group_size,
+            signed=True,
+            packing="trit5" if cfg.packing == "trit5" else "int",
+        )
+
+
+@hookimpl
+def qbench_register_quantizers() -> list[type[Quantizer]]:
+    return [TernaryQuantizer]
