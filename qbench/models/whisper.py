@@ -168,20 +168,30 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int, causal_o
     """Scaled dot-product attention. q `[B, Tq, D]`, k/v `[B, H, Tk, dh]` (already split).
 
     `causal_offset` is the position of q's first row; given, row i may see keys up to
-    `causal_offset + i` (the decoder's mask while it processes the prompt in one step).
+    `causal_offset + i` (the decoder's mask while it processes several tokens at once).
+    Long queries run one (utterance, head) at a time: a 1500 x 1500 score matrix per head
+    stays in cache and 2-D GEMMs reach BLAS speed, where numpy's stacked matmul over
+    `[B, H, T, T]` is several times slower.
     """
     b, tq, d = q.shape
     dh = d // n_head
-    q = q.reshape(b, tq, n_head, dh).transpose(0, 2, 1, 3)
-    scores = q @ k.transpose(0, 1, 3, 2)
-    scores *= np.float32(dh**-0.5)
-    if causal_offset is not None and tq > 1:
-        tk = k.shape[2]
-        mask = np.arange(tk)[None, :] > (causal_offset + np.arange(tq))[:, None]
-        scores[..., mask] = -np.inf
-    softmax(scores)
-    out = scores @ v  # [B, H, Tq, dh]
-    return out.transpose(0, 2, 1, 3).reshape(b, tq, d)
+    q = q.reshape(b, tq, n_head, dh) * np.float32(dh**-0.5)
+    if tq == 1:
+        scores = q.transpose(0, 2, 1, 3) @ k.transpose(0, 1, 3, 2)  # [B, H, 1, Tk]
+        softmax(scores)
+        return (scores @ v).reshape(b, 1, d)
+    out = np.empty((b, tq, n_head, dh), dtype=np.float32)
+    mask = None
+    if causal_offset is not None:
+        mask = np.arange(k.shape[2])[None, :] > (causal_offset + np.arange(tq))[:, None]
+    for i in range(b):
+        for h in range(n_head):
+            scores = q[i, :, h] @ k[i, h].T
+            if mask is not None:
+                scores[mask] = -np.inf
+            softmax(scores)
+            out[i, :, h] = scores @ v[i, h]
+    return out.reshape(b, tq, d)
 
 
 def split_heads(x: np.ndarray, n_head: int) -> np.ndarray:

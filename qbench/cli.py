@@ -1,0 +1,175 @@
+"""The `qbench` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from qbench import __version__
+
+console = Console(stderr=True)
+out = Console()
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def default_output(model: str, subset: str, label: str) -> Path:
+    return Path("results") / f"{model}__{subset}__{label}.json"
+
+
+# ------------------------------------------------------------------------------------------------
+# qbench run
+# ------------------------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    from qbench.librispeech import find_data_dir, list_utterances, utterance_digest
+    from qbench.model_loader import load_model
+    from qbench.results import DatasetRef, MachineInfo, ModelRef, RunResult
+    from qbench.runner import RunFailed, evaluate
+
+    data_dir = find_data_dir(args.data_dir, args.subset)
+    utterances = list_utterances(data_dir, args.subset, args.limit)
+    all_present = list_utterances(data_dir, args.subset)
+    loaded = load_model(args.model, args.weights)
+    model = loaded.model
+
+    quantization = calibration = None
+    label = "fp"
+    if args.plugin:
+        from qbench.quantize import run_quantization
+
+        model, quantization, calibration = run_quantization(
+            model, args.plugin, args.set or [], quantize_embeddings=args.quantize_embeddings,
+            data_dir=data_dir, calibration_subset=args.calibration_subset,
+            calibration_limit=args.calibration_limit, eval_ids={u.id for u in utterances}, console=console,
+        )
+        label = args.plugin + "".join(f"_{s.replace('=', '')}" for s in (args.set or []))
+
+    from qbench.librispeech import OFFICIAL_COUNTS
+
+    result = RunResult(
+        model=ModelRef(name=loaded.card.name, architecture=loaded.card.architecture, format=loaded.format,
+                       path=str(loaded.path), sha256=loaded.sha256, parameters=loaded.card.parameters),
+        dataset=DatasetRef(subset=args.subset, data_dir=str(data_dir), limit=args.limit,
+                           utterance_count=len(utterances), utterance_ids_sha256=utterance_digest(u.id for u in utterances),
+                           partial_subset=len(all_present) < OFFICIAL_COUNTS.get(args.subset, 0)),
+        quantization=quantization, calibration=calibration, machine=MachineInfo.current(),
+    )
+    output = Path(args.output) if args.output else default_output(args.model, args.subset, label)
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=args.quiet) as progress:
+        task = progress.add_task(f"{args.model} {label} {args.subset}", total=len(utterances))
+        try:
+            evaluate(model, utterances, result, output, batch_size=args.batch_size,
+                     on_batch=lambda n, _wall: progress.advance(task, n))
+        except RunFailed as exc:
+            done = len(exc.result.utterances)
+            raise CliError(f"{exc} ({done} utterances finished are saved in {output})") from None
+    print_summary(result)
+    console.print(f"result written to [bold]{output}[/bold]")
+    return 0
+
+
+def print_summary(result) -> None:
+    m = result.metrics
+    table = Table(title=f"{result.model.name} on {result.dataset.subset}")
+    for col in ("WER", "CER", "utterances", "audio s", "wall s", "RTF", "RTFx", "model bytes", "peak RSS"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{100 * m.wer:.2f} %", f"{100 * m.cer:.2f} %", str(m.utterances), f"{m.audio_seconds:.1f}",
+                  f"{m.wall_seconds:.1f}", f"{m.rtf:.3f}", f"{m.rtfx:.1f}", _fmt_bytes(m.model_bytes), _fmt_bytes(m.peak_rss_bytes))
+    out.print(table)
+
+
+# ------------------------------------------------------------------------------------------------
+# qbench models / download
+# ------------------------------------------------------------------------------------------------
+def cmd_models(args: argparse.Namespace) -> int:
+    from qbench.registry import list_models, resolve_weights, WeightsNotFoundError
+
+    table = Table(title="registered models")
+    for col in ("name", "architecture", "parameters", "weights here"):
+        table.add_column(col)
+    for name, card in list_models().items():
+        try:
+            where = str(resolve_weights(card)[0])
+        except WeightsNotFoundError:
+            where = "-"
+        table.add_row(name, card.architecture, f"{card.parameters:,}", where)
+    out.print(table)
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from qbench.librispeech import default_cache_dir, download_subset
+
+    root = download_subset(args.subset, Path(args.cache_dir) if args.cache_dir else default_cache_dir(), progress=not args.quiet)
+    console.print(f"{args.subset} is in {root}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qbench", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"qbench {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="transcribe a LibriSpeech subset, score it, write a result file")
+    run.add_argument("--model", default="whisper-tiny.en", help="registered model name (qbench models)")
+    run.add_argument("--weights", help="weights path (file or directory) instead of the registry's sources")
+    run.add_argument("--subset", default="test-clean")
+    run.add_argument("--limit", type=int, help="first N utterances in sorted id order")
+    run.add_argument("--data-dir", help="folder holding LibriSpeech/ (default: QBENCH_DATA_DIR, ../shared/librispeech, cache)")
+    run.add_argument("--batch-size", type=int, default=8)
+    run.add_argument("--plugin", help="quantizer name (qbench plugins); none = float baseline")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="quantizer config, repeatable")
+    run.add_argument("--quantize-embeddings", action="store_true", help="also quantize embeddings / tied output projection")
+    run.add_argument("--calibration-subset", default="dev-clean")
+    run.add_argument("--calibration-limit", type=int, default=None)
+    run.add_argument("--output", "-o", help="result JSON path (default results/<model>__<subset>__<label>.json)")
+    run.add_argument("--quiet", "-q", action="store_true")
+    run.set_defaults(func=cmd_run)
+
+    models = sub.add_parser("models", help="list registered models and whether their weights are here")
+    models.set_defaults(func=cmd_models)
+
+    download = sub.add_parser("download", help="download an official LibriSpeech subset into the cache")
+    download.add_argument("subset")
+    download.add_argument("--cache-dir")
+    download.add_argument("--quiet", "-q", action="store_true")
+    download.set_defaults(func=cmd_download)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/red]")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - every failure is one clear line, not a traceback
+        if isinstance(exc, CliError) or type(exc).__module__.startswith("qbench") or isinstance(exc, (OSError, ValueError, KeyError)):
+            message = str(exc).strip("'\"").splitlines()[0] if str(exc) else type(exc).__name__
+            console.print(f"[red]error:[/red] {message}", highlight=False)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
