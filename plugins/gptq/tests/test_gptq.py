@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+
+qbench_gptq = pytest.importorskip("qbench_gptq", reason="pip install -e plugins/gptq")
+from qbench.quantize import layer_stats  # noqa: E402
+from qbench.quantizer import LayerStats, dequantize  # noqa: E402
+
+GPTQ = qbench_gptq.GPTQQuantizer
+OUT, IN, ROWS = 64, 192, 1024
+
+
+@pytest.fixture(scope="module")
+def problem() -> tuple[np.ndarray, np.ndarray, LayerStats]:
+    """A weight and correlated inputs with uneven channel scales (as real activations have)."""
+    rng = np.random.default_rng(0)
+    mix = rng.normal(size=(IN, IN)) / np.sqrt(IN)
+    x = rng.normal(size=(ROWS, IN)) @ mix + 0.2 * rng.normal(size=(ROWS, IN))
+    x *= np.exp(rng.normal(scale=0.7, size=IN))
+    w = rng.normal(size=(OUT, IN))
+    x, w = x.astype(np.float32), w.astype(np.float32)
+    return w, x, layer_stats(x, IN)
+
+
+def output_error(w: np.ndarray, wq: np.ndarray, x: np.ndarray) -> float:
+    return float(np.linalg.norm(x @ w.T - x @ wq.T) / np.linalg.norm(x @ w.T))
+
+
+def rtn(w: np.ndarray, bits: int, group_size: int | None, symmetric: bool) -> np.ndarray:
+    """Plain round-to-nearest on the same grid, for the comparison."""
+    g = group_size or w.shape[1]
+    out = np.empty_like(w, dtype=np.float64)
+    for j in range(0, w.shape[1], g):
+        cols = w[:, j : j + g].astype(np.float64)
+        scale, zero = qbench_gptq.grid(cols, bits, symmetric)
+        for c in range(cols.shape[1]):
+            out[:, j + c] = qbench_gptq.quantize_column(cols[:, c], scale, zero, bits)[1]
+    return out.astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(bits=4, group_size=None),
+        dict(bits=3, group_size=64),
+        dict(bits=4, group_size=64, symmetric=False),
+        dict(bits=3, group_size=64, act_order=True),
+        dict(bits=3, group_size=None, act_order=True),
+        dict(bits=3, group_size=32, block_size=48),  # groups straddling blocks
+        # at 2 bits the dynamic grid, fitted to error-fed weights, can lose to RTN; static does not
+        dict(bits=2, group_size=32, static_groups=True),
+        dict(bits=3, group_size=64, static_groups=True),
+    ],
+)
+def test_gptq_beats_rtn_on_layer_output(problem, cfg: dict) -> None:
+    w, x, stats = problem
+    qt = GPTQ(GPTQ.Config(**cfg)).quantize(w, stats)
+    e_gptq = output_error(w, dequantize(qt), x)
+    e_rtn = output_error(w, rtn(w, cfg["bits"], cfg.get("group_size"), cfg.get("symmetric", True)), x)
+    assert e_gptq < 0.9 * e_rtn, (e_gptq, e_rtn)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_codes_and_scales_follow_the_dequantize_contract(problem, act_order: bool) -> None:
+    w, _, stats = problem
+    qt = GPTQ(GPTQ.Config(bits=4, group_size=64, act_order=act_order)).quantize(w, stats)
+    assert qt.codes.shape == w.shape and qt.scales.shape == (OUT, 3) and qt.group_size == 64
+    assert qt.signed and qt.codes.min() >= -7 and qt.codes.max() <= 7
+    if act_order:
+        # static groups: scales are the plain per-group grid of the original columns
+        np.testing.assert_allclose(qt.scales[:, 1], np.abs(w[:, 64:128]).max(axis=1) / 7, rtol=1e-6)
+
+
+def test_block_size_does_not_change_the_result(problem) -> None:
+    # Lazy batch updates are an exact reorganisation of the same computation.
+    w, _, stats = problem
+    a = GPTQ(GPTQ.Config(bits=3, group_size=64, block_size=128)).quantize(w, stats)
+    b = GPTQ(GPTQ.Config(bits=3, group_size=64, block_size=7)).quantize(w, stats)
+    assert np.mean(a.codes == b.codes) > 0.999
+
+
+def test_identity_hessian_reduces_to_rtn() -> None:
+    # With H = I (and no dampening effect on the ratios) the error feedback is zero.
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(8, 16)).astype(np.float32)
+    stats = LayerStats(xtx=np.eye(16) * 5.0, n_rows=10)
+    qt = GPTQ(GPTQ.Config(bits=3, group_size=None)).quantize(w, stats)
+    np.testing.assert_allclose(dequantize(qt), rtn(w, 3, None, True), rtol=1e-6)
+
+
+def test_dead_inputs_are_zeroed() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(100, 12))
+    x[:, 5] = 0.0
+    w = rng.normal(size=(4, 12)).astype(np.float32)
+    qt = GPTQ(GPTQ.Config(bits=4, group_size=None)).quantize(w, layer_stats(x, 12))
+    assert not dequantize(qt)[:, 5].any()
+    assert np.all(np.isfinite(dequantize(qt)))
+
+
+def test_needs_stats() -> None:
+    assert GPTQ.needs_calibration
+    with pytest.raises(ValueError, match="calibration"):
+        GPTQ().quantize(np.ones((2, 2), np.float32), None)
