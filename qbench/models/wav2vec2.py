@@ -174,13 +174,24 @@ def erf(x: np.ndarray) -> np.ndarray:
     return p
 
 
+#: elements per GELU block: ~20 elementwise passes stay in L2 cache instead of streaming the
+#: first conv layer's 64 MB-per-10 s output from memory each time (3x faster)
+_GELU_BLOCK = 1 << 15
+
+
 def gelu(x: np.ndarray) -> np.ndarray:
     """Exact GELU, x * Phi(x), as torch.nn.functional.gelu(approximate='none')."""
-    y = erf(x * np.float32(1.0 / math.sqrt(2.0)))
-    y += 1.0
-    y *= 0.5
-    y *= x
-    return y
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty_like(x)
+    flat_x, flat_out = x.reshape(-1), out.reshape(-1)
+    for i in range(0, flat_x.size, _GELU_BLOCK):
+        xb = flat_x[i : i + _GELU_BLOCK]
+        y = erf(xb * np.float32(1.0 / math.sqrt(2.0)))
+        y += 1.0
+        y *= 0.5
+        y *= xb
+        flat_out[i : i + _GELU_BLOCK] = y
+    return out
 
 
 def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
@@ -327,9 +338,10 @@ class Wav2Vec2:
         output, so that layer is run once more beforehand, in chunks, just to accumulate them.
 
         Peak memory is set by the chunk, not the utterance: for 512 channels and
-        `chunk_frames`=128, ~17 MB first-layer output, ~25 MB second-layer im2col and a few
-        GELU temporaries, ~70 MB in all (see benchmarks/wav2vec2_forward.py), against ~1.3 GB
-        for an unchunked 35 s utterance. `chunk_frames=None` runs unchunked.
+        `chunk_frames`=128, ~17 MB first-layer output, ~25 MB second-layer im2col and their
+        norm/GELU temporaries: 68 MB peak (tracemalloc) for a 35 s utterance, against 1.2 GB
+        unchunked. Chunking costs no time (the group-norm statistics pass is ~10% of the
+        encoder). `chunk_frames=None` runs unchunked.
         """
         c = self.config
         if chunk_frames == -1:
@@ -363,10 +375,11 @@ class Wav2Vec2:
             f1 = min(f0 + step, n)
             y = self.store.linear("feature_encoder.conv.0", im2col(audio[f0 * s : (f1 - 1) * s + k, None], k, s))
             if shift is None:
-                shift = y.mean(axis=0, dtype=np.float64)
-            yc = y.astype(np.float64) - shift
-            acc[0][:] += yc.sum(axis=0)
-            acc[1][:] += np.square(yc).sum(axis=0)
+                shift = y.mean(axis=0)
+            y -= shift
+            acc[0][:] += y.sum(axis=0, dtype=np.float64)
+            y *= y
+            acc[1][:] += y.sum(axis=0, dtype=np.float64)
         mean_c = acc[0] / n
         var = np.maximum(acc[1] / n - mean_c**2, 0.0)
         return (shift + mean_c).astype(np.float32), (1.0 / np.sqrt(var + CONV_NORM_EPS)).astype(np.float32)
