@@ -21,6 +21,9 @@ from qbench.quantizer import Packing, QuantizedTensor, apply_scales
 
 # Eight codes of at most 8 bits fill at most one uint64: the unit of the vectorized packer.
 _CODES_PER_WORD = 8
+# Codes handled per vectorized step (a multiple of 8): bounds the uint64 temporaries to ~16 MB
+# even for a 66M-weight embedding table.
+_CHUNK_CODES = 1 << 20
 _TRITS_PER_BYTE = 5
 _POW3 = 3 ** np.arange(_TRITS_PER_BYTE, dtype=np.int64)
 # Every byte value 0..242 decoded to its five trits (as -1/0/1); built once at import.
@@ -44,15 +47,19 @@ def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
         raise ValueError(f"codes outside [0, {(1 << bits) - 1}] cannot be packed in {bits} bits")
     if bits == 8:
         return flat.astype(np.uint8)
-    n_words = -(-n // _CODES_PER_WORD)
-    padded = np.zeros(n_words * _CODES_PER_WORD, dtype=np.uint64)
-    padded[:n] = flat
-    padded = padded.reshape(n_words, _CODES_PER_WORD)
+    out = np.empty(packed_code_bytes(n, bits), dtype=np.uint8)
     shifts = (np.arange(_CODES_PER_WORD, dtype=np.uint64) * np.uint64(bits))[None, :]
-    words = np.bitwise_or.reduce(padded << shifts, axis=1).astype("<u8")
-    # Eight b-bit codes use exactly the low b bytes of their word.
-    stream = words.view(np.uint8).reshape(n_words, 8)[:, :bits].reshape(-1)
-    return np.ascontiguousarray(stream[: packed_code_bytes(n, bits)])
+    for start in range(0, n, _CHUNK_CODES):
+        part = flat[start : start + _CHUNK_CODES]
+        n_words = -(-part.size // _CODES_PER_WORD)
+        padded = np.zeros(n_words * _CODES_PER_WORD, dtype=np.uint64)
+        padded[: part.size] = part
+        words = np.bitwise_or.reduce(padded.reshape(n_words, _CODES_PER_WORD) << shifts, axis=1).astype("<u8")
+        # Eight b-bit codes use exactly the low b bytes of their word.
+        stream = words.view(np.uint8).reshape(n_words, 8)[:, :bits].reshape(-1)
+        lo = start * bits // 8
+        out[lo : lo + min(stream.size, out.size - lo)] = stream[: out.size - lo]
+    return out
 
 
 def unpack_bits(buf: np.ndarray, bits: int, n: int) -> np.ndarray:
@@ -65,16 +72,21 @@ def unpack_bits(buf: np.ndarray, bits: int, n: int) -> np.ndarray:
         raise ValueError(f"{n} codes of {bits} bits need {need} bytes, buffer has {buf.size}")
     if bits == 8:
         return buf[:n].copy()
-    n_words = -(-n // _CODES_PER_WORD)
-    raw = np.zeros((n_words, 8), dtype=np.uint8)
-    chunk = np.zeros(n_words * bits, dtype=np.uint8)
-    chunk[:need] = buf[:need]
-    raw[:, :bits] = chunk.reshape(n_words, bits)
-    words = raw.reshape(-1).view("<u8")
+    out = np.empty(n, dtype=np.uint8)
     shifts = (np.arange(_CODES_PER_WORD, dtype=np.uint64) * np.uint64(bits))[None, :]
     mask = np.uint64((1 << bits) - 1)
-    codes = (words[:, None] >> shifts) & mask
-    return codes.reshape(-1)[:n].astype(np.uint8)
+    for start in range(0, n, _CHUNK_CODES):
+        count = min(_CHUNK_CODES, n - start)
+        n_words = -(-count // _CODES_PER_WORD)
+        lo = start * bits // 8
+        chunk = np.zeros(n_words * bits, dtype=np.uint8)
+        avail = buf[lo : min(lo + n_words * bits, need)]
+        chunk[: avail.size] = avail
+        raw = np.zeros((n_words, 8), dtype=np.uint8)
+        raw[:, :bits] = chunk.reshape(n_words, bits)
+        words = raw.reshape(-1).view("<u8")
+        out[start : start + count] = ((words[:, None] >> shifts) & mask).reshape(-1)[:count]
+    return out
 
 
 def pack_trits(codes: np.ndarray) -> np.ndarray:

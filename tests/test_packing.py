@@ -135,3 +135,16 @@ def test_validate_checks_weight_shape() -> None:
     qt.validate((2, 4))
     with pytest.raises(QuantizedTensorError, match="weight shape"):
         qt.validate((4, 2))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 5, 7])
+def test_chunked_packing_matches_across_chunk_boundaries(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import qbench.packing as packing
+
+    codes = np.random.default_rng(bits).integers(0, 1 << bits, 1003)
+    reference = pack_bits(codes, bits)
+    monkeypatch.setattr(packing, "_CHUNK_CODES", 16)
+    np.testing.assert_array_equal(pack_bits(codes, bits), reference)
+    np.testing.assert_array_equal(unpack_bits(reference, bits, codes.size), codes)
+    pt = pack_quantized(QuantizedTensor(codes=codes.reshape(17, 59), code_bits=bits, scales=[[1.0]]))
+    np.testing.assert_array_equal(pt.dequantize_rows(np.array([16, 3])), codes.reshape(17, 59)[[16, 3]])

@@ -1,10 +1,12 @@
 """A complete qbench plugin: int8 codes, one symmetric scale for the whole tensor."""
 
+from __future__ import annotations
+
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from qbench.hookspecs import hookimpl
-from qbench.quantizer import QuantizedTensor, Quantizer
+from qbench.quantizer import LayerStats, QuantizedTensor, Quantizer
 
 
 class Int8TensorQuantizer(Quantizer):
@@ -16,12 +18,12 @@ class Int8TensorQuantizer(Quantizer):
         model_config = ConfigDict(extra="forbid")
         clip: float = Field(1.0, gt=0, le=1, description="fraction of max|w| mapped to 127")
 
-    def quantize(self, weight, stats):
+    def quantize(self, weight: np.ndarray, stats: LayerStats | None) -> QuantizedTensor:
         scale = max(float(np.abs(weight).max()) * self.config.clip / 127, 1e-12)
         codes = np.clip(np.rint(weight / scale), -127, 127).astype(np.int8)
         return QuantizedTensor(codes=codes, code_bits=8, scales=[[scale]], signed=True)
 
 
 @hookimpl
-def qbench_register_quantizers():
+def qbench_register_quantizers() -> list[type[Quantizer]]:
     return [Int8TensorQuantizer]
