@@ -145,6 +145,11 @@ def layer_stats(x: np.ndarray, in_features: int) -> LayerStats:
     return LayerStats(xtx=xtx, n_rows=int(x2.shape[0]))
 
 
+def _one_line(exc: BaseException) -> str:
+    # Plugin messages (pydantic, numpy) can span lines; a failed run should read as one line.
+    return " ".join(str(exc).split())
+
+
 def _plugin_name(quantizer: Quantizer) -> str:
     return getattr(quantizer, "name", type(quantizer).__name__)
 
@@ -159,14 +164,14 @@ def _quantize_layer(
         # The plugin gets a copy: one that edits its input in place must not corrupt the model.
         qt = quantizer.quantize(weight.copy(), stats)
     except Exception as exc:
-        raise PluginError(f"{where}: {type(exc).__name__}: {exc}") from exc
+        raise PluginError(f"{where}: {type(exc).__name__}: {_one_line(exc)}") from exc
     if not isinstance(qt, QuantizedTensor):
         raise PluginError(f"{where}: quantize returned {type(qt).__name__}, not a QuantizedTensor")
     try:
         qt.validate(weight.shape)
         packed = pack_quantized(qt, scale_dtype)
     except Exception as exc:
-        raise PluginError(f"{where}: {exc}") from exc
+        raise PluginError(f"{where}: {_one_line(exc)}") from exc
     deq = packed.dequantize()
     if not np.all(np.isfinite(deq)):
         raise PluginError(f"{where}: dequantized weight contains NaN or inf")

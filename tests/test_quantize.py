@@ -276,7 +276,7 @@ class Crashing(Coarse):
     name = "crasher"
 
     def quantize(self, weight, stats):
-        raise ZeroDivisionError("oops")
+        raise ZeroDivisionError("oops\n  more")
 
 
 class WrongShape(Coarse):
@@ -297,7 +297,7 @@ class Returns64BitNaN(Coarse):
     ("quantizer", "match"),
     [
         (NaNQuantizer(), r"^plugin 'nan-maker' failed on layer 'conv': scales contain NaN or inf$"),
-        (Crashing(), r"^plugin 'crasher' failed on layer 'l1': ZeroDivisionError: oops$"),
+        (Crashing(), r"^plugin 'crasher' failed on layer 'l1': ZeroDivisionError: oops more$"),
         (WrongShape(), r"^plugin 'wrong-shape' failed on layer 'l1': codes shape \(1, 1\) != weight shape \(8, 6\)$"),
         (Returns64BitNaN(), r"^plugin 'nan-ctor' failed on layer 'l1': QuantizedTensorError: scales contain NaN"),
     ],
