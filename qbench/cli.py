@@ -52,13 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     quantization = calibration = None
     label = "fp"
     if args.plugin:
-        from qbench.quantize import run_quantization
-
-        model, quantization, calibration = run_quantization(
-            model, args.plugin, args.set or [], quantize_embeddings=args.quantize_embeddings,
-            data_dir=data_dir, calibration_subset=args.calibration_subset,
-            calibration_limit=args.calibration_limit, eval_ids={u.id for u in utterances}, console=console,
-        )
+        model, quantization, calibration = quantize_for_run(model, args, data_dir, {u.id for u in utterances})
         label = args.plugin + "".join(f"_{s.replace('=', '')}" for s in (args.set or []))
 
     from qbench.librispeech import OFFICIAL_COUNTS
@@ -84,6 +78,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     print_summary(result)
     console.print(f"result written to [bold]{output}[/bold]")
     return 0
+
+
+def quantize_for_run(model, args: argparse.Namespace, data_dir: Path, eval_ids: set[str]):
+    """Quantize `model` with `--plugin` / `--set`; calibrate on audio disjoint from `eval_ids`."""
+    from qbench.calibration import load_calibration
+    from qbench.plugins import get_quantizer
+    from qbench.quantize import QuantizationPolicy, parse_settings, quantize_model
+
+    cls = get_quantizer(args.plugin)
+    quantizer = cls(parse_settings(args.set or [], cls.Config, plugin=args.plugin))
+    policy = QuantizationPolicy(quantize_embeddings=args.quantize_embeddings)
+    audios, calibration = None, None
+    if quantizer.needs_calibration:
+        audios, record = load_calibration(data_dir, args.calibration_subset, args.calibration_limit, eval_ids)
+        calibration = record.model_dump()
+        console.print(f"calibrating {args.plugin} on {record.utterance_count} {record.subset} utterances ({record.audio_seconds:.0f} s)")
+    with Progress(TextColumn("[bold]quantizing[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, disable=args.quiet) as progress:
+        task = progress.add_task(args.plugin, total=len(policy.select(model.quantizable_weights())))
+        report_progress = lambda name, done, total: progress.update(task, completed=done, description=name)  # noqa: E731
+        model, report = quantize_model(model, quantizer, policy, audios, progress=report_progress)
+    return model, report.model_dump(mode="json"), calibration
 
 
 def print_summary(result) -> None:
@@ -112,6 +128,41 @@ def cmd_models(args: argparse.Namespace) -> int:
             where = "-"
         table.add_row(name, card.architecture, f"{card.parameters:,}", where)
     out.print(table)
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from qbench.plugins import discover_quantizers
+
+    entries, errors = discover_quantizers()
+    if args.show:
+        if args.show not in entries:
+            raise CliError(f"unknown quantizer {args.show!r}; available: {', '.join(entries) or 'none'}")
+        e = entries[args.show]
+        out.print(f"[bold]{e.name}[/bold] {e.version} from {e.distribution or e.plugin} {e.distribution_version or ''}")
+        out.print(e.description)
+        table = Table(title="config (qbench run --set KEY=VALUE)")
+        for col in ("key", "type", "default", "description"):
+            table.add_column(col)
+        for key, prop in e.config_schema.get("properties", {}).items():
+            kind = prop.get("type") or " | ".join(p.get("type", "?") for p in prop.get("anyOf", []))
+            if "enum" in prop:
+                kind = " | ".join(map(str, prop["enum"]))
+            table.add_row(key, str(kind), _json.dumps(prop.get("default")), prop.get("description", ""))
+        out.print(table)
+        return 0
+    table = Table(title="quantizer plugins")
+    for col in ("name", "version", "distribution", "calibration", "config keys", "description"):
+        table.add_column(col)
+    for e in entries.values():
+        dist = f"{e.distribution} {e.distribution_version}" if e.distribution else e.plugin
+        table.add_row(e.name, e.version, dist, "yes" if e.needs_calibration else "no",
+                      ", ".join(e.config_schema.get("properties", {})), e.description)
+    out.print(table)
+    for err in errors:
+        console.print(f"[red]plugin error:[/red] {err}", highlight=False)
     return 0
 
 
@@ -147,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list registered models and whether their weights are here")
     models.set_defaults(func=cmd_models)
+
+    plugins = sub.add_parser("plugins", help="list discovered quantizer plugins (and any that failed to load)")
+    plugins.add_argument("--show", metavar="NAME", help="show one quantizer's config schema")
+    plugins.set_defaults(func=cmd_plugins)
 
     download = sub.add_parser("download", help="download an official LibriSpeech subset into the cache")
     download.add_argument("subset")

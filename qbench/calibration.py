@@ -1,0 +1,37 @@
+"""The calibration audio a quantizer sees: disjoint from what is scored, and recorded exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel
+
+from qbench.audio_io import load_audio
+from qbench.librispeech import list_utterances, utterance_digest
+
+
+class CalibrationSet(BaseModel):
+    subset: str
+    utterance_count: int
+    utterance_ids_sha256: str
+    utterance_ids: list[str]
+    audio_seconds: float
+
+
+def load_calibration(data_dir: Path, subset: str, limit: int | None, eval_ids: set[str]) -> tuple[list[np.ndarray], CalibrationSet]:
+    """Audio of the calibration utterances (default: every shared dev-clean one) and its record.
+
+    Refuses any overlap with the evaluation utterances: calibrating on the test set would
+    flatter every calibrated quantizer.
+    """
+    utts = list_utterances(data_dir, subset, limit)
+    overlap = sorted(eval_ids.intersection(u.id for u in utts))
+    if overlap:
+        raise ValueError(f"calibration set {subset} overlaps the evaluation set ({len(overlap)} utterances, e.g. {overlap[0]})")
+    audios = [load_audio(u.path) for u in utts]
+    record = CalibrationSet(
+        subset=subset, utterance_count=len(utts), utterance_ids_sha256=utterance_digest(u.id for u in utts),
+        utterance_ids=[u.id for u in utts], audio_seconds=sum(len(a) for a in audios) / 16000,
+    )
+    return audios, record
