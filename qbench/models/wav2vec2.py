@@ -177,6 +177,8 @@ def erf(x: np.ndarray) -> np.ndarray:
 #: elements per GELU block: ~20 elementwise passes stay in L2 cache instead of streaming the
 #: first conv layer's 64 MB-per-10 s output from memory each time (3x faster)
 _GELU_BLOCK = 1 << 15
+#: attention queries per block, for the same reason
+_QUERY_BLOCK = 512
 
 
 def gelu(x: np.ndarray) -> np.ndarray:
@@ -428,12 +430,15 @@ class Wav2Vec2:
         start = 0
         for n in lengths:
             seg = qkv[start : start + n]
-            # one head at a time: a 35 s utterance's [T, T] scores are 12 MB, all heads 150 MB
             for j in range(h):
                 q = seg[:, j * dh : (j + 1) * dh]
-                kk = seg[:, d + j * dh : d + (j + 1) * dh]
-                v = seg[:, 2 * d + j * dh : 2 * d + (j + 1) * dh]
-                out[start : start + n, j * dh : (j + 1) * dh] = softmax_(q @ kk.T) @ v
+                k_t = np.ascontiguousarray(seg[:, d + j * dh : d + (j + 1) * dh].T)
+                v = np.ascontiguousarray(seg[:, 2 * d + j * dh : 2 * d + (j + 1) * dh])
+                # blocks of queries keep the [block, T] scores in cache through the softmax's
+                # passes and bound memory (a 35 s utterance's full [T, T] per head is 12 MB)
+                for q0 in range(0, n, _QUERY_BLOCK):
+                    scores = softmax_(q[q0 : q0 + _QUERY_BLOCK] @ k_t)
+                    out[start + q0 : start + min(q0 + _QUERY_BLOCK, n), j * dh : (j + 1) * dh] = scores @ v
             start += n
         return self.store.linear(name + ".out", out)
 
