@@ -25,7 +25,7 @@ from qbench.quantizer import Quantizer
 PROJECT = "qbench"
 
 #: qbench's own hook modules, registered before entry points through the same hooks.
-BUILTIN_HOOK_MODULES: tuple[str, ...] = ()
+BUILTIN_HOOK_MODULES: tuple[str, ...] = ("qbench.builtin_devices",)
 
 
 class PluginLoadError(BaseModel):
