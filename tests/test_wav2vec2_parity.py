@@ -190,6 +190,7 @@ def test_ctc_greedy_decode() -> None:
     assert model.decode(logits) == "AAB CC"
     assert ctc_greedy_decode([4, 0, 5, 4, 4, 0], vocab) == "A"  # delimiters at the ends strip
     assert ctc_greedy_decode([], vocab) == ""
+    assert model.transcribe([np.ones(399, dtype=np.float32)]) == [""]  # shorter than one frame
 
 
 class RecordingStore(WeightStore):
