@@ -1,0 +1,302 @@
+"""Memory accounting for a run on an emulated device: weights, working memory, and the check.
+
+Two views of the same run that must agree (a test holds them within 10 %):
+
+* `estimate_whisper_memory` computes, from the model dimensions and batch size alone, what the
+  numpy Whisper allocates at its peak on the device path: activations (including the
+  temporaries numpy makes), the decoder's KV caches, one block of dequantized weight, and
+  buffers (mel, one (utterance, head) attention score matrix).
+* `measure_peak` runs real work under tracemalloc, which sees every numpy data allocation.
+
+`DeviceWeightStore` is the store a device run uses: packed (or stored-precision) weights are
+turned into float32 one row block at a time when a layer runs and released afterwards, unless
+the device budget leaves room for an LRU cache of whole float matrices (`cache_bytes`).
+"""
+
+from __future__ import annotations
+
+import tracemalloc
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from qbench.devices import DeviceProfile
+from qbench.packing import PackedTensor
+from qbench.quantize import PackedWeightStore
+from qbench.quantizer import apply_scales
+from qbench.weight_store import WeightInfo, WeightStore
+
+#: Float32 bytes of one dequantized row block when a layer is streamed. Small enough that the
+#: block and its unpacking temporaries are noise next to the activations, large enough that
+#: the Python loop over blocks costs little.
+DEFAULT_BLOCK_BYTES = 256 * 1024
+F32 = 4
+
+
+class DeviceWeightStore(PackedWeightStore):
+    """Weights at rest as stored (packed or float16); float32 only one row block at a time.
+
+    Unlike `WeightStore`, nothing float is kept between calls unless it fits `cache_bytes`:
+    neither transposed matrices nor upcast norms/biases, so the working set is what a device
+    would hold. Outputs equal the plain store's up to float32 summation order.
+    """
+
+    def __init__(
+        self,
+        params: Mapping[str, np.ndarray],
+        matrices: Iterable[WeightInfo],
+        packed: Mapping[str, PackedTensor] | None = None,
+        cache_bytes: int = 0,
+        block_bytes: int = DEFAULT_BLOCK_BYTES,
+    ):
+        super().__init__(params, matrices, packed or {}, cache_bytes=cache_bytes)
+        self.block_bytes = int(block_bytes)
+        self._full: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    @classmethod
+    def from_store(cls, store: WeightStore, cache_bytes: int = 0, block_bytes: int = DEFAULT_BLOCK_BYTES) -> DeviceWeightStore:
+        packed = getattr(store, "packed", None) if isinstance(store, PackedWeightStore) else None
+        return cls(store.params, store.weight_infos(), packed, cache_bytes, block_bytes)
+
+    def param(self, name: str) -> np.ndarray:
+        # Upcast on use and drop: a device keeps norms and biases at their stored precision.
+        return np.asarray(self.params[name], dtype=np.float32)
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Float32 rows `[start, stop)` of a layer's `[out, in]` weight, built from storage."""
+        pt = self.packed.get(name)
+        if pt is None:
+            w = self.params[name + ".weight"]
+            return np.asarray(w.reshape(w.shape[0], -1)[start:stop], dtype=np.float32)
+        in_f = pt.shape[1]
+        # PackedTensor reads any flat code range without unpacking the rest of the layer.
+        codes = pt._codes_range(start * in_f, stop * in_f).reshape(stop - start, in_f)
+        scales = pt.scales if pt.scales.shape[0] == 1 else pt.scales[start:stop]
+        zeros = None if pt.zeros is None else (pt.zeros if pt.zeros.shape[0] == 1 else pt.zeros[start:stop])
+        return apply_scales(pt._values(codes), scales, zeros, pt.group_size)
+
+    def block_rows(self, name: str) -> int:
+        return max(1, self.block_bytes // (self.infos[name].shape[1] * F32))
+
+    def _cached_t(self, name: str) -> np.ndarray | None:
+        wt = self._full.get(name)
+        if wt is not None:
+            return wt
+        out_f, in_f = self.infos[name].shape
+        nbytes = out_f * in_f * F32
+        # Fill once, never evict: a model's layers are used in a fixed cycle, where an LRU
+        # smaller than the model misses on every access and only adds work.
+        if nbytes == 0 or self._lru_bytes + nbytes > self.cache_bytes:
+            return None
+        wt = np.empty((in_f, out_f), dtype=np.float32)
+        step = self.block_rows(name)
+        for r0 in range(0, out_f, step):
+            r1 = min(out_f, r0 + step)
+            wt[:, r0:r1] = self.rows(name, r0, r1).T
+        self._full[name] = wt
+        self._lru_bytes += nbytes
+        return wt
+
+    def matrix_t(self, name: str) -> np.ndarray:
+        wt = self._cached_t(name)
+        return wt if wt is not None else np.ascontiguousarray(self.rows(name, 0, self.infos[name].shape[0]).T)
+
+    def linear(self, name: str, x: np.ndarray) -> np.ndarray:
+        wt = self._cached_t(name)
+        if wt is not None:
+            y = x @ wt
+        else:
+            out_f = self.infos[name].shape[0]
+            step = self.block_rows(name)
+            y = np.empty((*x.shape[:-1], out_f), dtype=np.float32)
+            for r0 in range(0, out_f, step):
+                r1 = min(out_f, r0 + step)
+                y[..., r0:r1] = x @ self.rows(name, r0, r1).T
+        bias_name = name + ".bias"
+        if bias_name in self.params:
+            y += self.param(bias_name)
+        return y
+
+    def cached_bytes(self) -> int:
+        return self._lru_bytes
+
+
+# -- the analytic accountant ----------------------------------------------------------------
+
+#: Peak bytes of unpacking temporaries per code while one block is dequantized (`unpack_bits`
+#: shifts codes in uint64 words: 2 x 8 B per code, then int16 and float32 copies).
+_UNPACK_SCRATCH_PER_CODE = {"int": 18, "trit5": 12, "float": 4}
+#: Live float arrays of the size of GELU's input at its peak (input, clipped copy, x^2,
+#: numerator, denominator, quotient: `qbench.models.activations.erf`).
+_GELU_LIVE = 6
+#: STFT bins of the log-mel front end (n_fft 400).
+_STFT_BINS = 201
+
+
+class MemoryBreakdown(BaseModel):
+    """Bytes of one run on one device, at the working-memory peak."""
+
+    weights_stored_bytes: int = Field(description="every parameter buffer as stored (packed codes, scales, fp16 rest)")
+    weights_ram_bytes: int = Field(description="weights held in RAM: 0 when the device executes them in place")
+    activations_bytes: int = Field(description="hidden states and numpy temporaries live at the peak")
+    kv_cache_bytes: int = Field(description="decoder self- and cross-attention keys/values live at the peak")
+    weight_block_bytes: int = Field(description="one dequantized row block plus its unpacking scratch")
+    buffers_bytes: int = Field(description="audio, log-mel, attention scores live at the peak")
+    cache_bytes: int = Field(0, description="float copies of whole layers kept because the budget allows")
+    working_peak_bytes: int
+    peak_phase: str = Field(description="where the peak is: mel, conv, encoder-attention, encoder-mlp, decoder-start, decode")
+    total_ram_bytes: int = Field(description="weights_ram_bytes + working_peak_bytes")
+    #: every phase's working bytes, to show how far the others are from the peak
+    phases: dict[str, int] = Field(default_factory=dict)
+
+
+def weight_block_bytes(store: WeightStore, block_bytes: int = DEFAULT_BLOCK_BYTES) -> int:
+    """Float block plus unpacking scratch of the largest row block any layer is streamed in."""
+    packed = getattr(store, "packed", {}) or {}
+    worst = 0
+    for info in store.weight_infos():
+        out_f, in_f = info.shape
+        rows = min(out_f, max(1, block_bytes // (in_f * F32)))
+        pt = packed.get(info.name)
+        kind = "float" if pt is None else pt.packing
+        worst = max(worst, rows * in_f * (F32 + _UNPACK_SCRATCH_PER_CODE[kind]))
+    return worst
+
+
+def cache_fill_bytes(store: WeightStore, cache_bytes: int) -> int:
+    """Bytes `DeviceWeightStore` ends up caching: layers in first-use order until one does not fit."""
+    used = 0
+    for info in store.weight_infos():
+        nbytes = info.numel * F32
+        if used + nbytes <= cache_bytes:
+            used += nbytes
+    return used
+
+
+def estimate_whisper_memory(
+    dims: Any,
+    store: WeightStore,
+    device: DeviceProfile | None = None,
+    batch_windows: int = 1,
+    audio_seconds: float = 30.0,
+    cache_bytes: int = 0,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> MemoryBreakdown:
+    """Peak memory of `Whisper.transcribe` on one utterance of `audio_seconds` (batch of windows).
+
+    Each phase lists what is alive at its own high-water mark in `qbench.models.whisper` as
+    written (which temporaries numpy makes there); the run's working peak is the largest phase.
+    """
+    b, t, d = batch_windows, dims.n_audio_ctx, dims.n_audio_state
+    dt, lt, ctx = dims.n_text_state, dims.n_text_layer, dims.n_text_ctx
+    frames_in = 2 * t
+    samples = int(round(audio_seconds * 16000))
+    pad = 30 * 16000
+    mel_frames = (samples + pad) // 160
+    audio = F32 * samples
+    # the full log-mel (windows are views of it) and the stacked batch of windows
+    mel = F32 * dims.n_mels * mel_frames + F32 * b * frames_in * dims.n_mels
+    buffers = audio + mel
+    td = F32 * b * t * d
+    scores = F32 * t * t  # one (utterance, head) score matrix; the previous head's is still alive
+    cross = 2 * lt * F32 * b * t * dt
+    self_kv = 2 * lt * F32 * b * ctx * dt
+    block = weight_block_bytes(store, block_bytes)
+    cached = cache_fill_bytes(store, cache_bytes)
+
+    phases: dict[str, dict[str, int]] = {
+        # STFT: |X|^2 of cos and sin parts alive together with their sum, plus two padded copies
+        "mel": {"buffers": audio + 2 * F32 * (samples + pad) + 3 * F32 * _STFT_BINS * mel_frames, "activations": 0, "kv": 0},
+        "conv": {"buffers": buffers, "activations": _GELU_LIVE * F32 * b * frames_in * d, "kv": 0},
+        # x, fused qkv, split K and V copies, scaled q, output, two score matrices
+        "encoder-attention": {"buffers": buffers + 2 * scores, "activations": 8 * td, "kv": 0},
+        # x, the block's qkv (still referenced) and GELU over the 4d hidden state
+        "encoder-mlp": {"buffers": buffers, "activations": td * (1 + 3 + 4 * _GELU_LIVE), "kv": 0},
+        # audio features, plus the last layer's fused K/V output and its two head-split copies
+        "decoder-start": {"buffers": buffers, "activations": td + 4 * F32 * b * t * dt, "kv": self_kv + 2 * (lt - 1) * F32 * b * t * dt},
+        # finished rows leave the batch by copying the caches
+        "decode": {"buffers": buffers + F32 * b * dims.n_vocab, "activations": 0, "kv": (cross + self_kv) * (2 if b > 1 else 1)},
+    }
+    totals = {name: sum(p.values()) + block + cached for name, p in phases.items()}
+    peak_phase = max(totals, key=totals.get)
+    p = phases[peak_phase]
+    stored = store.stored_bytes()
+    in_ram = 0 if device is not None and device.weights_execute_in_place else stored
+    return MemoryBreakdown(
+        weights_stored_bytes=stored,
+        weights_ram_bytes=in_ram,
+        activations_bytes=p["activations"],
+        kv_cache_bytes=p["kv"],
+        weight_block_bytes=block,
+        buffers_bytes=p["buffers"],
+        cache_bytes=cached,
+        working_peak_bytes=totals[peak_phase],
+        peak_phase=peak_phase,
+        total_ram_bytes=in_ram + totals[peak_phase],
+        phases=totals,
+    )
+
+
+# -- measuring ------------------------------------------------------------------------------
+
+
+def measure_peak(fn: Callable[[], Any]) -> tuple[Any, int]:
+    """`fn()` and the peak bytes numpy (and Python) allocated above what was live at the start.
+
+    tracemalloc sees numpy's data buffers (numpy reports them to it), so this is the working
+    memory of the call; arrays that existed before (the weights) are not counted.
+    """
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        result = fn()
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        if started:
+            tracemalloc.stop()
+    return result, max(0, peak)
+
+
+# -- the verdict ----------------------------------------------------------------------------
+
+
+class FitReport(BaseModel):
+    """Whether a model fits a device, as recorded in a result's `device` field."""
+
+    profile: DeviceProfile
+    fits: bool
+    reason: str | None = None
+    breakdown: MemoryBreakdown
+    measured_peak_bytes: int | None = Field(None, description="largest tracemalloc working peak over the run's batches")
+    batch_size: int = 1
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def check_fit(breakdown: MemoryBreakdown, device: DeviceProfile, measured_peak: int | None = None) -> FitReport:
+    """Apply the device's storage and RAM rules to the accounting (and a measured peak, if any)."""
+    b = breakdown
+    working = max(b.working_peak_bytes, measured_peak or 0)
+    needs = b.weights_ram_bytes + working
+    reason = None
+    if b.weights_stored_bytes > device.storage_bytes:
+        reason = (
+            f"does not fit on {device.name}: weights need {_mb(b.weights_stored_bytes)} of storage, "
+            f"device has {_mb(device.storage_bytes)}"
+        )
+    elif needs > device.ram_bytes:
+        measured = " measured" if measured_peak is not None and measured_peak > b.working_peak_bytes else ""
+        reason = (
+            f"does not fit on {device.name}: needs {_mb(needs)}{measured}, device has {_mb(device.ram_bytes)} RAM "
+            f"(weights {_mb(b.weights_ram_bytes)}, activations {_mb(b.activations_bytes)}, KV cache {_mb(b.kv_cache_bytes)}, "
+            f"weight block {_mb(b.weight_block_bytes)}, buffers {_mb(b.buffers_bytes)}, cache {_mb(b.cache_bytes)}; peak in {b.peak_phase})"
+        )
+    return FitReport(profile=device, fits=reason is None, reason=reason, breakdown=b, measured_peak_bytes=measured_peak)
