@@ -54,6 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.plugin:
         model, quantization, calibration = quantize_for_run(model, args, data_dir, {u.id for u in utterances})
         label = args.plugin + "".join(f"_{s.replace('=', '')}" for s in (args.set or []))
+    session = device_session_for_run(model, args)
 
     from qbench.librispeech import OFFICIAL_COUNTS
 
@@ -64,18 +65,27 @@ def cmd_run(args: argparse.Namespace) -> int:
                            utterance_count=len(utterances), utterance_ids_sha256=utterance_digest(u.id for u in utterances),
                            partial_subset=len(all_present) < OFFICIAL_COUNTS.get(args.subset, 0)),
         quantization=quantization, calibration=calibration, machine=MachineInfo.current(),
+        device=session.record() if session else None,
     )
     output = Path(args.output) if args.output else default_output(args.model, args.subset, label)
+    if session is not None and not session.fits:
+        return device_does_not_fit(session, result, output)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, disable=args.quiet) as progress:
         task = progress.add_task(f"{args.model} {label} {args.subset}", total=len(utterances))
         try:
-            evaluate(model, utterances, result, output, batch_size=args.batch_size,
+            evaluate(session.model if session else model, utterances, result, output, batch_size=args.batch_size,
                      on_batch=lambda n, _wall: progress.advance(task, n))
         except RunFailed as exc:
+            if session is not None and session.exceeded:
+                return device_does_not_fit(session, exc.result, output)
             done = len(exc.result.utterances)
             raise CliError(f"{exc} ({done} utterances finished are saved in {output})") from None
     print_summary(result)
+    if session is not None:
+        result.device = session.record()
+        result.write(output)
+        print_device_summary(session)
     console.print(f"result written to [bold]{output}[/bold]")
     return 0
 
@@ -100,6 +110,43 @@ def quantize_for_run(model, args: argparse.Namespace, data_dir: Path, eval_ids: 
         report_progress = lambda name, done, total: progress.update(task, completed=done, description=name)  # noqa: E731
         model, report = quantize_model(model, quantizer, policy, audios, progress=report_progress)
     return model, report.model_dump(mode="json"), calibration
+
+
+def device_session_for_run(model, args: argparse.Namespace):
+    """The run's `DeviceSession` (`--device`, default the embedded default), or None for `none`.
+
+    On a device the batch size is 1 unless given: an MCU transcribes one utterance at a time.
+    """
+    from qbench.device_run import DeviceSession
+    from qbench.devices import NO_DEVICE, get_device_profile
+
+    if args.device == NO_DEVICE:
+        args.batch_size = args.batch_size or 8
+        return None
+    args.batch_size = args.batch_size or 1
+    return DeviceSession(model, get_device_profile(args.device), args.batch_size)
+
+
+def device_does_not_fit(session, result, output: Path) -> int:
+    """Record the run as not fitting (not as a crash) and print the one-line verdict; exit 3."""
+    result.status, result.error = "failed", session.report.reason
+    result.device = session.record()
+    result.write(output)
+    console.print(f"[red]{session.report.reason}[/red]", highlight=False, soft_wrap=True)
+    console.print(f"result written to [bold]{output}[/bold] (device.fits = false)")
+    return 3
+
+
+def print_device_summary(session) -> None:
+    r, c = session.report, session.compute()
+    b = r.breakdown
+    table = Table(title=f"on {r.profile.name} ({r.profile.part})")
+    for col in ("fits", "weights stored", "weights in RAM", "peak est.", "peak measured", "RAM", "MACs", "bit ops", "wall s"):
+        table.add_column(col, justify="right")
+    table.add_row("yes" if r.fits else "no", _fmt_bytes(b.weights_stored_bytes), _fmt_bytes(b.weights_ram_bytes),
+                  _fmt_bytes(b.working_peak_bytes), _fmt_bytes(r.measured_peak_bytes), _fmt_bytes(r.profile.ram_bytes),
+                  f"{c.total_macs / 1e9:.2f} G", f"{c.total_bit_ops / 1e12:.2f} T", f"{c.wall_seconds:.1f}")
+    out.print(table)
 
 
 def print_summary(result) -> None:
@@ -166,12 +213,72 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit(args: argparse.Namespace) -> int:
+    """Per-device fits / does not fit for a (quantized) model, from the accountant alone."""
+    import json as _json
+
+    from qbench.device_run import fit_model
+    from qbench.devices import get_device_profile, get_device_profiles
+    from qbench.model_loader import load_model
+
+    model = load_model(args.model, args.weights).model
+    quantization = None
+    if args.plugin:
+        model, quantization = quantize_for_fit(model, args)
+    devices = [get_device_profile(args.device)] if args.device else list(get_device_profiles().values())
+    reports = [fit_model(model, device) for device in devices]
+    if args.json:
+        print(_json.dumps({"model": args.model, "quantization": quantization,
+                           "devices": [r.model_dump(mode="json") for r in reports]}, indent=2))
+        return 0
+    table = Table(title=f"{args.model} {args.plugin or 'as stored'} {' '.join(args.set or [])}: one 30 s window, batch 1")
+    for col in ("device", "RAM", "storage", "XIP", "weights", "in RAM", "working peak", "total RAM", "fits"):
+        table.add_column(col, justify="left" if col == "device" else "right", no_wrap=col == "device")
+    for r in reports:
+        b, p = r.breakdown, r.profile
+        table.add_row(p.name, _fmt_bytes(p.ram_bytes), _fmt_bytes(p.storage_bytes), "yes" if p.weights_execute_in_place else "no",
+                      _fmt_bytes(b.weights_stored_bytes), _fmt_bytes(b.weights_ram_bytes), _fmt_bytes(b.working_peak_bytes),
+                      _fmt_bytes(b.total_ram_bytes), "[green]fits[/green]" if r.fits else "[red]no[/red]")
+    out.print(table)
+    if quantization and quantization.get("estimated_with"):
+        console.print(f"note: {quantization['estimated_with']}")
+    return 0
+
+
+def quantize_for_fit(model, args: argparse.Namespace):
+    """Quantize without audio. A calibrated quantizer's size is estimated with RTN at the same
+    `bits` and `group_size`: packed size depends on the code width and scale layout, not on how
+    calibration chose the codes (exact for GPTQ-style uniform grids)."""
+    from qbench.plugins import get_quantizer
+    from qbench.quantize import QuantizationPolicy, parse_settings, quantize_model
+
+    cls = get_quantizer(args.plugin)
+    config = parse_settings(args.set or [], cls.Config, plugin=args.plugin)
+    note = None
+    if cls.needs_calibration:
+        rtn = get_quantizer("rtn")
+        keys = {k: v for k, v in config.model_dump().items() if k in ("bits", "group_size")}
+        config, cls = rtn.Config(**keys), rtn
+        note = f"'{args.plugin}' needs calibration audio; sizes estimated with rtn {keys}"
+    policy = QuantizationPolicy(quantize_embeddings=args.quantize_embeddings)
+    model, report = quantize_model(model, cls(config), policy)
+    record = report.model_dump(mode="json", exclude={"layers"})
+    record["estimated_with"] = note
+    return model, record
+
+
 def cmd_download(args: argparse.Namespace) -> int:
     from qbench.librispeech import default_cache_dir, download_subset
 
     root = download_subset(args.subset, Path(args.cache_dir) if args.cache_dir else default_cache_dir(), progress=not args.quiet)
     console.print(f"{args.subset} is in {root}")
     return 0
+
+
+def _default_device() -> str:
+    from qbench.devices import DEFAULT_DEVICE
+
+    return DEFAULT_DEVICE
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--subset", default="test-clean")
     run.add_argument("--limit", type=int, help="first N utterances in sorted id order")
     run.add_argument("--data-dir", help="folder holding LibriSpeech/ (default: QBENCH_DATA_DIR, ../shared/librispeech, cache)")
-    run.add_argument("--batch-size", type=int, default=8)
+    run.add_argument("--batch-size", type=int, default=None, help="utterances per batch (default 8; 1 on a device)")
+    run.add_argument("--device", default=_default_device(), help="emulated target (qbench fit lists them) or 'none'")
     run.add_argument("--plugin", help="quantizer name (qbench plugins); none = float baseline")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="quantizer config, repeatable")
     run.add_argument("--quantize-embeddings", action="store_true", help="also quantize embeddings / tied output projection")
@@ -195,6 +303,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", "-o", help="result JSON path (default results/<model>__<subset>__<label>.json)")
     run.add_argument("--quiet", "-q", action="store_true")
     run.set_defaults(func=cmd_run)
+
+    fit = sub.add_parser("fit", help="which device profiles a (quantized) model fits, without running audio")
+    fit.add_argument("--model", default="whisper-tiny.en")
+    fit.add_argument("--weights")
+    fit.add_argument("--plugin", help="quantizer name; none = the weights as stored")
+    fit.add_argument("--set", action="append", metavar="KEY=VALUE")
+    fit.add_argument("--quantize-embeddings", action="store_true")
+    fit.add_argument("--device", help="only this profile")
+    fit.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    fit.set_defaults(func=cmd_fit)
 
     models = sub.add_parser("models", help="list registered models and whether their weights are here")
     models.set_defaults(func=cmd_models)

@@ -278,7 +278,7 @@ class FitReport(BaseModel):
 
 
 def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
+    return f"{n / 2**20:.1f} MiB"
 
 
 def check_fit(breakdown: MemoryBreakdown, device: DeviceProfile, measured_peak: int | None = None) -> FitReport:
@@ -286,17 +286,17 @@ def check_fit(breakdown: MemoryBreakdown, device: DeviceProfile, measured_peak: 
     b = breakdown
     working = max(b.working_peak_bytes, measured_peak or 0)
     needs = b.weights_ram_bytes + working
-    reason = None
+    problems = []
     if b.weights_stored_bytes > device.storage_bytes:
+        problems.append(f"weights need {_mb(b.weights_stored_bytes)} of storage, device has {_mb(device.storage_bytes)}")
+    if needs > device.ram_bytes:
+        measured = " (measured)" if measured_peak is not None and measured_peak > b.working_peak_bytes else ""
+        problems.append(f"needs {_mb(needs)} RAM{measured}, device has {_mb(device.ram_bytes)}")
+    reason = None
+    if problems:
         reason = (
-            f"does not fit on {device.name}: weights need {_mb(b.weights_stored_bytes)} of storage, "
-            f"device has {_mb(device.storage_bytes)}"
-        )
-    elif needs > device.ram_bytes:
-        measured = " measured" if measured_peak is not None and measured_peak > b.working_peak_bytes else ""
-        reason = (
-            f"does not fit on {device.name}: needs {_mb(needs)}{measured}, device has {_mb(device.ram_bytes)} RAM "
-            f"(weights {_mb(b.weights_ram_bytes)}, activations {_mb(b.activations_bytes)}, KV cache {_mb(b.kv_cache_bytes)}, "
-            f"weight block {_mb(b.weight_block_bytes)}, buffers {_mb(b.buffers_bytes)}, cache {_mb(b.cache_bytes)}; peak in {b.peak_phase})"
+            f"does not fit on {device.name}: {'; '.join(problems)} (weights {_mb(b.weights_ram_bytes)} in RAM, "
+            f"activations {_mb(b.activations_bytes)}, KV cache {_mb(b.kv_cache_bytes)}, weight block {_mb(b.weight_block_bytes)}, "
+            f"buffers {_mb(b.buffers_bytes)}, cache {_mb(b.cache_bytes)}; peak in {b.peak_phase})"
         )
     return FitReport(profile=device, fits=reason is None, reason=reason, breakdown=b, measured_peak_bytes=measured_peak)
