@@ -84,3 +84,18 @@ def test_windows_are_30s_and_cover_long_audio():
     # the second window starts exactly 30 s in: its first frames equal the full spectrogram's
     full = log_mel_spectrogram(long, padding=N_SAMPLES)
     np.testing.assert_array_equal(windows[1], full[N_FRAMES : 2 * N_FRAMES])
+
+
+def test_zeros_padding_windows_match_faster_whisper_segments(data_dir):
+    fe_module = pytest.importorskip("faster_whisper.feature_extractor")
+    from faster_whisper.audio import pad_or_trim
+
+    from qbench.audio_io import load_audio
+    from qbench.librispeech import list_utterances
+
+    audio = load_audio(list_utterances(data_dir, "test-clean", limit=1)[0].path)
+    features = fe_module.FeatureExtractor()(audio)
+    content = features.shape[-1] - 1  # as faster-whisper's transcribe counts it
+    (window,) = audio_windows(audio, padding="zeros")
+    np.testing.assert_allclose(window, pad_or_trim(features[:, :content]).T, atol=1e-4)
+    assert not np.allclose(window, audio_windows(audio)[0], atol=1e-3)  # the conventions differ

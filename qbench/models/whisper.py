@@ -136,16 +136,31 @@ def log_mel_spectrogram(audio: np.ndarray, n_mels: int = 80, padding: int = 0) -
     return ((log_spec + 4.0) / 4.0).astype(np.float32)
 
 
-def audio_windows(audio: np.ndarray, n_mels: int = 80) -> list[np.ndarray]:
+def audio_windows(audio: np.ndarray, n_mels: int = 80, padding: str = "audio") -> list[np.ndarray]:
     """30 s log-mel windows `[N_FRAMES, n_mels]` covering an utterance, as whisper seeks them.
 
-    The spectrogram is computed once over the audio plus 30 s of silence (so every window,
-    including the last, is real log-mel of zero-padded audio, as `whisper.transcribe` does) and
-    cut into consecutive 3000-frame windows: without timestamps the seek advances a full window.
+    Without timestamps the seek advances a full window. `padding` says what fills a window past
+    the end of the audio:
+    - "audio" (openai's `transcribe`, the default): the spectrogram is computed over the audio
+      plus 30 s of silence, so padding frames are the log-mel of zeros (max - 8, rescaled);
+    - "zeros" (faster-whisper / CTranslate2): the spectrogram of the audio alone (plus one hop of
+      silence), its last frame dropped, and the window padded with 0.0 feature values.
+    The two conventions change a few greedy transcripts of tiny.en; the peer-parity test uses
+    the peer's convention so that it compares the networks, not the padding.
     """
-    mel = log_mel_spectrogram(audio, n_mels, padding=N_SAMPLES)
-    content_frames = max(1, mel.shape[0] - N_FRAMES)
-    return [mel[start : start + N_FRAMES] for start in range(0, content_frames, N_FRAMES)]
+    if padding == "audio":
+        mel = log_mel_spectrogram(audio, n_mels, padding=N_SAMPLES)
+        content_frames = max(1, mel.shape[0] - N_FRAMES)
+        return [mel[start : start + N_FRAMES] for start in range(0, content_frames, N_FRAMES)]
+    if padding == "zeros":
+        mel = log_mel_spectrogram(audio, n_mels, padding=HOP_LENGTH)
+        content_frames = max(1, mel.shape[0] - 1)
+        windows = []
+        for start in range(0, content_frames, N_FRAMES):
+            window = mel[start : min(start + N_FRAMES, content_frames)]
+            windows.append(np.pad(window, ((0, N_FRAMES - window.shape[0]), (0, 0))))
+        return windows
+    raise ValueError(f"unknown mel padding {padding!r} (expected 'audio' or 'zeros')")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,11 +356,13 @@ class Whisper:
 
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, dims: ModelDimensions, store: WeightStore, vocab: WhisperVocabulary, name: str = "whisper"):
+    def __init__(self, dims: ModelDimensions, store: WeightStore, vocab: WhisperVocabulary, name: str = "whisper",
+                 mel_padding: str = "audio"):
         self.dims = dims
         self.store = store
         self.vocab = vocab
         self.name = name
+        self.mel_padding = mel_padding  # see `audio_windows`
 
     @staticmethod
     def weight_infos(dims: ModelDimensions) -> list[WeightInfo]:
@@ -383,7 +400,7 @@ class Whisper:
         return self.store.weight_infos()
 
     def with_store(self, store: WeightStore) -> Whisper:
-        return Whisper(self.dims, store, self.vocab, self.name)
+        return Whisper(self.dims, store, self.vocab, self.name, self.mel_padding)
 
     def transcribe(self, audios: list[np.ndarray]) -> list[str]:
         texts = []
@@ -395,7 +412,7 @@ class Whisper:
         """Token ids per utterance and 30 s window; all windows of the batch decode together."""
         windows, owner = [], []
         for i, audio in enumerate(audios):
-            for window in audio_windows(audio, self.dims.n_mels):
+            for window in audio_windows(audio, self.dims.n_mels, self.mel_padding):
                 windows.append(window)
                 owner.append(i)
         decoded = greedy_decode(self.store, self.dims, self.vocab, np.stack(windows))
@@ -413,7 +430,7 @@ class Whisper:
         computed first with a plain float store over the same parameters.
         """
         float_model = self.with_store(WeightStore(self.store.params, self.store.weight_infos()))
-        windows = [w for audio in audios for w in audio_windows(audio, self.dims.n_mels)]
+        windows = [w for audio in audios for w in audio_windows(audio, self.dims.n_mels, self.mel_padding)]
         mels = np.stack(windows)
         targets = greedy_decode(float_model.store, self.dims, self.vocab, mels)
         prompt = self.vocab.sot_sequence()
