@@ -71,6 +71,7 @@ class ComputeCountingStore:
         self.inner = inner
         self.linear_macs: dict[str, int] = defaultdict(int)
         self.linear_bit_ops: dict[str, int] = defaultdict(int)
+        self.linear_macs_by_layer: dict[str, int] = defaultdict(int)
         self.attention_macs: dict[str, int] = defaultdict(int)
         self.ternary_macs = 0
         self.ternary_additions = 0
@@ -91,7 +92,8 @@ class ComputeCountingStore:
         if bits is None:
             pt = (getattr(self.inner, "packed", None) or {}).get(name)
             if pt is None:
-                bits = float(np.asarray(self.inner.params[name + ".weight"]).dtype.itemsize * 8)
+                # stored precision, but never above the float32 the matmul runs in
+                bits = float(min(32, np.asarray(self.inner.params[name + ".weight"]).dtype.itemsize * 8))
             elif pt.packing == "trit5":
                 bits = math.log2(3)  # information per ternary weight; the packing stores 1.6 bits
                 codes = pt._codes_range(0, pt.numel)
@@ -138,6 +140,7 @@ class ComputeCountingStore:
         kind = layer_kind(name, info.kind)
         bits = self._bits_of(name)
         self.linear_macs[kind] += macs
+        self.linear_macs_by_layer[name] += macs
         self.linear_bit_ops[kind] += int(round(macs * bits * ACTIVATION_BITS))
         if name in self._nonzero:
             self.ternary_macs += macs
