@@ -12,6 +12,7 @@ import os
 import platform
 import tempfile
 from datetime import datetime, timezone
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -129,7 +130,7 @@ class RunResult(BaseModel):
         return path
 
 
-def hypotheses_digest(utterances: list[UtteranceResult]) -> str:
+def hypotheses_digest(pairs: Iterable[tuple[str, str]]) -> str:
     """sha256 over `id<TAB>normalized hypothesis` lines in id order: what reproduces a run."""
-    lines = sorted(f"{u.id}\t{u.hypothesis_normalized}" for u in utterances)
+    lines = sorted(f"{uid}\t{hypothesis}" for uid, hypothesis in pairs)
     return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()

@@ -70,7 +70,7 @@ def evaluate(
     def save(status: str, error: str | None = None) -> None:
         result.status, result.error = status, error
         result.metrics = summarize(result.utterances, wall, model_bytes) if result.utterances else None
-        result.hypotheses_sha256 = hypotheses_digest(result.utterances)
+        result.hypotheses_sha256 = hypotheses_digest((u.id, u.hypothesis_normalized) for u in result.utterances)
         if output is not None:
             result.write(output)
 
