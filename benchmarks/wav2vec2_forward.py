@@ -140,6 +140,8 @@ def main() -> None:
                       f"{traced_peak:.0f}", f"{rss_np.delta_mb:.0f}", f"{rss_torch.delta_mb:.0f}",
                       f"{rss_np.delta_mb / max(rss_torch.delta_mb, 1e-9):.2f}x", f"{rel:.1e}")
     Console(width=150).print(table)
+    # the 1-minute load average beside the CPU count says whether other processes competed
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at the end of the run")
     print("RSS +peak: resident-set growth above the steady state (weights already loaded), "
           "sampled every 2 ms; allocator caching from earlier runs can hide part of it.")
 
