@@ -168,14 +168,29 @@ class MemoryBreakdown(BaseModel):
     weights_ram_bytes: int = Field(description="weights held in RAM: 0 when the device executes them in place")
     activations_bytes: int = Field(description="hidden states and numpy temporaries live at the peak")
     kv_cache_bytes: int = Field(description="decoder self- and cross-attention keys/values live at the peak")
-    weight_block_bytes: int = Field(description="one dequantized row block plus its unpacking scratch")
+    weight_block_bytes: int = Field(description="one dequantized row block plus its unpacking scratch (in the phases that run a linear)")
     buffers_bytes: int = Field(description="audio, log-mel, attention scores live at the peak")
     cache_bytes: int = Field(0, description="float copies of whole layers kept because the budget allows")
     working_peak_bytes: int
-    peak_phase: str = Field(description="where the peak is: mel, conv, encoder-attention, encoder-mlp, decoder-start, decode")
+    peak_phase: str = Field(description="where the peak is: mel, conv, encoder-attention, encoder-mlp, encoder-linear, decoder-start, decode")
     total_ram_bytes: int = Field(description="weights_ram_bytes + working_peak_bytes")
     #: every phase's working bytes, to show how far the others are from the peak
     phases: dict[str, int] = Field(default_factory=dict)
+
+
+def _attention_scores_bytes(t: int) -> int:
+    """Scores alive at once in the encoder's self-attention over `t` frames.
+
+    Attention runs one (utterance, head) at a time; with query blocking (`_QUERY_BLOCK` in the
+    model module) one `[block, t]` buffer is reused, without it a new `[t, t]` matrix is made
+    per head while the previous head's is still referenced.
+    """
+    from qbench.models import whisper
+
+    block = getattr(whisper, "_QUERY_BLOCK", None)
+    if block:
+        return F32 * min(block, t) * t
+    return 2 * F32 * t * t
 
 
 def weight_block_bytes(store: WeightStore, block_bytes: int = DEFAULT_BLOCK_BYTES) -> int:
@@ -226,7 +241,7 @@ def estimate_whisper_memory(
     mel = F32 * dims.n_mels * mel_frames + F32 * b * frames_in * dims.n_mels
     buffers = audio + mel
     td = F32 * b * t * d
-    scores = F32 * t * t  # one (utterance, head) score matrix; the previous head's is still alive
+    scores = _attention_scores_bytes(t)
     cross = 2 * lt * F32 * b * t * dt
     self_kv = 2 * lt * F32 * b * ctx * dt
     block = weight_block_bytes(store, block_bytes)
@@ -236,8 +251,8 @@ def estimate_whisper_memory(
         # STFT: |X|^2 of cos and sin parts alive together with their sum, plus two padded copies
         "mel": {"buffers": audio + 2 * F32 * (samples + pad) + 3 * F32 * _STFT_BINS * mel_frames, "activations": 0, "kv": 0},
         "conv": {"buffers": buffers, "activations": _gelu_bytes(b * frames_in * d), "kv": 0},
-        # x, fused qkv, split K and V copies, scaled q, output, two score matrices
-        "encoder-attention": {"buffers": buffers + 2 * scores, "activations": 8 * td, "kv": 0},
+        # x, fused qkv, split K and V copies, scaled q, output, the score buffer
+        "encoder-attention": {"buffers": buffers + scores, "activations": 8 * td, "kv": 0},
         # x, the block's qkv (still referenced) and GELU over the 4d hidden state
         "encoder-mlp": {"buffers": buffers, "activations": td * (1 + 3) + _gelu_bytes(4 * b * t * d), "kv": 0},
         # audio features, plus the last layer's fused K/V output and its two head-split copies
@@ -245,7 +260,12 @@ def estimate_whisper_memory(
         # finished rows leave the batch by copying the caches
         "decode": {"buffers": buffers + F32 * b * dims.n_vocab, "activations": 0, "kv": (cross + self_kv) * (2 if b > 1 else 1)},
     }
-    totals = {name: sum(p.values()) + block + cached for name, p in phases.items()}
+    # A weight block exists only while a linear runs; the largest such moment in the encoder is
+    # fc1: x, qkv, the normalised input, the [T, 4d] output being filled and one partial product.
+    fc1_rows = max(1, min(4 * d, block_bytes // (F32 * d)))
+    phases["encoder-linear"] = {"buffers": buffers, "activations": td * (1 + 3 + 1 + 4) + F32 * b * t * fc1_rows, "kv": 0}
+    with_block = {"encoder-linear", "decode"}
+    totals = {name: sum(p.values()) + (block if name in with_block else 0) + cached for name, p in phases.items()}
     peak_phase = max(totals, key=totals.get)
     p = phases[peak_phase]
     stored = store.stored_bytes()
