@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from qbench.checkpoints.hf_wav2vec2 import hf_to_canonical, load_hf_wav2vec2
+from qbench.checkpoints.errors import CheckpointError
+from qbench.checkpoints.hf_wav2vec2 import download_wav2vec2, hf_to_canonical, load_hf_wav2vec2
 from qbench.models.wav2vec2 import Wav2Vec2, Wav2Vec2Config, ctc_greedy_decode, weight_infos
 from qbench.weight_store import WeightStore
 
@@ -115,13 +116,58 @@ def test_legacy_weight_norm_names_load_the_same() -> None:
 
 
 def test_missing_checkpoint_names_directory_and_download(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="download") as info:
+    with pytest.raises(CheckpointError, match="download") as info:
         load_hf_wav2vec2(tmp_path)
     assert str(tmp_path) in str(info.value)
     shutil.copy(FIXTURES / "wav2vec2-base-960h" / "config.json", tmp_path)
     shutil.copy(FIXTURES / "wav2vec2-base-960h" / "vocab.json", tmp_path)
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    with pytest.raises(CheckpointError, match="model.safetensors"):
         load_hf_wav2vec2(tmp_path)
+
+
+def test_pytorch_model_bin_loads_like_safetensors(tmp_path: Path) -> None:
+    """facebook's older repos ship only pytorch_model.bin, read here without torch."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf_config = json.loads((FIXTURES / "wav2vec2-base-960h" / "config.json").read_text())
+    hf_config.update(hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=1,
+                     conv_dim=[32] * 7)
+    torch.manual_seed(0)
+    reference = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(**hf_config)).eval()
+    for directory in (tmp_path / "st", tmp_path / "bin"):
+        reference.save_pretrained(directory)
+        shutil.copy(FIXTURES / "wav2vec2-base-960h" / "vocab.json", directory)
+    # transformers 5 only writes safetensors; write the pickle as transformers 4.x did for
+    # facebook's repos, with weight norm's legacy weight_g / weight_v names
+    (tmp_path / "bin" / "model.safetensors").unlink()
+    legacy = {"parametrizations.weight.original0": "weight_g", "parametrizations.weight.original1": "weight_v"}
+    state = {}
+    for key, value in reference.state_dict().items():
+        for new_name, old_name in legacy.items():
+            key = key.replace(new_name, old_name)
+        state[key] = value
+    torch.save(state, tmp_path / "bin" / "pytorch_model.bin")
+    a, b = load_hf_wav2vec2(tmp_path / "st").store.params, load_hf_wav2vec2(tmp_path / "bin").store.params
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_download_fetches_safetensors_and_falls_back_to_the_pickle(tmp_path: Path, monkeypatch) -> None:
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision, local_dir, allow_patterns):
+        calls.append((repo_id, revision, allow_patterns))
+        for pattern in allow_patterns:
+            if pattern != "model.safetensors":  # a repo with only the pickle
+                (Path(local_dir) / pattern).write_text("{}")
+        return local_dir
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    assert download_wav2vec2("facebook/wav2vec2-base-960h", "main", tmp_path) == tmp_path
+    assert [c[2] for c in calls] == [["config.json", "vocab.json", "model.safetensors"], ["pytorch_model.bin"]]
+    assert (tmp_path / "pytorch_model.bin").is_file()
 
 
 @pytest.mark.parametrize("name", ["wav2vec2-base-960h", "wav2vec2-large-960h-lv60-self"])

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qbench.checkpoints.errors import CheckpointError
 from qbench.models.wav2vec2 import Wav2Vec2, Wav2Vec2Config
 
 _DOWNLOAD_HINT = ("download it with `qbench download-model wav2vec2-base-960h` or "
@@ -61,28 +62,33 @@ def load_hf_wav2vec2(directory: str | Path, name: str | None = None) -> Wav2Vec2
     directory = Path(directory)
     for needed in ("config.json", "vocab.json"):
         if not (directory / needed).is_file():
-            raise FileNotFoundError(f"{directory}: no {needed}; " + _DOWNLOAD_HINT.format(dir=directory))
-    config = Wav2Vec2Config.from_hf(json.loads((directory / "config.json").read_text()))
+            raise CheckpointError(f"{directory}: no {needed}; " + _DOWNLOAD_HINT.format(dir=directory))
+    try:
+        config = Wav2Vec2Config.from_hf(json.loads((directory / "config.json").read_text()))
+    except (ValueError, TypeError) as e:  # bad JSON or an architecture variant not implemented
+        raise CheckpointError(f"{directory / 'config.json'}: {e}") from None
     token_ids = json.loads((directory / "vocab.json").read_text())
-    vocab = [""] * config.vocab_size
-    for token, i in token_ids.items():
-        vocab[i] = token
-    state = _load_state_dict(directory)
-    params = hf_to_canonical(state, config)
-    return Wav2Vec2.from_params(config, params, vocab, name or directory.name)
+    if sorted(token_ids.values()) != list(range(config.vocab_size)):
+        raise CheckpointError(f"{directory / 'vocab.json'}: ids are not 0..{config.vocab_size - 1} (vocab_size)")
+    vocab = sorted(token_ids, key=token_ids.__getitem__)
+    weights, state = _load_state_dict(directory)
+    try:
+        return Wav2Vec2.from_params(config, hf_to_canonical(state, config), vocab, name or directory.name)
+    except (CheckpointError, KeyError, ValueError) as e:  # missing or misshapen parameters
+        raise CheckpointError(f"{weights}: {e}") from None
 
 
-def _load_state_dict(directory: Path) -> dict[str, np.ndarray]:
-    if (directory / "model.safetensors").is_file():
+def _load_state_dict(directory: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    if (path := directory / "model.safetensors").is_file():
         from safetensors.numpy import load_file
 
-        return load_file(directory / "model.safetensors")
-    if (directory / "pytorch_model.bin").is_file():
-        # torch-free unpickler, written alongside; imported here so safetensors users never need it
+        return path, load_file(path)
+    if (path := directory / "pytorch_model.bin").is_file():
+        # imported here so that safetensors users never load the unpickler
         from qbench.checkpoints.torch_pickle import load_torch_state_dict
 
-        return load_torch_state_dict(directory / "pytorch_model.bin")
-    raise FileNotFoundError(
+        return path, load_torch_state_dict(path)
+    raise CheckpointError(
         f"{directory}: no model.safetensors or pytorch_model.bin; " + _DOWNLOAD_HINT.format(dir=directory))
 
 
@@ -108,7 +114,7 @@ def hf_to_canonical(state: dict[str, np.ndarray], config: Wav2Vec2Config) -> dic
             if not _IGNORED.match(key):
                 unknown.append(key)
     if unknown:
-        raise ValueError(f"unexpected wav2vec2 parameters: {', '.join(sorted(unknown)[:5])} ...")
+        raise CheckpointError(f"unexpected wav2vec2 parameters: {', '.join(sorted(unknown)[:5])} ...")
     for (layer, kind), parts in qkv.items():
         params[f"encoder.blocks.{layer}.attn.qkv.{kind}"] = np.concatenate([parts["q"], parts["k"], parts["v"]])
     params.update(_split_pos_conv(pos, config))
@@ -124,7 +130,7 @@ def _split_pos_conv(pos: dict[str, np.ndarray], config: Wav2Vec2Config) -> dict[
     elif "weight" in pos:  # already folded (a re-exported checkpoint)
         weight = pos["weight"]
     else:
-        raise ValueError(f"positional conv weight not found among {sorted(pos)}")
+        raise CheckpointError(f"positional conv weight not found among {sorted(pos)}")
     groups = config.num_conv_pos_embedding_groups
     out: dict[str, np.ndarray] = {}
     for g, (w, b) in enumerate(zip(np.split(weight, groups), np.split(pos["bias"], groups))):
