@@ -83,7 +83,11 @@ class WeightStore:
 
     def linear(self, name: str, x: np.ndarray) -> np.ndarray:
         """`x @ W.T + b` over the last axis of `x`; `b` only if `<name>.bias` exists."""
-        y = x @ self.matrix_t(name)
+        wt = self.matrix_t(name)
+        # One 2-D GEMM over all leading axes: numpy's matmul of a stacked `[B, T, in]` runs one
+        # GEMM per batch row, and with T == 1 (a decoder step) that is B matrix-vector
+        # products each streaming the whole weight from memory (B x slower for B rows).
+        y = np.matmul(x.reshape(-1, x.shape[-1]), wt).reshape(*x.shape[:-1], wt.shape[1])
         bias_name = name + ".bias"
         if bias_name in self.params:
             y += self.param(bias_name)
