@@ -289,8 +289,9 @@ class Wav2Vec2:
         Each utterance is cropped to its first `max_seconds` (None: no crop) because the
         stacked, unchunked feature encoder holds 512 x 3200 floats per second of audio at its
         first layer and 1536 x 1600 im2col floats at its second: the pass peaks at ~16 MB per
-        second of calibration audio (tracemalloc, 512 conv channels), 1 GB for 16 x 4 s. Frames of all utterances are concatenated along the row axis for
-        every conv and linear; attention and the positional conv see utterance boundaries.
+        second of calibration audio (tracemalloc, 512 conv channels), 1 GB for 16 x 4 s.
+        Frames of all utterances are concatenated along the row axis for every conv and linear;
+        attention and the positional conv see utterance boundaries.
         """
         xs = [normalize_audio(a) for a in audios]
         if max_seconds is not None:
@@ -336,7 +337,7 @@ class Wav2Vec2:
         """
         norm = f"feature_encoder.norm.{l}"
         if self.config.feat_extract_norm == "layer":
-            y = layer_norm(y, self.store.param(norm + ".weight"), self.store.param(norm + ".bias"), CONV_NORM_EPS)
+            y = self._layer_norm(y, norm, CONV_NORM_EPS)
         elif l == 0:
             mean, inv_std = _channel_stats(y) if group_stats is None else group_stats
             y = (y - mean) * (inv_std * self.store.param(norm + ".weight")) + self.store.param(norm + ".bias")
@@ -402,7 +403,7 @@ class Wav2Vec2:
     def _encode(self, feats: np.ndarray, lengths: list[int]) -> np.ndarray:
         """Conv features of utterances stacked along rows `[sum(lengths), c_last]` -> logits."""
         c, st = self.config, self.store
-        ln = lambda x, n, eps=c.layer_norm_eps: layer_norm(x, st.param(n + ".weight"), st.param(n + ".bias"), eps)  # noqa: E731
+        ln = self._layer_norm
         x = st.linear("feature_projection.proj", ln(feats, "feature_projection.ln"))
         x += self._pos_conv(x, lengths)
         if not c.do_stable_layer_norm:
@@ -418,6 +419,10 @@ class Wav2Vec2:
         if c.do_stable_layer_norm:
             x = ln(x, "encoder.ln")
         return st.linear("lm_head", x)
+
+    def _layer_norm(self, x: np.ndarray, name: str, eps: float | None = None) -> np.ndarray:
+        eps = self.config.layer_norm_eps if eps is None else eps
+        return layer_norm(x, self.store.param(name + ".weight"), self.store.param(name + ".bias"), eps)
 
     def _pos_conv(self, x: np.ndarray, lengths: list[int]) -> np.ndarray:
         """Grouped conv (kernel K, padding K//2, last frame dropped for even K), then GELU."""
