@@ -87,7 +87,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         result.write(output)
         print_device_summary(session)
     console.print(f"result written to [bold]{output}[/bold]")
+    if args.submit:
+        submit_entry(model, result, Path(args.leaderboards))
     return 0
+
+
+def submit_entry(model, result, root: Path) -> Path:
+    """Write the run's leaderboard entry, with the device profiles the model fits by the same
+    accounting `qbench fit` uses."""
+    from qbench.device_run import fit_model
+    from qbench.devices import get_device_profiles
+    from qbench.leaderboard_entry import entry_from_result, write_entry
+
+    fitted = [name for name, device in get_device_profiles().items() if fit_model(model, device).fits]
+    path = write_entry(root, entry_from_result(result, fitted))
+    console.print(f"leaderboard entry written to [bold]{path}[/bold]; run `qbench leaderboard` and open a pull request")
+    return path
 
 
 def quantize_for_run(model, args: argparse.Namespace, data_dir: Path, eval_ids: set[str]):
@@ -267,6 +282,46 @@ def quantize_for_fit(model, args: argparse.Namespace):
     return model, record
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    from qbench.leaderboard_validate import validate_leaderboards
+    from qbench.librispeech import DataNotFoundError, find_data_dir
+
+    data_dir = None
+    if not args.no_references:
+        try:
+            data_dir = find_data_dir(args.data_dir)
+        except DataNotFoundError:
+            console.print("LibriSpeech references not found: checking entries against themselves only")
+    n, problems = validate_leaderboards(Path(args.leaderboards), data_dir)
+    for problem in problems:
+        console.print(f"[red]invalid:[/red] {problem}", highlight=False, soft_wrap=True)
+    console.print(f"{n} entries checked, {len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from qbench.leaderboard_verify import verify_entry
+
+    failed = 0
+    for entry in args.entries:
+        report = verify_entry(Path(entry), args.data_dir, main)
+        if report.reproduced:
+            console.print(f"[green]reproduced[/green] {entry}: WER {100 * report.wer_rerun:.2f} %, same hypotheses", highlight=False)
+        else:
+            failed += 1
+            for problem in report.problems:
+                console.print(f"[red]not reproduced[/red] {entry}: {problem}", highlight=False, soft_wrap=True)
+    return 1 if failed else 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from qbench.leaderboard_page import render_leaderboard
+
+    for path in render_leaderboard(Path(args.leaderboards)):
+        console.print(f"wrote {path}")
+    return 0
+
+
 def cmd_download(args: argparse.Namespace) -> int:
     from qbench.librispeech import default_cache_dir, download_subset
 
@@ -302,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--calibration-limit", type=int, default=None)
     run.add_argument("--output", "-o", help="result JSON path (default results/<model>__<subset>__<label>.json)")
     run.add_argument("--quiet", "-q", action="store_true")
+    run.add_argument("--submit", action="store_true", help="also write a leaderboard entry into --leaderboards")
+    run.add_argument("--leaderboards", default="leaderboards", help="leaderboard root for --submit")
     run.set_defaults(func=cmd_run)
 
     fit = sub.add_parser("fit", help="which device profiles a (quantized) model fits, without running audio")
@@ -316,6 +373,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list registered models and whether their weights are here")
     models.set_defaults(func=cmd_models)
+
+    validate = sub.add_parser("validate", help="check every leaderboard entry (schema, names, digests, WER)")
+    validate.add_argument("--leaderboards", default="leaderboards")
+    validate.add_argument("--data-dir", help="LibriSpeech location, to recheck error counts against the references")
+    validate.add_argument("--no-references", action="store_true", help="self-consistency checks only")
+    validate.set_defaults(func=cmd_validate)
+
+    verify = sub.add_parser("verify", help="rerun leaderboard entries and check they reproduce")
+    verify.add_argument("entries", nargs="+", metavar="ENTRY")
+    verify.add_argument("--data-dir")
+    verify.set_defaults(func=cmd_verify)
+
+    leaderboard = sub.add_parser("leaderboard", help="render leaderboards/README.md, its charts and the entry schema")
+    leaderboard.add_argument("--leaderboards", default="leaderboards")
+    leaderboard.set_defaults(func=cmd_leaderboard)
 
     plugins = sub.add_parser("plugins", help="list discovered quantizer plugins (and any that failed to load)")
     plugins.add_argument("--show", metavar="NAME", help="show one quantizer's config schema")

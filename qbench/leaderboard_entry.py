@@ -83,6 +83,7 @@ class EntryUtterance(_Strict):
 class EntryDevice(_Strict):
     name: str
     fits: bool
+    batch_size: int
     total_ram_bytes: int | None = None
     measured_peak_bytes: int | None = None
 
@@ -167,8 +168,8 @@ def entry_from_result(result: RunResult, devices_fitted: list[str]) -> Leaderboa
     device = None
     if result.device:
         d = result.device
-        device = EntryDevice(name=d.get("device", {}).get("name") if isinstance(d.get("device"), dict) else str(d.get("device")),
-                             fits=bool(d.get("fits")), total_ram_bytes=(d.get("breakdown") or {}).get("total_ram_bytes"),
+        device = EntryDevice(name=d["profile"]["name"], fits=bool(d["fits"]), batch_size=d.get("batch_size") or 1,
+                             total_ram_bytes=(d.get("breakdown") or {}).get("total_ram_bytes"),
                              measured_peak_bytes=d.get("measured_peak_bytes"))
     utterances = [EntryUtterance(id=u.id, hypothesis=u.hypothesis_normalized, word_errors=u.word_errors, words=u.words,
                                  char_errors=u.char_errors, chars=u.chars) for u in sorted(result.utterances, key=lambda u: u.id)]

@@ -148,3 +148,28 @@ def test_committed_leaderboard_is_valid_and_up_to_date(data_dir):
     assert problems == []
     assert n == len(entries)
     assert (REPO_LEADERBOARDS / "README.md").read_text() == render_markdown(entries), "run `qbench leaderboard`"
+
+
+def test_submit_validate_verify_end_to_end(tiny_en, data_dir, tmp_path, capsys):
+    """A small real entry: `run --submit` writes it, `validate` passes, `verify` reproduces it,
+    and `verify` notices when the entry's hypotheses were not what the code produces."""
+    from qbench.cli import main
+
+    root = tmp_path / "lb"
+    argv = ["run", "--limit", "2", "--data-dir", str(data_dir), "--plugin", "rtn", "--set", "bits=4",
+            "--submit", "--leaderboards", str(root), "-o", str(tmp_path / "r.json"), "-q"]
+    assert main(argv) == 0
+    (path,) = root.glob("whisper-tiny.en/test-clean/*.json")
+    entry = read_entry(path)
+    assert entry.device is not None and entry.device.name == "pi-zero-2w" and entry.device.fits
+    assert "pi-zero-2w" in entry.devices_fitted and "stm32h743" not in entry.devices_fitted
+    assert entry.quantizer.config == {"bits": 4, "group_size": 128, "symmetric": True}
+    assert main(["validate", "--leaderboards", str(root), "--data-dir", str(data_dir)]) == 0
+    assert main(["verify", str(path), "--data-dir", str(data_dir)]) == 0
+    assert "reproduced" in capsys.readouterr().err
+
+    entry.utterances[0].hypothesis += " extra"
+    entry.hypotheses_sha256 = hypotheses_digest((u.id, u.hypothesis) for u in entry.utterances)
+    write_entry(root, entry)
+    assert main(["verify", str(path), "--data-dir", str(data_dir)]) == 1
+    assert "hypotheses differ" in capsys.readouterr().err
