@@ -19,13 +19,19 @@ class CalibrationSet(BaseModel):
     audio_seconds: float
 
 
-def load_calibration(data_dir: Path, subset: str, limit: int | None, eval_ids: set[str]) -> tuple[list[np.ndarray], CalibrationSet]:
+def load_calibration(data_dir: Path, subset: str, limit: int | None, eval_ids: set[str],
+                     ids: list[str] | None = None) -> tuple[list[np.ndarray], CalibrationSet]:
     """Audio of the calibration utterances (default: every shared dev-clean one) and its record.
 
     Refuses any overlap with the evaluation utterances: calibrating on the test set would
     flatter every calibrated quantizer.
     """
-    utts = list_utterances(data_dir, subset, limit)
+    utts = list_utterances(data_dir, subset, limit if ids is None else None)
+    if ids is not None:
+        wanted = set(ids)
+        utts = [u for u in utts if u.id in wanted]
+        if len(utts) != len(wanted):
+            raise ValueError(f"calibration ids: {len(wanted) - len(utts)} of {len(wanted)} are not in {subset}")
     overlap = sorted(eval_ids.intersection(u.id for u in utts))
     if overlap:
         raise ValueError(f"calibration set {subset} overlaps the evaluation set ({len(overlap)} utterances, e.g. {overlap[0]})")

@@ -44,8 +44,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from qbench.runner import RunFailed, evaluate
 
     data_dir = find_data_dir(args.data_dir, args.subset)
-    utterances = list_utterances(data_dir, args.subset, args.limit)
     all_present = list_utterances(data_dir, args.subset)
+    utterances = select_utterances(all_present, args.limit, args.utterance_ids)
     loaded = load_model(args.model, args.weights)
     model = loaded.model
 
@@ -105,6 +105,21 @@ def submit_entry(model, result, root: Path) -> Path:
     return path
 
 
+def select_utterances(present: list, limit: int | None, ids_file: str | None) -> list:
+    """`--limit N` (first N sorted ids) or `--utterance-ids FILE` (exactly those, one id a line:
+    how `qbench verify` reruns an entry on a full official download as on the shared sample)."""
+    if ids_file is None:
+        if limit is not None and limit < 1:
+            raise CliError(f"--limit must be at least 1, got {limit}")
+        return present[:limit] if limit is not None else present
+    wanted = [line.strip() for line in Path(ids_file).read_text().splitlines() if line.strip()]
+    by_id = {u.id: u for u in present}
+    missing = [i for i in wanted if i not in by_id]
+    if missing:
+        raise CliError(f"{ids_file}: {len(missing)} of {len(wanted)} utterances are not in the data (e.g. {missing[0]})")
+    return sorted((by_id[i] for i in set(wanted)), key=lambda u: u.id)
+
+
 def quantize_for_run(model, args: argparse.Namespace, data_dir: Path, eval_ids: set[str]):
     """Quantize `model` with `--plugin` / `--set`; calibrate on audio disjoint from `eval_ids`."""
     from qbench.calibration import load_calibration
@@ -116,7 +131,8 @@ def quantize_for_run(model, args: argparse.Namespace, data_dir: Path, eval_ids: 
     policy = QuantizationPolicy(quantize_embeddings=args.quantize_embeddings)
     audios, calibration = None, None
     if quantizer.needs_calibration:
-        audios, record = load_calibration(data_dir, args.calibration_subset, args.calibration_limit, eval_ids)
+        ids = Path(args.calibration_ids).read_text().split() if args.calibration_ids else None
+        audios, record = load_calibration(data_dir, args.calibration_subset, args.calibration_limit, eval_ids, ids)
         calibration = record.model_dump()
         console.print(f"calibrating {args.plugin} on {record.utterance_count} {record.subset} utterances ({record.audio_seconds:.0f} s)")
     with Progress(TextColumn("[bold]quantizing[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -347,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--weights", help="weights path (file or directory) instead of the registry's sources")
     run.add_argument("--subset", default="test-clean")
     run.add_argument("--limit", type=int, help="first N utterances in sorted id order")
+    run.add_argument("--utterance-ids", metavar="FILE", help="exactly these utterances (one id a line) instead of --limit")
     run.add_argument("--data-dir", help="folder holding LibriSpeech/ (default: QBENCH_DATA_DIR, ../shared/librispeech, cache)")
     run.add_argument("--batch-size", type=int, default=None, help="utterances per batch (default 8; 1 on a device)")
     run.add_argument("--device", default=_default_device(), help="emulated target (qbench fit lists them) or 'none'")
@@ -355,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quantize-embeddings", action="store_true", help="also quantize embeddings / tied output projection")
     run.add_argument("--calibration-subset", default="dev-clean")
     run.add_argument("--calibration-limit", type=int, default=None)
+    run.add_argument("--calibration-ids", metavar="FILE", help="exactly these calibration utterances (one id a line)")
     run.add_argument("--output", "-o", help="result JSON path (default results/<model>__<subset>__<label>.json)")
     run.add_argument("--quiet", "-q", action="store_true")
     run.add_argument("--submit", action="store_true", help="also write a leaderboard entry into --leaderboards")

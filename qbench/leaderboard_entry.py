@@ -59,6 +59,7 @@ class EntryCalibration(_Strict):
     subset: str
     utterance_count: int
     utterance_ids_sha256: str
+    utterance_ids: list[str]
 
 
 class SubsetScore(_Strict):
@@ -164,7 +165,8 @@ def entry_from_result(result: RunResult, devices_fitted: list[str]) -> Leaderboa
         )
     if result.calibration:
         c = result.calibration
-        calibration = EntryCalibration(subset=c["subset"], utterance_count=c["utterance_count"], utterance_ids_sha256=c["utterance_ids_sha256"])
+        calibration = EntryCalibration(subset=c["subset"], utterance_count=c["utterance_count"],
+                                       utterance_ids_sha256=c["utterance_ids_sha256"], utterance_ids=c["utterance_ids"])
     device = None
     if result.device:
         d = result.device

@@ -56,6 +56,12 @@ def check_entry(path: Path, root: Path, data_dir: Path | None = None) -> tuple[L
         problems.append(f"{path}: {len(ids)} utterances listed, {len(set(ids))} distinct, dataset says {entry.dataset.utterance_count}")
     if utterance_digest(ids) != entry.dataset.utterance_ids_sha256:
         problems.append(f"{path}: utterance ids digest does not match the listed utterances")
+    if entry.calibration is not None:
+        cal = entry.calibration
+        if utterance_digest(cal.utterance_ids) != cal.utterance_ids_sha256 or len(cal.utterance_ids) != cal.utterance_count:
+            problems.append(f"{path}: calibration ids digest or count does not match the listed calibration utterances")
+        if set(cal.utterance_ids) & set(ids):
+            problems.append(f"{path}: calibration utterances overlap the scored ones")
     if hypotheses_digest((u.id, u.hypothesis) for u in entry.utterances) != entry.hypotheses_sha256:
         problems.append(f"{path}: hypotheses digest does not match the hypotheses")
     score = subset_score(entry.utterances)

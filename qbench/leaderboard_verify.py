@@ -31,9 +31,11 @@ class VerifyReport(BaseModel):
 
 def rerun_argv(entry: LeaderboardEntry, output: Path, data_dir: str | None) -> list[str]:
     """The `qbench run` arguments that produce `entry` again."""
-    argv = ["run", "--model", entry.model.name, "--subset", entry.dataset.subset, "-o", str(output), "-q"]
-    if entry.dataset.limit is not None:
-        argv += ["--limit", str(entry.dataset.limit)]
+    # the entry's own utterance ids, so a full official download reruns the same utterances
+    ids_file = output.with_suffix(".ids")
+    ids_file.write_text("".join(u.id + "\n" for u in entry.utterances))
+    argv = ["run", "--model", entry.model.name, "--subset", entry.dataset.subset, "-o", str(output), "-q",
+            "--utterance-ids", str(ids_file)]
     if data_dir:
         argv += ["--data-dir", data_dir]
     if entry.device is not None:
@@ -48,7 +50,9 @@ def rerun_argv(entry: LeaderboardEntry, output: Path, data_dir: str | None) -> l
         if q.policy.get("quantize_embeddings"):
             argv.append("--quantize-embeddings")
     if entry.calibration is not None:
-        argv += ["--calibration-subset", entry.calibration.subset, "--calibration-limit", str(entry.calibration.utterance_count)]
+        calibration_file = output.with_suffix(".calibration-ids")
+        calibration_file.write_text("".join(i + "\n" for i in entry.calibration.utterance_ids))
+        argv += ["--calibration-subset", entry.calibration.subset, "--calibration-ids", str(calibration_file)]
     return argv
 
 
