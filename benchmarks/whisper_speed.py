@@ -211,7 +211,7 @@ def profile_numpy(model, audios: list, batch_size: int) -> dict[str, float]:
     originals = {name: getattr(W, name) for name in
                  ("log_mel_spectrogram", "encode", "start_decoder", "decode_step", "output_logits", "attention",
                   "gelu", "layer_norm")}
-    original_select, original_dequantize = W.DecoderState.select, PackedTensor.dequantize
+    original_select, original_dequantize = W.DecoderState.compact, PackedTensor.dequantize
     store = model.store
     try:
         W.log_mel_spectrogram = prof.wrap(originals["log_mel_spectrogram"], "mel")
@@ -222,7 +222,7 @@ def profile_numpy(model, audios: list, batch_size: int) -> dict[str, float]:
         W.attention = prof.wrap(originals["attention"], attention_category)
         W.gelu = prof.wrap(originals["gelu"], in_encoder("encoder GELU", "decoder MLP"))
         W.layer_norm = prof.wrap(originals["layer_norm"], in_encoder("encoder layer norm", "decoder layer norm"))
-        W.DecoderState.select = prof.wrap(original_select, "decoder batch shrink (finished rows)")
+        W.DecoderState.compact = prof.wrap(original_select, "decoder batch shrink (finished rows)")
         PackedTensor.dequantize = prof.wrap(original_dequantize, "dequantization")
         store.linear = prof.wrap(store.linear, linear_category)
         transcribe = prof.wrap(model.transcribe, "Python overhead (decode loop, argmax, suppress, stop checks)")
@@ -233,7 +233,7 @@ def profile_numpy(model, audios: list, batch_size: int) -> dict[str, float]:
     finally:
         for name, fn in originals.items():
             setattr(W, name, fn)
-        W.DecoderState.select, PackedTensor.dequantize = original_select, original_dequantize
+        W.DecoderState.compact, PackedTensor.dequantize = original_select, original_dequantize
         del store.linear
     shares = dict(sorted(prof.totals.items(), key=lambda kv: -kv[1]))
     shares["total"] = total

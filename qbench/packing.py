@@ -14,6 +14,7 @@ The harness packs, not the plugin, so every quantizer's size is measured with th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -28,6 +29,16 @@ _TRITS_PER_BYTE = 5
 _POW3 = 3 ** np.arange(_TRITS_PER_BYTE, dtype=np.int64)
 # Every byte value 0..242 decoded to its five trits (as -1/0/1); built once at import.
 _TRIT_TABLE = ((np.arange(243)[:, None] // _POW3[None, :]) % 3 - 1).astype(np.int8)
+_TRIT_TABLE_F32 = _TRIT_TABLE.astype(np.float32)
+
+
+@lru_cache(maxsize=16)
+def _byte_table(bits: int, offset: int) -> np.ndarray:
+    """`[256, 8 // bits]` float32: the codes (minus `offset`) one byte holds, low bits first."""
+    per_byte = 8 // bits
+    shifts = np.arange(per_byte) * bits
+    codes = (np.arange(256)[:, None] >> shifts[None, :]) & ((1 << bits) - 1)
+    return (codes - offset).astype(np.float32)
 
 
 def packed_code_bytes(n: int, bits: int, packing: Packing = "int") -> int:
@@ -180,8 +191,62 @@ class PackedTensor:
 
     def dequantize(self) -> np.ndarray:
         """The float32 `[out, in]` weight, built fresh on every call (nothing is cached)."""
+        if self.codebook is None:
+            values = self._code_values_f32()
+            if values is not None:
+                scaled = self._scale_in_place(values.reshape(self.shape))
+                if scaled is not None:
+                    return scaled
         codes = self._codes_range(0, self.numel).reshape(self.shape)
         return apply_scales(self._values(codes), self.scales, self.zeros, self.group_size)
+
+    def _code_values_f32(self) -> np.ndarray | None:
+        """All codes minus `offset` as a flat float32 array, by one table lookup per byte.
+
+        The fast path of `dequantize` (run for every packed layer on every use): the generic
+        `unpack_bits` widens to uint64 words and shifts eight ways, then int16, then float32;
+        here each stored byte indexes a `[256, codes per byte]` float32 table. Returns None
+        for widths whose codes straddle bytes (3, 5, 6, 7 bits).
+        """
+        n = self.numel
+        if self.packing != "trit5" and self.code_bits == 8:
+            values = self.codes[:n].astype(np.float32)  # one code per byte: a plain widening
+            if self.offset:
+                values -= self.offset
+            return values
+        if self.packing == "trit5":
+            table = _TRIT_TABLE_F32
+        elif 8 % self.code_bits == 0:
+            table = _byte_table(self.code_bits, self.offset)
+        else:
+            return None
+        need = packed_code_bytes(n, self.code_bits, self.packing)
+        buf = self.codes[:need]
+        if self.packing == "trit5" and need and int(buf.max()) >= 243:
+            raise ValueError("corrupt trit buffer: byte value >= 243")
+        values = np.take(table, buf, axis=0).reshape(-1)
+        return values if values.size == n else values[:n]
+
+    def _scale_in_place(self, values: np.ndarray) -> np.ndarray | None:
+        """`apply_scales` on float32 `values` it may overwrite: the same float32 operations
+        (subtract zeros, multiply scales), so bit-identical, without its temporaries. None for
+        groups that do not tile the row (left to `apply_scales`)."""
+        scales = np.asarray(self.scales, dtype=np.float32)
+        zeros = None if self.zeros is None else np.asarray(self.zeros, dtype=np.float32)
+        if self.group_size is None or scales.shape[1] == 1:
+            if zeros is not None:
+                values -= zeros
+            values *= scales
+            return values
+        rows, in_f = values.shape
+        n_groups = scales.shape[1]
+        if n_groups * self.group_size != in_f:
+            return None
+        grouped = values.reshape(rows, n_groups, self.group_size)
+        if zeros is not None:
+            grouped -= zeros[:, :, None]
+        grouped *= scales[:, :, None]
+        return values
 
     def dequantize_rows(self, rows: np.ndarray) -> np.ndarray:
         """Float32 rows of the weight (embedding lookups) without unpacking the whole table."""

@@ -239,8 +239,11 @@ def _ln(store: WeightStore, name: str, x: np.ndarray) -> np.ndarray:
 
 def encode(store: WeightStore, dims: ModelDimensions, mel: np.ndarray) -> np.ndarray:
     """Encoder: `[B, 3000, n_mels]` log-mel -> `[B, 1500, d]` audio features."""
-    x = gelu(conv1d(store, "encoder.conv1", mel))
-    x = gelu(conv1d(store, "encoder.conv2", x, stride=2))
+    # GELU in place on the fresh GEMM outputs: no second activation-sized array
+    x = conv1d(store, "encoder.conv1", mel)
+    x = gelu(x, out=x)
+    x = conv1d(store, "encoder.conv2", x, stride=2)
+    x = gelu(x, out=x)
     x += store.param("encoder.positional_embedding")[: x.shape[1]]
     for i in range(dims.n_audio_layer):
         p = f"encoder.blocks.{i}"
@@ -248,7 +251,10 @@ def encode(store: WeightStore, dims: ModelDimensions, mel: np.ndarray) -> np.nda
         q, k, v = np.split(qkv, 3, axis=-1)
         h = dims.n_audio_head
         x += store.linear(f"{p}.attn.out", attention(q, split_heads(k, h), split_heads(v, h), h))
-        x += store.linear(f"{p}.mlp.fc2", gelu(store.linear(f"{p}.mlp.fc1", _ln(store, f"{p}.mlp_ln", x))))
+        del qkv, q, k, v
+        hidden = store.linear(f"{p}.mlp.fc1", _ln(store, f"{p}.mlp_ln", x))
+        x += store.linear(f"{p}.mlp.fc2", gelu(hidden, out=hidden))
+        del hidden
     return _ln(store, "encoder.ln_post", x)
 
 
@@ -267,20 +273,48 @@ class DecoderState:
         pick = lambda arrays: [a[rows] for a in arrays]  # noqa: E731
         return DecoderState(pick(self.cross_k), pick(self.cross_v), pick(self.self_k), pick(self.self_v), self.length)
 
+    def compact(self, rows: np.ndarray) -> DecoderState:
+        """`select(rows)` for increasing `rows`, done in place: the kept rows move to the front of
+        the same buffers and the caches become views of them (this state is reused).
+
+        `select` copies every cache, so the old and new ones (150 MB of cross-attention K/V
+        for 8 windows of whisper-tiny) briefly coexist, and copying the self-attention cache
+        whole touches its not-yet-used pages; here nothing is allocated.
+        """
+        m = len(rows)
+        for arrays, upto in ((self.cross_k, None), (self.cross_v, None), (self.self_k, self.length), (self.self_v, self.length)):
+            for i, a in enumerate(arrays):
+                for dst, src in enumerate(rows):
+                    # src >= dst for increasing rows: a row is read before it is overwritten
+                    if src != dst:
+                        a[dst, :, :upto] = a[src, :, :upto]
+                arrays[i] = a[:m]
+        return self
+
 
 def start_decoder(store: WeightStore, dims: ModelDimensions, audio_features: np.ndarray) -> DecoderState:
     """Cross-attention keys/values of every decoder layer, computed once per utterance."""
-    b = audio_features.shape[0]
+    state = _empty_decoder_state(dims, audio_features.shape[0], audio_features.shape[1])
+    _fill_cross_kv(store, dims, audio_features, state, slice(None))
+    return state
+
+
+def _empty_decoder_state(dims: ModelDimensions, b: int, n_audio: int) -> DecoderState:
     h, dh = dims.n_text_head, dims.text_head_dim
-    cross_k, cross_v, self_k, self_v = [], [], [], []
+    # np.zeros maps untouched pages lazily: the self-attention cache costs memory only as far
+    # as the decoded text reaches
+    new = lambda t: [np.zeros((b, h, t, dh), dtype=np.float32) for _ in range(dims.n_text_layer)]  # noqa: E731
+    return DecoderState(new(n_audio), new(n_audio), new(dims.n_text_ctx), new(dims.n_text_ctx))
+
+
+def _fill_cross_kv(store: WeightStore, dims: ModelDimensions, audio_features: np.ndarray, state: DecoderState, rows: slice) -> None:
+    """Cross-attention K/V of `audio_features` into `state.cross_k/v[layer][rows]`."""
+    b, t, _ = audio_features.shape
+    h, dh = dims.n_text_head, dims.text_head_dim
     for i in range(dims.n_text_layer):
-        kv = store.linear(f"decoder.blocks.{i}.cross_attn.kv", audio_features)
-        k, v = np.split(kv, 2, axis=-1)
-        cross_k.append(split_heads(k, h))
-        cross_v.append(split_heads(v, h))
-        self_k.append(np.zeros((b, h, dims.n_text_ctx, dh), dtype=np.float32))
-        self_v.append(np.zeros((b, h, dims.n_text_ctx, dh), dtype=np.float32))
-    return DecoderState(cross_k, cross_v, self_k, self_v)
+        kv = store.linear(f"decoder.blocks.{i}.cross_attn.kv", audio_features).reshape(b, t, 2, h, dh)
+        state.cross_k[i][rows] = kv[:, :, 0].transpose(0, 2, 1, 3)
+        state.cross_v[i][rows] = kv[:, :, 1].transpose(0, 2, 1, 3)
 
 
 def decode_step(store: WeightStore, dims: ModelDimensions, tokens: np.ndarray, state: DecoderState) -> np.ndarray:
@@ -324,6 +358,8 @@ def output_logits(store: WeightStore, hidden: np.ndarray) -> np.ndarray:
 #: 2-core machine a sleeping thread can take a scheduler tick (4-16 ms) to answer. On 8
 #: utterances under load: 2 threads 20.2 s, 1 thread 9.5 s (same code, same run).
 BLAS_THREADS = 1
+#: 30 s windows per encoder call in `greedy_decode` (see there)
+ENCODER_WINDOWS = 1
 
 
 @lru_cache(maxsize=1)
@@ -371,7 +407,13 @@ def greedy_decode(
     suppress_begin = np.array(vocab.suppress_ids_begin, dtype=np.int64)
     results: list[list[int]] = [[] for _ in range(n)]
     with _blas_threads_at_most(BLAS_THREADS):
-        state = start_decoder(store, dims, encode(store, dims, mels))
+        # the encoder runs a few windows at a time: its activations (tens of MB per window)
+        # then never exist for the whole batch at once, and 1500-row GEMMs are already
+        # large enough for BLAS speed
+        state = _empty_decoder_state(dims, n, (mels.shape[1] + 1) // 2)
+        for start in range(0, n, ENCODER_WINDOWS):
+            rows = slice(start, min(start + ENCODER_WINDOWS, n))
+            _fill_cross_kv(store, dims, encode(store, dims, mels[rows]), state, rows)
         _greedy_loop(store, dims, vocab, state, prompt, suppress, suppress_begin, max_new_tokens, results)
     return results
 
@@ -407,7 +449,7 @@ def _greedy_loop(
             active = active[still_running]
             if active.size == 0:
                 break
-            state = state.select(np.flatnonzero(still_running))
+            state = state.compact(np.flatnonzero(still_running))
             next_tokens = next_tokens[still_running]
         if state.length >= dims.n_text_ctx:
             break
