@@ -8,6 +8,11 @@ allocator), then the timed utterances. Greedy, no timestamps, `cpu_threads` = th
 cores for CTranslate2, BLAS threads pinned with threadpoolctl for numpy.
 
     python benchmarks/whisper_speed.py [--limit 200] [--json out.json] [--profile]
+
+On a shared 2-core machine the thread count dominates: CTranslate2 float32 with cpu_threads=2
+ran 11x slower than with cpu_threads=1 (10 utterances, one run, load average ~3), which is
+why `--systems ... fw-f32-1thread` exists; qbench caps its own BLAS at one thread in
+`greedy_decode` for the same reason (see `qbench.models.whisper.BLAS_THREADS`).
 """
 
 from __future__ import annotations
