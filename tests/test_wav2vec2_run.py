@@ -1,0 +1,57 @@
+"""`qbench run --model wav2vec2-base-960h --weights DIR` on a Hugging Face directory, with and
+without quantizer plugins: the same run, plugin and calibration paths as Whisper.
+
+No real wav2vec2 checkpoint can be downloaded here, so the directory is a seeded
+`Wav2Vec2ForCTC` of the real base-960h config (2 of its 12 layers, to stay fast) saved with
+`save_pretrained`; transcripts are gibberish, the pipeline is real.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from qbench.cli import main
+
+FIXTURE = Path(__file__).parent / "fixtures" / "wav2vec2" / "wav2vec2-base-960h"
+
+
+@pytest.fixture(scope="module")
+def seeded_base_dir(tmp_path_factory) -> Path:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = json.loads((FIXTURE / "config.json").read_text())
+    config["num_hidden_layers"] = 2
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(**config)).eval()
+    directory = tmp_path_factory.mktemp("w2v2")
+    model.save_pretrained(directory)
+    shutil.copy(FIXTURE / "vocab.json", directory / "vocab.json")
+    return directory
+
+
+@pytest.mark.parametrize("plugin", [None, ["--plugin", "rtn", "--set", "bits=8"], ["--plugin", "gptq", "--set", "bits=4",
+                                                                                  "--calibration-limit", "2"]])
+def test_wav2vec2_run_writes_a_normal_result(seeded_base_dir, data_dir, tmp_path, plugin):
+    out = tmp_path / "r.json"
+    argv = ["run", "--model", "wav2vec2-base-960h", "--weights", str(seeded_base_dir), "--limit", "2",
+            "--data-dir", str(data_dir), "--device", "none", "-o", str(out), "-q"] + (plugin or [])
+    assert main(argv) == 0
+    r = json.loads(out.read_text())
+    assert r["status"] == "complete"
+    assert (r["model"]["architecture"], r["model"]["format"]) == ("wav2vec2", "hf-wav2vec2")
+    assert len(r["utterances"]) == 2 and r["metrics"]["wer"] >= 0
+    if plugin:
+        q = r["quantization"]
+        assert q["quantizer"] == plugin[1] and len(q["layers"]) > 20
+        assert r["metrics"]["model_bytes"] < q["float_model_bytes"]
+        if plugin[1] == "gptq":
+            assert r["calibration"]["subset"] == "dev-clean" and r["calibration"]["utterance_count"] == 2
+
+
+def test_whisper_name_refuses_a_wav2vec2_directory(seeded_base_dir, capsys):
+    assert main(["run", "--model", "whisper-tiny.en", "--weights", str(seeded_base_dir), "--limit", "1", "-q"]) == 2
+    assert "wav2vec2 checkpoint" in capsys.readouterr().err
