@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from qbench.models.activations import gelu, layer_norm, softmax
 from qbench.weight_store import WeightInfo, WeightStore
 
 #: eps of the torch.nn.GroupNorm / LayerNorm in the feature encoder (HF does not pass the
@@ -146,73 +147,9 @@ def weight_infos(config: Wav2Vec2Config) -> list[WeightInfo]:
 
 # -- elementwise building blocks ---------------------------------------------------------------
 
-# Eigen's / XLA's float32 rational approximation of erf on [-4, 4] (erf is +-1 in float32
-# outside). Max abs error 4.5e-7 against math.erf (measured on a 2e6-point grid): a few
-# float32 ulp, far below the parity budget, in a dozen vectorised multiply-adds.
-_ERF_P = tuple(np.float32(c) for c in (
-    -2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
-    -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02))
-_ERF_Q = tuple(np.float32(c) for c in (
-    -1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
-    -1.42647390514189e-02))
-
-
-def erf(x: np.ndarray) -> np.ndarray:
-    """Error function of a float32 array, float32."""
-    x = np.clip(x, -4.0, 4.0, dtype=np.float32)
-    x2 = x * x
-    p = np.full_like(x, _ERF_P[0])
-    for c in _ERF_P[1:]:
-        p *= x2
-        p += c
-    p *= x
-    q = np.full_like(x, _ERF_Q[0])
-    for c in _ERF_Q[1:]:
-        q *= x2
-        q += c
-    p /= q
-    return p
-
-
-#: elements per GELU block: ~20 elementwise passes stay in L2 cache instead of streaming the
-#: first conv layer's 64 MB-per-10 s output from memory each time (3x faster)
-_GELU_BLOCK = 1 << 15
 #: attention queries per block: bounds the [block, T] scores of a head whatever the utterance
 #: length (a 35 s utterance's full [T, T] is 12 MB per head, 150 MB for all heads at once)
 _QUERY_BLOCK = 512
-
-
-def gelu(x: np.ndarray) -> np.ndarray:
-    """Exact GELU, x * Phi(x), as torch.nn.functional.gelu(approximate='none')."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    out = np.empty_like(x)
-    flat_x, flat_out = x.reshape(-1), out.reshape(-1)
-    for i in range(0, flat_x.size, _GELU_BLOCK):
-        xb = flat_x[i : i + _GELU_BLOCK]
-        y = erf(xb * np.float32(1.0 / math.sqrt(2.0)))
-        y += 1.0
-        y *= 0.5
-        y *= xb
-        flat_out[i : i + _GELU_BLOCK] = y
-    return out
-
-
-def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
-    mean = x.mean(axis=-1, keepdims=True)
-    xc = x - mean
-    var = np.mean(np.square(xc), axis=-1, keepdims=True)
-    xc *= 1.0 / np.sqrt(var + np.float32(eps))
-    xc *= weight
-    xc += bias
-    return xc
-
-
-def softmax_(x: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis, in place."""
-    x -= x.max(axis=-1, keepdims=True)
-    np.exp(x, out=x)
-    x /= x.sum(axis=-1, keepdims=True)
-    return x
 
 
 def im2col(x: np.ndarray, kernel: int, stride: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -452,7 +389,7 @@ class Wav2Vec2:
                 k_t = np.ascontiguousarray(seg[:, d + j * dh : d + (j + 1) * dh].T)
                 v = np.ascontiguousarray(seg[:, 2 * d + j * dh : 2 * d + (j + 1) * dh])
                 for q0 in range(0, n, _QUERY_BLOCK):
-                    scores = softmax_(q[q0 : q0 + _QUERY_BLOCK] @ k_t)
+                    scores = softmax(q[q0 : q0 + _QUERY_BLOCK] @ k_t)
                     out[start + q0 : start + min(q0 + _QUERY_BLOCK, n), j * dh : (j + 1) * dh] = scores @ v
             start += n
         return self.store.linear(name + ".out", out)
