@@ -2,8 +2,10 @@
 without quantizer plugins: the same run, plugin and calibration paths as Whisper.
 
 No real wav2vec2 checkpoint can be downloaded here, so the directory is a seeded
-`Wav2Vec2ForCTC` of the real base-960h config (2 of its 12 layers, to stay fast) saved with
-`save_pretrained`; transcripts are gibberish, the pipeline is real.
+`Wav2Vec2ForCTC` saved with `save_pretrained`: the base-960h config shrunk in width and depth
+(the real widths are proven by tests/test_wav2vec2_parity.py; here GPTQ's Hessians of the
+real 6144-wide positional convolution would cost minutes). Transcripts are gibberish, the
+pipeline is real.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ def seeded_base_dir(tmp_path_factory) -> Path:
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     config = json.loads((FIXTURE / "config.json").read_text())
-    config["num_hidden_layers"] = 2
+    config.update(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128,
+                  num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, conv_dim=[32] * 7)
     torch.manual_seed(0)
     model = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(**config)).eval()
     directory = tmp_path_factory.mktemp("w2v2")
@@ -46,7 +49,7 @@ def test_wav2vec2_run_writes_a_normal_result(seeded_base_dir, data_dir, tmp_path
     assert len(r["utterances"]) == 2 and r["metrics"]["wer"] >= 0
     if plugin:
         q = r["quantization"]
-        assert q["quantizer"] == plugin[1] and len(q["layers"]) > 20
+        assert q["quantizer"] == plugin[1] and len(q["layers"]) > 15
         assert r["metrics"]["model_bytes"] < q["float_model_bytes"]
         if plugin[1] == "gptq":
             assert r["calibration"]["subset"] == "dev-clean" and r["calibration"]["utterance_count"] == 2
