@@ -12,11 +12,12 @@ third-party plugin can do anything a built-in one can.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pluggy
 
 if TYPE_CHECKING:
+    from qbench.devices import DeviceProfile
     from qbench.quantizer import Quantizer
 
 hookspec = pluggy.HookspecMarker("qbench")
@@ -37,9 +38,11 @@ def qbench_register_quantizers() -> list[type[Quantizer]]:
 
 
 @hookspec
-def qbench_register_device_profiles() -> list[Any]:
-    """Return device-profile objects (embedded targets: memory budgets, supported formats).
+def qbench_register_device_profiles() -> list[DeviceProfile]:
+    """Return `qbench.devices.DeviceProfile`s: embedded targets `qbench run --device` and
+    `qbench fit` can budget for (RAM, storage, whether weights execute in place from flash,
+    and the real part the profile stands for, with a citation).
 
-    Used to decide whether a quantized model fits a given target. The profile type is defined
-    by the memory-accounting part of qbench; until then, plugins should not implement this.
+    qbench's own ladder (`qbench/builtin_devices.py`) is registered through this same hook. A
+    name offered twice is reported as a conflict naming both plugins.
     """
