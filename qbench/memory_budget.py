@@ -15,7 +15,6 @@ the device budget leaves room for an LRU cache of whole float matrices (`cache_b
 
 from __future__ import annotations
 
-import functools
 import tracemalloc
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
@@ -134,33 +133,6 @@ _UNPACK_SCRATCH_PER_CODE = {"int": 18, "trit5": 12, "float": 4}
 _STFT_BINS = 201
 
 
-@functools.cache
-def gelu_footprint() -> tuple[float, int]:
-    """`(a, c)`: GELU over n float32 values peaks at `a * 4n + c` bytes, input included.
-
-    The one term probed rather than derived: how many full-size temporaries the GELU kernel
-    makes (6 for a naive erf polynomial, 2 plus fixed block scratch for a blocked one) is an
-    implementation detail of `qbench.models.activations` that is being optimised, while the
-    estimate must track the model as it is. Two sizes separate the per-element and fixed parts.
-    """
-    from qbench.models.activations import gelu
-
-    sizes = (1 << 18, 1 << 20)
-    peaks = []
-    for n in sizes:
-        x = np.ones(n, dtype=np.float32)
-        _, peak = measure_peak(lambda: gelu(x))
-        peaks.append(peak + x.nbytes)
-        del x
-    a = (peaks[1] - peaks[0]) / (F32 * (sizes[1] - sizes[0]))
-    return a, max(0, int(peaks[0] - a * F32 * sizes[0]))
-
-
-def _gelu_bytes(n: int) -> int:
-    a, c = gelu_footprint()
-    return int(round(a * F32 * n)) + c
-
-
 class MemoryBreakdown(BaseModel):
     """Bytes of one run on one device, at the working-memory peak."""
 
@@ -172,7 +144,7 @@ class MemoryBreakdown(BaseModel):
     buffers_bytes: int = Field(description="audio, log-mel, attention scores live at the peak")
     cache_bytes: int = Field(0, description="float copies of whole layers kept because the budget allows")
     working_peak_bytes: int
-    peak_phase: str = Field(description="where the peak is: mel, conv, encoder-attention, encoder-mlp, encoder-linear, decoder-start, decode")
+    peak_phase: str = Field(description="where the peak is: mel, conv, encoder-attention, encoder-mlp, decoder-start, decode")
     total_ram_bytes: int = Field(description="weights_ram_bytes + working_peak_bytes")
     #: every phase's working bytes, to show how far the others are from the peak
     phases: dict[str, int] = Field(default_factory=dict)
@@ -230,8 +202,13 @@ def estimate_whisper_memory(
     Each phase lists what is alive at its own high-water mark in `qbench.models.whisper` as
     written (which temporaries numpy makes there); the run's working peak is the largest phase.
     """
+    from qbench.models import whisper
+
     b, t, d = batch_windows, dims.n_audio_ctx, dims.n_audio_state
     dt, lt, ctx = dims.n_text_state, dims.n_text_layer, dims.n_text_ctx
+    # the encoder runs `ENCODER_WINDOWS` of the batch's windows per call: its activations scale
+    # with that, the decoder's caches with the whole batch
+    e = min(b, getattr(whisper, "ENCODER_WINDOWS", b))
     frames_in = 2 * t
     samples = int(round(audio_seconds * 16000))
     pad = 30 * 16000
@@ -240,31 +217,34 @@ def estimate_whisper_memory(
     # the full log-mel (windows are views of it) and the stacked batch of windows
     mel = F32 * dims.n_mels * mel_frames + F32 * b * frames_in * dims.n_mels
     buffers = audio + mel
-    td = F32 * b * t * d
+    td = F32 * e * t * d
     scores = _attention_scores_bytes(t)
-    cross = 2 * lt * F32 * b * t * dt
-    self_kv = 2 * lt * F32 * b * ctx * dt
+    # `greedy_decode` allocates every layer's cross-attention K/V and the self-attention cache
+    # for the whole batch before the encoder runs (tracemalloc counts them whole from then on)
+    kv = 2 * lt * F32 * b * t * dt + 2 * lt * F32 * b * ctx * dt
     block = weight_block_bytes(store, block_bytes)
     cached = cache_fill_bytes(store, cache_bytes)
+
+    def product(in_features: int, out_features: int) -> int:
+        # `x @ rows.T` for one row block of a streamed layer, before it is copied into the output
+        return F32 * e * t * min(out_features, max(1, block_bytes // (F32 * in_features)))
 
     phases: dict[str, dict[str, int]] = {
         # STFT: |X|^2 of cos and sin parts alive together with their sum, plus two padded copies
         "mel": {"buffers": audio + 2 * F32 * (samples + pad) + 3 * F32 * _STFT_BINS * mel_frames, "activations": 0, "kv": 0},
-        "conv": {"buffers": buffers, "activations": _gelu_bytes(b * frames_in * d), "kv": 0},
+        # conv2: conv1's [2t, d] output, its padded copy, the [t, 3d] im2col columns, the output
+        "conv": {"buffers": buffers, "activations": 2 * td + 2 * td + 3 * td + td + product(3 * d, d), "kv": kv},
         # x, fused qkv, split K and V copies, scaled q, output, the score buffer
-        "encoder-attention": {"buffers": buffers + scores, "activations": 8 * td, "kv": 0},
-        # x, the block's qkv (still referenced) and GELU over the 4d hidden state
-        "encoder-mlp": {"buffers": buffers, "activations": td * (1 + 3) + _gelu_bytes(4 * b * t * d), "kv": 0},
-        # audio features, plus the last layer's fused K/V output and its two head-split copies
-        "decoder-start": {"buffers": buffers, "activations": td + 4 * F32 * b * t * dt, "kv": self_kv + 2 * (lt - 1) * F32 * b * t * dt},
-        # finished rows leave the batch by copying the caches
-        "decode": {"buffers": buffers + F32 * b * dims.n_vocab, "activations": 0, "kv": (cross + self_kv) * (2 if b > 1 else 1)},
+        "encoder-attention": {"buffers": buffers + scores, "activations": 8 * td, "kv": kv},
+        # fc1: x, the normalised input, the [t, 4d] output being filled (GELU then runs in place)
+        "encoder-mlp": {"buffers": buffers, "activations": td * (1 + 1 + 4) + product(d, 4 * d), "kv": kv},
+        # audio features, the previous layer's fused K/V output and the current one's
+        "decoder-start": {"buffers": buffers, "activations": td + 2 * (2 * F32 * e * t * dt) + product(d, 2 * dt), "kv": kv},
+        # finished rows leave the batch in place: the caches do not grow; the logits row
+        "decode": {"buffers": buffers + F32 * b * dims.n_vocab, "activations": 0, "kv": kv},
     }
-    # A weight block exists only while a linear runs; the largest such moment in the encoder is
-    # fc1: x, qkv, the normalised input, the [T, 4d] output being filled and one partial product.
-    fc1_rows = max(1, min(4 * d, block_bytes // (F32 * d)))
-    phases["encoder-linear"] = {"buffers": buffers, "activations": td * (1 + 3 + 1 + 4) + F32 * b * t * fc1_rows, "kv": 0}
-    with_block = {"encoder-linear", "decode"}
+    # a weight row block (and its unpacking scratch) exists only while a linear runs
+    with_block = {"conv", "encoder-mlp", "decoder-start", "decode"}
     totals = {name: sum(p.values()) + (block if name in with_block else 0) + cached for name, p in phases.items()}
     peak_phase = max(totals, key=totals.get)
     p = phases[peak_phase]
@@ -275,7 +255,7 @@ def estimate_whisper_memory(
         weights_ram_bytes=in_ram,
         activations_bytes=p["activations"],
         kv_cache_bytes=p["kv"],
-        weight_block_bytes=block,
+        weight_block_bytes=block if peak_phase in with_block else 0,
         buffers_bytes=p["buffers"],
         cache_bytes=cached,
         working_peak_bytes=totals[peak_phase],
