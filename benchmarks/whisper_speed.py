@@ -9,10 +9,10 @@ cores for CTranslate2, BLAS threads pinned with threadpoolctl for numpy.
 
     python benchmarks/whisper_speed.py [--limit 200] [--json out.json] [--profile]
 
-On a shared 2-core machine the thread count dominates: CTranslate2 float32 with cpu_threads=2
-ran 11x slower than with cpu_threads=1 (10 utterances, one run, load average ~3), which is
-why `--systems ... fw-f32-1thread` exists; qbench caps its own BLAS at one thread in
-`greedy_decode` for the same reason (see `qbench.models.whisper.BLAS_THREADS`).
+Run it on a quiet machine. Under load from other processes a threaded engine suffers most:
+CTranslate2 float32 with cpu_threads=2 ran 11x slower than with cpu_threads=1 (10 utterances,
+load average ~3), which is why `--systems ... fw-f32-1thread` exists; qbench's thread count is
+`--threads` here, `QBENCH_THREADS` elsewhere (see `qbench.models.whisper.THREADS`).
 """
 
 from __future__ import annotations
@@ -106,6 +106,7 @@ def run_worker(system: str, limit: int, threads: int, batch_size: int, data_dir:
 
     spec = SYSTEMS[system]
     threadpool_limits(threads)
+    os.environ["QBENCH_THREADS"] = str(threads)  # qbench's encoder threads and decoder BLAS
     utts = list_utterances(find_data_dir(data_dir), "test-clean", limit)
     audios = [load_audio(u.path) for u in utts]
     result: dict[str, Any] = {"system": system, "engine": spec["engine"]}
@@ -131,7 +132,7 @@ def run_worker(system: str, limit: int, threads: int, batch_size: int, data_dir:
         transcribe = model.transcribe
         result.update(info)
         result.update(model_bytes=model.store.stored_bytes(), model_bytes_note="stored parameters",
-                      threads=f"BLAS {threads} (capped at {W.BLAS_THREADS} inside greedy_decode)")
+                      threads=f"{W.compute_threads()} (encoder windows in threads, BLAS {threads} in the decoder)")
     result["blas"] = [{k: lib.get(k) for k in ("internal_api", "version", "architecture", "num_threads", "filepath")}
                       for lib in threadpool_info() if lib.get("user_api") == "blas"]
 

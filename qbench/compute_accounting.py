@@ -67,6 +67,8 @@ class ComputeReport(BaseModel):
 class ComputeCountingStore:
     """Delegates everything to `inner` and counts the work of each `linear` call."""
 
+    thread_safe = False  # the counters are plain `+=`
+
     def __init__(self, inner: WeightStore):
         self.inner = inner
         self.linear_macs: dict[str, int] = defaultdict(int)

@@ -44,6 +44,8 @@ class DeviceWeightStore(PackedWeightStore):
     would hold. Outputs equal the plain store's up to float32 summation order.
     """
 
+    thread_safe = False  # a device runs one layer at a time; the cache fill is not locked
+
     def __init__(
         self,
         params: Mapping[str, np.ndarray],
@@ -151,18 +153,11 @@ class MemoryBreakdown(BaseModel):
 
 
 def _attention_scores_bytes(t: int) -> int:
-    """Scores alive at once in the encoder's self-attention over `t` frames.
-
-    Attention runs one (utterance, head) at a time; with query blocking (`_QUERY_BLOCK` in the
-    model module) one `[block, t]` buffer is reused, without it a new `[t, t]` matrix is made
-    per head while the previous head's is still referenced.
-    """
+    """One `[block, t]` score buffer of the encoder's self-attention over `t` frames (each
+    attention thread holds one while it works through its (utterance, head) pairs)."""
     from qbench.models import whisper
 
-    block = getattr(whisper, "_QUERY_BLOCK", None)
-    if block:
-        return F32 * min(block, t) * t
-    return 2 * F32 * t * t
+    return F32 * min(whisper._QUERY_BLOCK, t) * t
 
 
 def weight_block_bytes(store: WeightStore, block_bytes: int = DEFAULT_BLOCK_BYTES) -> int:
@@ -206,9 +201,10 @@ def estimate_whisper_memory(
 
     b, t, d = batch_windows, dims.n_audio_ctx, dims.n_audio_state
     dt, lt, ctx = dims.n_text_state, dims.n_text_layer, dims.n_text_ctx
-    # the encoder runs `ENCODER_WINDOWS` of the batch's windows per call: its activations scale
-    # with that, the decoder's caches with the whole batch
-    e = min(b, getattr(whisper, "ENCODER_WINDOWS", b))
+    # the encoder runs a few of the batch's windows at once: its activations scale with that,
+    # the decoder's caches with the whole batch
+    calls, attention_threads = whisper.encoder_parallelism(store, b)
+    e = min(b, calls * whisper.ENCODER_WINDOWS)
     frames_in = 2 * t
     samples = int(round(audio_seconds * 16000))
     pad = 30 * 16000
@@ -218,7 +214,8 @@ def estimate_whisper_memory(
     mel = F32 * dims.n_mels * mel_frames + F32 * b * frames_in * dims.n_mels
     buffers = audio + mel
     td = F32 * e * t * d
-    scores = _attention_scores_bytes(t)
+    # one score buffer per attention thread (a call with several threads) or per call
+    scores = _attention_scores_bytes(t) * (calls if calls > 1 else min(attention_threads, dims.n_audio_head))
     # `greedy_decode` allocates every layer's cross-attention K/V and the self-attention cache
     # for the whole batch before the encoder runs (tracemalloc counts them whole from then on)
     kv = 2 * lt * F32 * b * t * dt + 2 * lt * F32 * b * ctx * dt

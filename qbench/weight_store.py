@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 
@@ -44,6 +44,11 @@ class WeightStore:
     their transposed float32 copies are made once at construction because every matmul wants
     `x @ W.T` with a contiguous right-hand side.
     """
+
+    #: `linear` may run from several threads at once (the Whisper encoder runs windows in
+    #: parallel). The lazily filled caches here only ever gain identical entries, so a race is
+    #: harmless; a subclass that counts, records or evicts in `linear` sets this False.
+    thread_safe: ClassVar[bool] = True
 
     def __init__(self, params: Mapping[str, np.ndarray], matrices: Iterable[WeightInfo]):
         self.params: dict[str, np.ndarray] = dict(params)

@@ -154,3 +154,55 @@ def test_fast_trit_dequantize_is_bit_identical(shape: tuple[int, int]) -> None:
     bad = PackedTensor(codes=np.full_like(pt.codes, 250), code_bits=2, packing="trit5", shape=shape, scales=pt.scales)
     with pytest.raises(ValueError, match="243"):
         bad.dequantize()
+
+
+def test_threaded_encoder_gives_the_serial_transcripts(model: W.Whisper, monkeypatch: pytest.MonkeyPatch) -> None:
+    mels = np.random.default_rng(5).standard_normal((3, W.N_FRAMES, 80)).astype(np.float32)
+    monkeypatch.setattr(W, "THREADS", 1)
+    serial = W.greedy_decode(model.store, DIMS, model.vocab, mels, max_new_tokens=10)
+    monkeypatch.setattr(W, "THREADS", 3)
+    assert W.encoder_parallelism(model.store, 3) == (3, 1)
+    assert W.greedy_decode(model.store, DIMS, model.vocab, mels, max_new_tokens=10) == serial
+
+
+def test_encoder_output_is_bit_identical_on_any_thread_count(model: W.Whisper) -> None:
+    """Threads change where work runs, never how it rounds: one window with its heads in
+    threads and a multi-threaded BLAS equals the single-threaded encoder bit for bit."""
+    mels = np.random.default_rng(6).standard_normal((1, W.N_FRAMES, 80)).astype(np.float32)
+    with W._blas_threads_at_most(1):
+        alone = W.encode(model.store, DIMS, mels, threads=1)
+    np.testing.assert_array_equal(W.encode(model.store, DIMS, mels, threads=4), alone)
+    # and one thread for the heads under the machine's own (threaded) BLAS setting
+    np.testing.assert_array_equal(W.encode(model.store, DIMS, mels, threads=1), alone)
+
+
+def test_stores_with_state_in_linear_encode_one_window_at_a_time(model: W.Whisper, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qbench.compute_accounting import ComputeCountingStore
+    from qbench.memory_budget import DeviceWeightStore
+
+    monkeypatch.setattr(W, "THREADS", 4)
+    assert W.encoder_parallelism(model.store, 8) == (4, 1)
+    assert W.encoder_parallelism(model.store, 2) == (2, 1)
+    assert W.encoder_parallelism(model.store, 1) == (1, 4)
+    assert W.encoder_parallelism(DeviceWeightStore.from_store(model.store), 8) == (1, 4)
+    assert W.encoder_parallelism(ComputeCountingStore(model.store), 8) == (1, 4)
+
+
+def test_an_encoder_thread_failure_reaches_the_caller(model: W.Whisper, monkeypatch: pytest.MonkeyPatch) -> None:
+    params = dict(model.store.params)
+    params["encoder.blocks.0.mlp.fc1.weight"] = params["encoder.blocks.0.mlp.fc1.weight"][:, :3]  # wrong shape
+    broken = WeightStore.__new__(WeightStore)
+    broken.__dict__.update(model.store.__dict__, params=params, _wt_cache={}, _param_cache={})
+    monkeypatch.setattr(W, "THREADS", 2)
+    mels = np.zeros((2, W.N_FRAMES, 80), np.float32)
+    with pytest.raises(ValueError):
+        W.greedy_decode(broken, DIMS, model.vocab, mels, max_new_tokens=2)
+
+
+def test_qbench_threads_must_be_a_positive_integer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(W, "THREADS", None)
+    monkeypatch.setenv("QBENCH_THREADS", "3")
+    assert W.compute_threads() == 3
+    monkeypatch.setenv("QBENCH_THREADS", "zero")
+    with pytest.raises(ValueError, match="QBENCH_THREADS"):
+        W.compute_threads()

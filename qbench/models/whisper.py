@@ -23,7 +23,9 @@ checkpoint loader maps to):
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -185,7 +187,8 @@ def conv1d(store: WeightStore, name: str, x: np.ndarray, stride: int = 1) -> np.
     return store.linear(name, cols)
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int, causal_offset: int | None = None) -> np.ndarray:
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int, causal_offset: int | None = None,
+              threads: int = 1) -> np.ndarray:
     """Scaled dot-product attention. q `[B, Tq, D]`, k/v `[B, H, Tk, dh]` (already split).
 
     `causal_offset` is the position of q's first row; given, row i may see keys up to
@@ -194,6 +197,9 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int, causal_o
     speed where numpy's stacked matmul over `[B, H, T, T]` is several times slower, and a
     `[512, 1500]` score block (3 MB) stays in cache through the softmax passes and the second
     GEMM, where a whole 1500 x 1500 head (9 MB) streams from memory on every pass.
+    Those GEMMs always run on a single-threaded BLAS: OpenBLAS's `[512, 1500] @ [1500, 64]`
+    rounds differently on two threads, and a transcript must not depend on the machine's
+    cores. `threads` > 1 spreads the (utterance, head) pairs over Python threads instead.
     """
     b, tq, d = q.shape
     dh = d // n_head
@@ -205,26 +211,36 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int, causal_o
     tk = k.shape[2]
     out = np.empty((b, tq, n_head, dh), dtype=np.float32)
     block = min(tq, _QUERY_BLOCK)
-    scores_buf = np.empty((block, tk), dtype=np.float32)
     mask = None
     if causal_offset is not None:
         mask = np.arange(tk)[None, :] > (causal_offset + np.arange(tq))[:, None]
-    for i in range(b):
-        for h in range(n_head):
-            k_t, v_h = k[i, h].T, v[i, h]
-            for q0 in range(0, tq, block):
-                q1 = min(q0 + block, tq)
-                scores = np.matmul(q[i, q0:q1, h], k_t, out=scores_buf[: q1 - q0])
-                if mask is not None:
-                    scores[mask[q0:q1]] = -np.inf
-                # softmax with the normalisation moved after the second GEMM: dividing the
-                # [block, dh] output is 23x less work than dividing the [block, Tk] scores
-                scores -= scores.max(axis=-1, keepdims=True)
-                np.exp(scores, out=scores)
-                denom = scores.sum(axis=-1, keepdims=True)
-                head_out = scores @ v_h
-                head_out /= denom
-                out[i, q0:q1, h] = head_out
+
+    def one_head(pair: tuple[int, int]) -> None:
+        i, h = pair
+        k_t, v_h = k[i, h].T, v[i, h]
+        scores_buf = np.empty((block, tk), dtype=np.float32)
+        for q0 in range(0, tq, block):
+            q1 = min(q0 + block, tq)
+            scores = np.matmul(q[i, q0:q1, h], k_t, out=scores_buf[: q1 - q0])
+            if mask is not None:
+                scores[mask[q0:q1]] = -np.inf
+            # softmax with the normalisation moved after the second GEMM: dividing the
+            # [block, dh] output is 23x less work than dividing the [block, Tk] scores
+            scores -= scores.max(axis=-1, keepdims=True)
+            np.exp(scores, out=scores)
+            denom = scores.sum(axis=-1, keepdims=True)
+            head_out = scores @ v_h
+            head_out /= denom
+            out[i, q0:q1, h] = head_out
+
+    pairs = [(i, h) for i in range(b) for h in range(n_head)]
+    with _blas_threads_at_most(1):
+        if threads > 1 and len(pairs) > 1:
+            with ThreadPoolExecutor(min(threads, len(pairs)), thread_name_prefix="qbench-attention") as pool:
+                list(pool.map(one_head, pairs))  # list(): re-raises a worker's exception here
+        else:
+            for pair in pairs:
+                one_head(pair)
     return out.reshape(b, tq, d)
 
 
@@ -237,8 +253,12 @@ def _ln(store: WeightStore, name: str, x: np.ndarray) -> np.ndarray:
     return layer_norm(x, store.param(name + ".weight"), store.param(name + ".bias"))
 
 
-def encode(store: WeightStore, dims: ModelDimensions, mel: np.ndarray) -> np.ndarray:
-    """Encoder: `[B, 3000, n_mels]` log-mel -> `[B, 1500, d]` audio features."""
+def encode(store: WeightStore, dims: ModelDimensions, mel: np.ndarray, threads: int = 1) -> np.ndarray:
+    """Encoder: `[B, 3000, n_mels]` log-mel -> `[B, 1500, d]` audio features.
+
+    `threads`: Python threads for the attention heads (see `attention`); the linear layers use
+    whatever BLAS threads the caller allows (their GEMMs round the same on any count).
+    """
     # GELU in place on the fresh GEMM outputs: no second activation-sized array
     x = conv1d(store, "encoder.conv1", mel)
     x = gelu(x, out=x)
@@ -250,7 +270,7 @@ def encode(store: WeightStore, dims: ModelDimensions, mel: np.ndarray) -> np.nda
         qkv = store.linear(f"{p}.attn.qkv", _ln(store, f"{p}.attn_ln", x))
         q, k, v = np.split(qkv, 3, axis=-1)
         h = dims.n_audio_head
-        x += store.linear(f"{p}.attn.out", attention(q, split_heads(k, h), split_heads(v, h), h))
+        x += store.linear(f"{p}.attn.out", attention(q, split_heads(k, h), split_heads(v, h), h, threads=threads))
         del qkv, q, k, v
         hidden = store.linear(f"{p}.mlp.fc1", _ln(store, f"{p}.mlp_ln", x))
         x += store.linear(f"{p}.mlp.fc2", gelu(hidden, out=hidden))
@@ -352,14 +372,43 @@ def output_logits(store: WeightStore, hidden: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # Greedy decoding
 # ----------------------------------------------------------------------------------------------
-#: BLAS threads `greedy_decode` allows itself (a cap: a lower setting is kept). One, measured:
-#: a decoder step is dozens of GEMMs of a few rows, and even the encoder's per-head attention
-#: GEMMs are small; a multi-threaded BLAS wakes its threads for every call, and on a shared
-#: 2-core machine a sleeping thread can take a scheduler tick (4-16 ms) to answer. On 8
-#: utterances under load: 2 threads 20.2 s, 1 thread 9.5 s (same code, same run).
-BLAS_THREADS = 1
+#: Threads `greedy_decode` runs on; None: `QBENCH_THREADS`, else every CPU this process may use.
+#: Several windows: the encoder runs that many at once in Python threads (numpy releases the
+#: GIL in BLAS and in ufunc loops), each on a single-threaded BLAS. One window (or a store that
+#: is not thread-safe): its linear layers run on a BLAS with this many threads and its
+#: attention heads in Python threads. The decoder runs its whole batch on a threaded BLAS: the
+#: output projection alone streams the 80 MB token embedding on every step. Measured on a
+#: quiet 2-core box (tiny.en): encoder 0.52 s per window on 1 thread, 0.29 s with two windows
+#: in two threads; output projection for 4 rows 20.7 ms on 1 thread, 7.7 ms on 2. Transcripts
+#: are bit-identical on any thread count (`attention` says why; a test holds it). On a machine
+#: loaded by other work a threaded BLAS can be far slower (a sleeping BLAS thread waits for a
+#: scheduler tick): set `QBENCH_THREADS=1` there.
+THREADS: int | None = None
 #: 30 s windows per encoder call in `greedy_decode` (see there)
 ENCODER_WINDOWS = 1
+
+
+def compute_threads() -> int:
+    """The thread count `greedy_decode` uses (see `THREADS`)."""
+    if THREADS:
+        return THREADS
+    env = os.environ.get("QBENCH_THREADS", "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"QBENCH_THREADS must be a positive integer, got {env!r}")
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def encoder_parallelism(store: WeightStore, n_windows: int) -> tuple[int, int]:
+    """`(encoder calls at once, attention threads per call)` in `greedy_decode` of `n_windows`.
+
+    Stores that keep mutable state in `linear` (device caches, compute counters, calibration)
+    say `thread_safe = False` and get one encoder call at a time.
+    """
+    threads = compute_threads()
+    calls = min(-(-n_windows // ENCODER_WINDOWS), threads) if getattr(store, "thread_safe", False) else 1
+    return max(1, calls), (1 if calls > 1 else threads)
 
 
 @lru_cache(maxsize=1)
@@ -406,14 +455,27 @@ def greedy_decode(
     suppress = np.array(sorted(set(vocab.suppress_ids) | set(range(vocab.timestamp_begin, dims.n_vocab))), dtype=np.int64)
     suppress_begin = np.array(vocab.suppress_ids_begin, dtype=np.int64)
     results: list[list[int]] = [[] for _ in range(n)]
-    with _blas_threads_at_most(BLAS_THREADS):
+    threads = compute_threads()
+    state = _empty_decoder_state(dims, n, (mels.shape[1] + 1) // 2)
+
+    def encode_rows(start: int, attention_threads: int) -> None:
         # the encoder runs a few windows at a time: its activations (tens of MB per window)
         # then never exist for the whole batch at once, and 1500-row GEMMs are already
-        # large enough for BLAS speed
-        state = _empty_decoder_state(dims, n, (mels.shape[1] + 1) // 2)
-        for start in range(0, n, ENCODER_WINDOWS):
-            rows = slice(start, min(start + ENCODER_WINDOWS, n))
-            _fill_cross_kv(store, dims, encode(store, dims, mels[rows]), state, rows)
+        # large enough for BLAS speed; each call fills its own rows of the cross-attention K/V
+        rows = slice(start, min(start + ENCODER_WINDOWS, n))
+        _fill_cross_kv(store, dims, encode(store, dims, mels[rows], attention_threads), state, rows)
+
+    starts = range(0, n, ENCODER_WINDOWS)
+    calls, attention_threads = encoder_parallelism(store, n)
+    if calls > 1:
+        with _blas_threads_at_most(1), ThreadPoolExecutor(calls, thread_name_prefix="qbench-encoder") as pool:
+            list(pool.map(lambda start: encode_rows(start, 1), starts))  # list(): re-raises a worker's exception
+    else:
+        # one call at a time: the threads go to the BLAS and to the attention heads
+        with _blas_threads_at_most(threads):
+            for start in starts:
+                encode_rows(start, attention_threads)
+    with _blas_threads_at_most(threads):
         _greedy_loop(store, dims, vocab, state, prompt, suppress, suppress_begin, max_new_tokens, results)
     return results
 
