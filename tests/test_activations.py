@@ -31,3 +31,16 @@ def test_softmax_and_layer_norm():
     ln = layer_norm(x, np.ones(7, np.float32), np.zeros(7, np.float32))
     np.testing.assert_allclose(ln.mean(-1), 0, atol=1e-6)
     np.testing.assert_allclose(ln.std(-1), 1, rtol=1e-3)
+
+
+def test_gelu_on_threads_is_bit_identical() -> None:
+    from qbench.models.activations import _BLOCK, gelu
+
+    x = (3 * np.random.default_rng(7).standard_normal(5 * _BLOCK + 17)).astype(np.float32)
+    one = gelu(x)
+    for threads in (2, 3, 8):
+        np.testing.assert_array_equal(gelu(x, threads=threads), one)
+    y = x.copy()
+    assert gelu(y, out=y, threads=2) is y
+    np.testing.assert_array_equal(y, one)
+    assert gelu(np.zeros(0, np.float32), threads=2).shape == (0,)

@@ -240,6 +240,8 @@ def test_ctc_greedy_decode() -> None:
 
 
 class RecordingStore(WeightStore):
+    thread_safe = False  # it records the call order
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.calls: list[tuple[str, tuple[int, ...]]] = []
@@ -296,3 +298,19 @@ def test_config_from_hf_fixtures() -> None:
     assert (large.hidden_size, large.num_hidden_layers, large.num_attention_heads, large.intermediate_size) == (
         1024, 24, 16, 4096)
     assert base.receptive_field == 400 and base.total_stride == 320
+
+
+@pytest.mark.parametrize("norm", ["group", "layer"])
+def test_logits_are_bit_identical_on_any_thread_count(norm: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Feature-encoder chunks, positional-conv groups, heads and GELU spans run in threads;
+    none of it may change a logit (see qbench.models.parallel)."""
+    from qbench.models import parallel
+
+    model = _random_model(_small_config(norm))
+    model.chunk_frames = 8  # several chunks
+    audio = np.random.default_rng(5).standard_normal(3 * 16000).astype(np.float32)
+    monkeypatch.setattr(parallel, "THREADS", 1)
+    with parallel.blas_threads_at_most(1):
+        alone = model.logits(audio)
+    monkeypatch.setattr(parallel, "THREADS", 3)
+    np.testing.assert_array_equal(model.logits(audio), alone)

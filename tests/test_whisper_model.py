@@ -93,6 +93,8 @@ def test_nan_weights_raise_instead_of_decoding_garbage(model, mels):
 
 
 class RecordingStore(WeightStore):
+    thread_safe = False  # it records the call order
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.calls: list[tuple[str, int]] = []

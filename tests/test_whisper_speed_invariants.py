@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qbench.models import activations
+from qbench.models import activations, parallel
 from qbench.models import whisper as W
 from qbench.packing import PackedTensor, pack_quantized
 from qbench.quantizer import QuantizedTensor, apply_scales
@@ -112,7 +112,7 @@ def test_encoder_windows_per_call_do_not_change_transcripts(model: W.Whisper, mo
 def test_blas_thread_cap_is_restored() -> None:
     threadpoolctl = pytest.importorskip("threadpoolctl")
     before = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
-    with W._blas_threads_at_most(1):
+    with parallel.blas_threads_at_most(1):
         inside = [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
         assert all(n <= 1 for n in inside)
     assert [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"] == before
@@ -158,9 +158,9 @@ def test_fast_trit_dequantize_is_bit_identical(shape: tuple[int, int]) -> None:
 
 def test_threaded_encoder_gives_the_serial_transcripts(model: W.Whisper, monkeypatch: pytest.MonkeyPatch) -> None:
     mels = np.random.default_rng(5).standard_normal((3, W.N_FRAMES, 80)).astype(np.float32)
-    monkeypatch.setattr(W, "THREADS", 1)
+    monkeypatch.setattr(parallel, "THREADS", 1)
     serial = W.greedy_decode(model.store, DIMS, model.vocab, mels, max_new_tokens=10)
-    monkeypatch.setattr(W, "THREADS", 3)
+    monkeypatch.setattr(parallel, "THREADS", 3)
     assert W.encoder_parallelism(model.store, 3) == (3, 1)
     assert W.greedy_decode(model.store, DIMS, model.vocab, mels, max_new_tokens=10) == serial
 
@@ -169,7 +169,7 @@ def test_encoder_output_is_bit_identical_on_any_thread_count(model: W.Whisper) -
     """Threads change where work runs, never how it rounds: one window with its heads in
     threads and a multi-threaded BLAS equals the single-threaded encoder bit for bit."""
     mels = np.random.default_rng(6).standard_normal((1, W.N_FRAMES, 80)).astype(np.float32)
-    with W._blas_threads_at_most(1):
+    with parallel.blas_threads_at_most(1):
         alone = W.encode(model.store, DIMS, mels, threads=1)
     np.testing.assert_array_equal(W.encode(model.store, DIMS, mels, threads=4), alone)
     # and one thread for the heads under the machine's own (threaded) BLAS setting
@@ -180,7 +180,7 @@ def test_stores_with_state_in_linear_encode_one_window_at_a_time(model: W.Whispe
     from qbench.compute_accounting import ComputeCountingStore
     from qbench.memory_budget import DeviceWeightStore
 
-    monkeypatch.setattr(W, "THREADS", 4)
+    monkeypatch.setattr(parallel, "THREADS", 4)
     assert W.encoder_parallelism(model.store, 8) == (4, 1)
     assert W.encoder_parallelism(model.store, 2) == (2, 1)
     assert W.encoder_parallelism(model.store, 1) == (1, 4)
@@ -193,16 +193,16 @@ def test_an_encoder_thread_failure_reaches_the_caller(model: W.Whisper, monkeypa
     params["encoder.blocks.0.mlp.fc1.weight"] = params["encoder.blocks.0.mlp.fc1.weight"][:, :3]  # wrong shape
     broken = WeightStore.__new__(WeightStore)
     broken.__dict__.update(model.store.__dict__, params=params, _wt_cache={}, _param_cache={})
-    monkeypatch.setattr(W, "THREADS", 2)
+    monkeypatch.setattr(parallel, "THREADS", 2)
     mels = np.zeros((2, W.N_FRAMES, 80), np.float32)
     with pytest.raises(ValueError):
         W.greedy_decode(broken, DIMS, model.vocab, mels, max_new_tokens=2)
 
 
 def test_qbench_threads_must_be_a_positive_integer(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(W, "THREADS", None)
+    monkeypatch.setattr(parallel, "THREADS", None)
     monkeypatch.setenv("QBENCH_THREADS", "3")
-    assert W.compute_threads() == 3
+    assert parallel.compute_threads() == 3
     monkeypatch.setenv("QBENCH_THREADS", "zero")
     with pytest.raises(ValueError, match="QBENCH_THREADS"):
-        W.compute_threads()
+        parallel.compute_threads()

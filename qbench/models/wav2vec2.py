@@ -45,6 +45,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from qbench.models.activations import gelu, layer_norm, softmax
+from qbench.models.parallel import blas_threads_at_most, compute_threads, parallel_map
 from qbench.weight_store import WeightInfo, WeightStore
 
 #: eps of the torch.nn.GroupNorm / LayerNorm in the feature encoder (HF does not pass the
@@ -305,13 +306,17 @@ class Wav2Vec2:
         stride, field = c.total_stride, c.receptive_field
         group_stats = self._first_layer_stats(audio, chunk_frames) if c.feat_extract_norm == "group" else None
         out = np.empty((total, c.conv_dim[-1]), dtype=np.float32)
-        for t0 in range(0, total, chunk_frames):
+
+        def one_chunk(t0: int) -> None:
             t1 = min(t0 + chunk_frames, total)
             x = audio[t0 * stride : (t1 - 1) * stride + field, None]
             for l in range(len(c.conv_dim)):
                 y = self.store.linear(f"feature_encoder.conv.{l}", im2col(x, c.conv_kernel[l], c.conv_stride[l]))
                 x = self._norm_gelu(l, y, group_stats)
             out[t0:t1] = x
+
+        # chunks are independent: one per thread (each chunk's memory, times the threads)
+        parallel_map(one_chunk, range(0, total, chunk_frames), self._threads())
         return out
 
     def _first_layer_stats(self, audio: np.ndarray, chunk_frames: int) -> tuple[np.ndarray, np.ndarray]:
@@ -320,18 +325,25 @@ class Wav2Vec2:
         k, s = c.conv_kernel[0], c.conv_stride[0]
         n = (len(audio) - k) // s + 1
         step = chunk_frames * (c.total_stride // s)  # the same first-layer frames per chunk
-        # float64 sums of values shifted by a rough mean keep E[x^2] - E[x]^2 free of cancellation
-        shift = None
-        acc = np.zeros(c.conv_dim[0]), np.zeros(c.conv_dim[0])
-        for f0 in range(0, n, step):
+        def first_layer(f0: int) -> np.ndarray:
             f1 = min(f0 + step, n)
-            y = self.store.linear("feature_encoder.conv.0", im2col(audio[f0 * s : (f1 - 1) * s + k, None], k, s))
-            if shift is None:
-                shift = y.mean(axis=0)
+            return self.store.linear("feature_encoder.conv.0", im2col(audio[f0 * s : (f1 - 1) * s + k, None], k, s))
+
+        def shifted_sums(f0: int) -> tuple[np.ndarray, np.ndarray]:
+            y = first_layer(f0)
             y -= shift
-            acc[0][:] += y.sum(axis=0, dtype=np.float64)
+            total = y.sum(axis=0, dtype=np.float64)
             y *= y
-            acc[1][:] += y.sum(axis=0, dtype=np.float64)
+            return total, y.sum(axis=0, dtype=np.float64)
+
+        # float64 sums of values shifted by a rough mean keep E[x^2] - E[x]^2 free of cancellation;
+        # per-chunk sums are added in chunk order, whatever thread computed them
+        with blas_threads_at_most(1):
+            shift = first_layer(0).mean(axis=0)
+        acc = np.zeros(c.conv_dim[0]), np.zeros(c.conv_dim[0])
+        for total, squares in parallel_map(shifted_sums, range(0, n, step), self._threads()):
+            acc[0][:] += total
+            acc[1][:] += squares
         mean_c = acc[0] / n
         var = np.maximum(acc[1] / n - mean_c**2, 0.0)
         return (shift + mean_c).astype(np.float32), (1.0 / np.sqrt(var + CONV_NORM_EPS)).astype(np.float32)
@@ -368,11 +380,14 @@ class Wav2Vec2:
         dg = c.hidden_size // groups
         padded = [np.pad(seg, ((k // 2, k // 2), (0, 0))) for seg in _segments(x, lengths)]
         out = np.empty_like(x)
-        for g in range(groups):
+
+        def one_group(g: int) -> None:
             cols = np.concatenate(
                 [im2col(xp[:, g * dg : (g + 1) * dg], k, 1)[:n] for xp, n in zip(padded, lengths)], axis=0)
             out[:, g * dg : (g + 1) * dg] = self.store.linear(f"encoder.pos_conv.{g}", cols)
-        return gelu(out)
+
+        parallel_map(one_group, range(groups), self._threads())
+        return gelu(out, out=out, threads=self._threads())
 
     def _attention(self, name: str, x: np.ndarray, lengths: list[int]) -> np.ndarray:
         c = self.config
@@ -381,21 +396,28 @@ class Wav2Vec2:
         qkv = self.store.linear(name + ".qkv", x)
         qkv[:, :d] *= np.float32(dh**-0.5)
         out = np.empty((x.shape[0], d), dtype=np.float32)
-        start = 0
-        for n in lengths:
+
+        def one_head(job: tuple[int, int, int]) -> None:
+            start, n, j = job
             seg = qkv[start : start + n]
-            for j in range(h):
-                q = seg[:, j * dh : (j + 1) * dh]
-                k_t = np.ascontiguousarray(seg[:, d + j * dh : d + (j + 1) * dh].T)
-                v = np.ascontiguousarray(seg[:, 2 * d + j * dh : 2 * d + (j + 1) * dh])
-                for q0 in range(0, n, _QUERY_BLOCK):
-                    scores = softmax(q[q0 : q0 + _QUERY_BLOCK] @ k_t)
-                    out[start + q0 : start + min(q0 + _QUERY_BLOCK, n), j * dh : (j + 1) * dh] = scores @ v
-            start += n
+            q = seg[:, j * dh : (j + 1) * dh]
+            k_t = np.ascontiguousarray(seg[:, d + j * dh : d + (j + 1) * dh].T)
+            v = np.ascontiguousarray(seg[:, 2 * d + j * dh : 2 * d + (j + 1) * dh])
+            for q0 in range(0, n, _QUERY_BLOCK):
+                scores = softmax(q[q0 : q0 + _QUERY_BLOCK] @ k_t)
+                out[start + q0 : start + min(q0 + _QUERY_BLOCK, n), j * dh : (j + 1) * dh] = scores @ v
+
+        starts = np.cumsum([0, *lengths[:-1]])
+        parallel_map(one_head, [(int(s0), n, j) for s0, n in zip(starts, lengths) for j in range(h)], self._threads())
         return self.store.linear(name + ".out", out)
 
+    def _threads(self) -> int:
+        # Python threads over chunks and heads; a store with state in `linear` gets one
+        return compute_threads() if getattr(self.store, "thread_safe", False) else 1
+
     def _mlp(self, name: str, x: np.ndarray) -> np.ndarray:
-        return self.store.linear(name + ".fc2", gelu(self.store.linear(name + ".fc1", x)))
+        hidden = self.store.linear(name + ".fc1", x)
+        return self.store.linear(name + ".fc2", gelu(hidden, out=hidden, threads=self._threads()))
 
 
 def _segments(x: np.ndarray, lengths: list[int]) -> list[np.ndarray]:

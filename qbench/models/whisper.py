@@ -23,16 +23,13 @@ checkpoint loader maps to):
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
 from qbench.models.activations import gelu, layer_norm, softmax
+from qbench.models.parallel import blas_threads_at_most, compute_threads, parallel_map
 from qbench.tokenizer import WhisperVocabulary
 from qbench.weight_store import WeightInfo, WeightStore
 
@@ -197,9 +194,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int, causal_o
     speed where numpy's stacked matmul over `[B, H, T, T]` is several times slower, and a
     `[512, 1500]` score block (3 MB) stays in cache through the softmax passes and the second
     GEMM, where a whole 1500 x 1500 head (9 MB) streams from memory on every pass.
-    Those GEMMs always run on a single-threaded BLAS: OpenBLAS's `[512, 1500] @ [1500, 64]`
-    rounds differently on two threads, and a transcript must not depend on the machine's
-    cores. `threads` > 1 spreads the (utterance, head) pairs over Python threads instead.
+    `threads` spreads the (utterance, head) pairs over Python threads (`parallel_map`: their
+    GEMMs stay on a single-threaded BLAS, so the output is the same on any thread count).
     """
     b, tq, d = q.shape
     dh = d // n_head
@@ -233,14 +229,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int, causal_o
             head_out /= denom
             out[i, q0:q1, h] = head_out
 
-    pairs = [(i, h) for i in range(b) for h in range(n_head)]
-    with _blas_threads_at_most(1):
-        if threads > 1 and len(pairs) > 1:
-            with ThreadPoolExecutor(min(threads, len(pairs)), thread_name_prefix="qbench-attention") as pool:
-                list(pool.map(one_head, pairs))  # list(): re-raises a worker's exception here
-        else:
-            for pair in pairs:
-                one_head(pair)
+    parallel_map(one_head, [(i, h) for i in range(b) for h in range(n_head)], threads)
     return out.reshape(b, tq, d)
 
 
@@ -256,14 +245,14 @@ def _ln(store: WeightStore, name: str, x: np.ndarray) -> np.ndarray:
 def encode(store: WeightStore, dims: ModelDimensions, mel: np.ndarray, threads: int = 1) -> np.ndarray:
     """Encoder: `[B, 3000, n_mels]` log-mel -> `[B, 1500, d]` audio features.
 
-    `threads`: Python threads for the attention heads (see `attention`); the linear layers use
-    whatever BLAS threads the caller allows (their GEMMs round the same on any count).
+    `threads`: Python threads for the attention heads and GELU (see `qbench.models.parallel`);
+    the linear layers use whatever BLAS threads the caller allows.
     """
     # GELU in place on the fresh GEMM outputs: no second activation-sized array
     x = conv1d(store, "encoder.conv1", mel)
-    x = gelu(x, out=x)
+    x = gelu(x, out=x, threads=threads)
     x = conv1d(store, "encoder.conv2", x, stride=2)
-    x = gelu(x, out=x)
+    x = gelu(x, out=x, threads=threads)
     x += store.param("encoder.positional_embedding")[: x.shape[1]]
     for i in range(dims.n_audio_layer):
         p = f"encoder.blocks.{i}"
@@ -273,7 +262,7 @@ def encode(store: WeightStore, dims: ModelDimensions, mel: np.ndarray, threads: 
         x += store.linear(f"{p}.attn.out", attention(q, split_heads(k, h), split_heads(v, h), h, threads=threads))
         del qkv, q, k, v
         hidden = store.linear(f"{p}.mlp.fc1", _ln(store, f"{p}.mlp_ln", x))
-        x += store.linear(f"{p}.mlp.fc2", gelu(hidden, out=hidden))
+        x += store.linear(f"{p}.mlp.fc2", gelu(hidden, out=hidden, threads=threads))
         del hidden
     return _ln(store, "encoder.ln_post", x)
 
@@ -372,67 +361,23 @@ def output_logits(store: WeightStore, hidden: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # Greedy decoding
 # ----------------------------------------------------------------------------------------------
-#: Threads `greedy_decode` runs on; None: `QBENCH_THREADS`, else every CPU this process may use.
-#: Several windows: the encoder runs that many at once in Python threads (numpy releases the
-#: GIL in BLAS and in ufunc loops), each on a single-threaded BLAS. One window (or a store that
-#: is not thread-safe): its linear layers run on a BLAS with this many threads and its
-#: attention heads in Python threads. The decoder runs its whole batch on a threaded BLAS: the
-#: output projection alone streams the 80 MB token embedding on every step. Measured on a
-#: quiet 2-core box (tiny.en): encoder 0.52 s per window on 1 thread, 0.29 s with two windows
-#: in two threads; output projection for 4 rows 20.7 ms on 1 thread, 7.7 ms on 2. Transcripts
-#: are bit-identical on any thread count (`attention` says why; a test holds it). On a machine
-#: loaded by other work a threaded BLAS can be far slower (a sleeping BLAS thread waits for a
-#: scheduler tick): set `QBENCH_THREADS=1` there.
-THREADS: int | None = None
 #: 30 s windows per encoder call in `greedy_decode` (see there)
 ENCODER_WINDOWS = 1
-
-
-def compute_threads() -> int:
-    """The thread count `greedy_decode` uses (see `THREADS`)."""
-    if THREADS:
-        return THREADS
-    env = os.environ.get("QBENCH_THREADS", "").strip()
-    if env:
-        if not env.isdigit() or int(env) < 1:
-            raise ValueError(f"QBENCH_THREADS must be a positive integer, got {env!r}")
-        return int(env)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def encoder_parallelism(store: WeightStore, n_windows: int) -> tuple[int, int]:
     """`(encoder calls at once, attention threads per call)` in `greedy_decode` of `n_windows`.
 
-    Stores that keep mutable state in `linear` (device caches, compute counters, calibration)
-    say `thread_safe = False` and get one encoder call at a time.
+    Several windows: that many encoder calls run at once in Python threads, each on a
+    single-threaded BLAS. One window (or a store that keeps mutable state in `linear`, such as
+    device caches, compute counters or calibration, and says `thread_safe = False`): one call,
+    its linear layers on a threaded BLAS and its attention heads in threads. Measured on a
+    quiet 2-core box (tiny.en): 0.52 s per window on one thread, 0.29 s with two windows in
+    two threads.
     """
     threads = compute_threads()
     calls = min(-(-n_windows // ENCODER_WINDOWS), threads) if getattr(store, "thread_safe", False) else 1
     return max(1, calls), (1 if calls > 1 else threads)
-
-
-@lru_cache(maxsize=1)
-def _blas_controller():  # -> threadpoolctl.ThreadpoolController | None
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # an optional speed-up: without it the BLAS keeps its own setting
-        return None
-    return ThreadpoolController()
-
-
-@contextmanager
-def _blas_threads_at_most(n: int) -> Iterator[None]:
-    """Cap the BLAS thread pool at `n` inside the block (never raises it)."""
-    controller = _blas_controller()
-    if controller is None:
-        yield
-        return
-    blas = controller.select(user_api="blas")
-    if all(lib["num_threads"] <= n for lib in blas.info()):
-        yield
-        return
-    with blas.limit(limits=n):
-        yield
 
 
 def greedy_decode(
@@ -468,14 +413,14 @@ def greedy_decode(
     starts = range(0, n, ENCODER_WINDOWS)
     calls, attention_threads = encoder_parallelism(store, n)
     if calls > 1:
-        with _blas_threads_at_most(1), ThreadPoolExecutor(calls, thread_name_prefix="qbench-encoder") as pool:
-            list(pool.map(lambda start: encode_rows(start, 1), starts))  # list(): re-raises a worker's exception
+        parallel_map(lambda start: encode_rows(start, 1), starts, calls)
     else:
-        # one call at a time: the threads go to the BLAS and to the attention heads
-        with _blas_threads_at_most(threads):
+        with blas_threads_at_most(threads):
             for start in starts:
                 encode_rows(start, attention_threads)
-    with _blas_threads_at_most(threads):
+    # the decoder's batch on a threaded BLAS: the output projection alone streams the 80 MB
+    # token embedding on every step (4 rows: 20.7 ms on one thread, 7.7 ms on two)
+    with blas_threads_at_most(threads):
         _greedy_loop(store, dims, vocab, state, prompt, suppress, suppress_begin, max_new_tokens, results)
     return results
 

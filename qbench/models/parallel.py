@@ -1,0 +1,84 @@
+"""How the numpy models use the machine's cores, without letting the core count change a result.
+
+Two kinds of parallelism, and the rule that keeps results bit-identical on any machine size:
+
+* a threaded BLAS for the big GEMMs (linear layers, im2col convolutions): OpenBLAS splits those
+  over the output's rows and columns, so every element is still summed by one thread in one
+  order, and the result is the same on 1 or N threads;
+* Python threads over independent pieces of work (encoder windows, attention heads, feature
+  encoder chunks): numpy releases the GIL inside BLAS calls and ufunc loops, so two threads
+  run on two cores. Inside those threads the BLAS is held at one thread (`parallel_map` does
+  it): some small GEMMs, such as an attention head's `[512, T] @ [T, 64]`, round differently
+  when OpenBLAS threads them.
+
+`THREADS` (or the `QBENCH_THREADS` environment variable) sets the count; the default is every
+CPU this process may run on. On a machine loaded by other work a threaded BLAS can be far
+slower than one thread (a sleeping BLAS thread waits for a scheduler tick): set
+`QBENCH_THREADS=1` there.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: Threads the models use; None: `QBENCH_THREADS`, else every CPU this process may use.
+THREADS: int | None = None
+
+
+def compute_threads() -> int:
+    """The thread count the models use (see `THREADS`)."""
+    if THREADS:
+        return THREADS
+    env = os.environ.get("QBENCH_THREADS", "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"QBENCH_THREADS must be a positive integer, got {env!r}")
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@lru_cache(maxsize=1)
+def _blas_controller():  # -> threadpoolctl.ThreadpoolController | None
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # an optional speed-up: without it the BLAS keeps its own setting
+        return None
+    return ThreadpoolController()
+
+
+@contextmanager
+def blas_threads_at_most(n: int) -> Iterator[None]:
+    """Cap the BLAS thread pool at `n` inside the block (never raises it)."""
+    controller = _blas_controller()
+    if controller is None:
+        yield
+        return
+    blas = controller.select(user_api="blas")
+    if all(lib["num_threads"] <= n for lib in blas.info()):
+        yield
+        return
+    with blas.limit(limits=n):
+        yield
+
+
+def parallel_map(fn: Callable[[T], R], items: Iterable[T], threads: int) -> list[R]:
+    """`[fn(item) for item in items]` on up to `threads` Python threads, BLAS single-threaded.
+
+    The results are in the order of `items`; a worker's exception is raised here. One thread
+    (or one item) runs in the caller's thread, still with the BLAS capped, so that the result
+    never depends on `threads`.
+    """
+    items = list(items)
+    with blas_threads_at_most(1):
+        if threads <= 1 or len(items) <= 1:
+            return [fn(item) for item in items]
+        with ThreadPoolExecutor(min(threads, len(items)), thread_name_prefix="qbench") as pool:
+            return list(pool.map(fn, items))
