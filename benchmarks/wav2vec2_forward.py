@@ -2,9 +2,10 @@
 
 Both run the real facebook/wav2vec2-base-960h config with the same seeded random weights (no
 Hub access needed) on real LibriSpeech test-clean audio (utterances concatenated to 10 s and
-35 s), with the same thread count. Warm-up runs (which also build the store's transposed weight
-cache) are excluded; time is the best of `--repeats` runs. Peak memory comes from a separate,
-instrumented run: tracemalloc peak (numpy's own allocations) and the peak RSS increase sampled
+35 s), with the same thread count (torch.set_num_threads; numpy's BLAS and qbench's own
+threads). Warm-up runs (which also build the store's transposed weight cache) are excluded;
+time is the best of `--repeats` runs, numpy and PyTorch interleaved. Peak memory comes from a
+separate, instrumented run: tracemalloc peak (numpy's own allocations) and the peak RSS increase sampled
 every 2 ms (both libraries; torch's allocator is invisible to tracemalloc).
 
     python benchmarks/wav2vec2_forward.py [--threads N] [--repeats R]
@@ -80,19 +81,22 @@ class PeakRSS:
         return (self.peak - self.base) / MB
 
 
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    times = []
+def best_times(fns: list[Callable[[], object]], repeats: int) -> list[float]:
+    """Best wall time of each function, the runs interleaved (a, b, a, b, ...) so that a slow
+    stretch of a shared machine does not fall on one side only."""
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [min(ts) for ts in times]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seconds", type=float, nargs="+", default=[10.0, 35.0])
     args = parser.parse_args()
 
@@ -102,6 +106,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     threadpool_limits(args.threads)
+    os.environ["QBENCH_THREADS"] = str(args.threads)
 
     hf_config = json.loads((FIXTURE / "config.json").read_text())
     torch.manual_seed(0)
@@ -126,8 +131,7 @@ def main() -> None:
         table.add_column(col, justify="right")
     for seconds in args.seconds:
         audio = librispeech_audio(seconds)
-        t_np = best_time(lambda: model.logits(audio), args.repeats)
-        t_torch = best_time(lambda: torch_logits(audio), args.repeats)
+        t_np, t_torch = best_times([lambda: model.logits(audio), lambda: torch_logits(audio)], args.repeats)
         tracemalloc.start()
         with PeakRSS() as rss_np:
             got = model.logits(audio)

@@ -155,9 +155,9 @@ class MemoryBreakdown(BaseModel):
 def _attention_scores_bytes(t: int) -> int:
     """One `[block, t]` score buffer of the encoder's self-attention over `t` frames (each
     attention thread holds one while it works through its (utterance, head) pairs)."""
-    from qbench.models import whisper
+    from qbench.models.attention import QUERY_BLOCK
 
-    return F32 * min(whisper._QUERY_BLOCK, t) * t
+    return F32 * min(QUERY_BLOCK, t) * t
 
 
 def weight_block_bytes(store: WeightStore, block_bytes: int = DEFAULT_BLOCK_BYTES) -> int:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from qbench.models import activations, parallel
+from qbench.models import attention as attention_module
 from qbench.models import whisper as W
 from qbench.packing import PackedTensor, pack_quantized
 from qbench.quantizer import QuantizedTensor, apply_scales
@@ -60,7 +61,7 @@ def test_query_blocked_attention_equals_one_block(monkeypatch: pytest.MonkeyPatc
     q = rng.standard_normal((b, tq, h * dh)).astype(np.float32)
     k, v = (rng.standard_normal((b, h, tk, dh)).astype(np.float32) for _ in range(2))
     whole = W.attention(q, k, v, h, causal_offset)
-    monkeypatch.setattr(W, "_QUERY_BLOCK", 4)
+    monkeypatch.setattr(attention_module, "QUERY_BLOCK", 4)
     np.testing.assert_allclose(W.attention(q, k, v, h, causal_offset), whole, rtol=1e-6, atol=1e-7)
     # the same softmax written out, for the masked case too
     scores = np.einsum("bqhd,bhkd->bhqk", q.reshape(b, tq, h, dh), k) / np.sqrt(dh)

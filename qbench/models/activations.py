@@ -24,7 +24,7 @@ _INV_SQRT2 = np.float32(0.7071067811865476)
 # Elements per block of the element-wise kernels: the ~25 passes of the erf polynomial then
 # run on three scratch buffers that stay in L2 instead of streaming (and allocating) arrays
 # the size of an encoder MLP activation (9 MB per window) for every pass.
-_BLOCK = 1 << 15
+_BLOCK = 1 << 16
 
 
 def _erf_block(x: np.ndarray, p: np.ndarray, q: np.ndarray, x2: np.ndarray) -> np.ndarray:

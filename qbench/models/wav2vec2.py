@@ -44,7 +44,8 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from qbench.models.activations import gelu, layer_norm, softmax
+from qbench.models.activations import gelu, layer_norm
+from qbench.models.attention import attention, split_heads
 from qbench.models.parallel import blas_threads_at_most, compute_threads, parallel_map
 from qbench.weight_store import WeightInfo, WeightStore
 
@@ -148,15 +149,16 @@ def weight_infos(config: Wav2Vec2Config) -> list[WeightInfo]:
 
 # -- elementwise building blocks ---------------------------------------------------------------
 
-#: attention queries per block: bounds the [block, T] scores of a head whatever the utterance
-#: length (a 35 s utterance's full [T, T] is 12 MB per head, 150 MB for all heads at once)
-_QUERY_BLOCK = 512
-
-
 def im2col(x: np.ndarray, kernel: int, stride: int, out: np.ndarray | None = None) -> np.ndarray:
     """`[T, C]` -> `[T_out, C * kernel]`, input-channel major (the store's conv matrix layout),
     written into `out` (C-contiguous) if given."""
-    windows = sliding_window_view(x, kernel, axis=0)[::stride]  # [T_out, C, kernel], a view
+    if kernel >= 16:
+        # a long kernel (the positional conv's 128) gathers `kernel` samples per (frame,
+        # channel): from a channel-major copy they are contiguous runs (2x faster than
+        # striding through `x`'s rows); for kernels of 2-10 the row-major read wins
+        windows = sliding_window_view(np.ascontiguousarray(x.T), kernel, axis=1)[:, ::stride].transpose(1, 0, 2)
+    else:
+        windows = sliding_window_view(x, kernel, axis=0)[::stride]  # [T_out, C, kernel], a view
     if out is None:
         return windows.reshape(windows.shape[0], -1)  # the one copy
     out.reshape(windows.shape)[...] = windows
@@ -268,7 +270,7 @@ class Wav2Vec2:
 
     def _norm_gelu(self, l: int, y: np.ndarray,
                    group_stats: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-        """Conv layer `l`'s norm and GELU on its `[T, C]` output.
+        """Conv layer `l`'s norm and GELU on its `[T, C]` output, computed in place in `y`.
 
         `group_stats` (mean, 1/std per channel) are the group norm's statistics over the whole
         utterance, which a time chunk cannot compute by itself; None: from `y`.
@@ -278,8 +280,11 @@ class Wav2Vec2:
             y = self._layer_norm(y, norm, CONV_NORM_EPS)
         elif l == 0:
             mean, inv_std = _channel_stats(y) if group_stats is None else group_stats
-            y = (y - mean) * (inv_std * self.store.param(norm + ".weight")) + self.store.param(norm + ".bias")
-        return gelu(y)
+            # in place on the fresh conv output (the same float32 operations as out of place)
+            y -= mean
+            y *= inv_std * self.store.param(norm + ".weight")
+            y += self.store.param(norm + ".bias")
+        return gelu(y, out=y)
 
     def feature_encoder(self, audio: np.ndarray, chunk_frames: int | None = -1) -> np.ndarray:
         """Normalised waveform `[N]` -> conv features `[T, c_last]`, in time chunks.
@@ -287,14 +292,14 @@ class Wav2Vec2:
         A chunk of output frames [t0, t1) depends exactly on samples
         [t0 * stride, (t1 - 1) * stride + receptive_field); since t0 * stride is a multiple of
         every layer's cumulative stride, each chunk reproduces the same frames as the unchunked
-        pass. Group norm (base models) needs per-channel statistics of the whole first-layer
-        output, so that layer is run once more beforehand, in chunks, just to accumulate them.
+        pass (to float32 rounding). Group norm (base models) needs per-channel statistics of
+        the whole first-layer output, which a chunk cannot see: `_first_layer_stats` derives
+        them from the audio beforehand. Chunks run in parallel threads.
 
         Peak memory is set by the chunk, not the utterance: for 512 channels and
         `chunk_frames`=128, ~17 MB first-layer output, ~25 MB second-layer im2col and their
-        norm/GELU temporaries: 68 MB peak (tracemalloc) for a 35 s utterance, against 0.66 GB
-        unchunked, at no measurable cost in time (the group-norm statistics pass is ~10% of
-        the encoder). `chunk_frames`: -1 the model's `chunk_frames`, None unchunked.
+        norm/GELU temporaries per chunk in flight, against 0.66 GB unchunked for a 35 s
+        utterance. `chunk_frames`: -1 the model's `chunk_frames`, None unchunked.
         """
         c = self.config
         if chunk_frames == -1:
@@ -304,7 +309,7 @@ class Wav2Vec2:
         if chunk_frames is None or total <= chunk_frames:
             return self._feature_encoder_stacked([audio[:, None]])[0]
         stride, field = c.total_stride, c.receptive_field
-        group_stats = self._first_layer_stats(audio, chunk_frames) if c.feat_extract_norm == "group" else None
+        group_stats = self._first_layer_stats(audio) if c.feat_extract_norm == "group" else None
         out = np.empty((total, c.conv_dim[-1]), dtype=np.float32)
 
         def one_chunk(t0: int) -> None:
@@ -319,34 +324,25 @@ class Wav2Vec2:
         parallel_map(one_chunk, range(0, total, chunk_frames), self._threads())
         return out
 
-    def _first_layer_stats(self, audio: np.ndarray, chunk_frames: int) -> tuple[np.ndarray, np.ndarray]:
-        """Per-channel mean and 1/sqrt(var + eps) of the first conv layer's whole output."""
+    def _first_layer_stats(self, audio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel mean and 1/sqrt(var + eps) of the first conv layer's whole output,
+        without computing that output (512 x 3200 floats per second of audio).
+
+        The layer is linear in its im2col rows `x` (`[n, k]`, k = 10 samples): with m the mean
+        row and S = x^T x / n (a k x k matrix), channel c's mean is w_c.m (+ bias) and its
+        variance w_c^T S w_c - (w_c.m)^2, in float64 (the input is normalised to zero mean, so
+        the difference does not cancel).
+        """
         c = self.config
-        k, s = c.conv_kernel[0], c.conv_stride[0]
-        n = (len(audio) - k) // s + 1
-        step = chunk_frames * (c.total_stride // s)  # the same first-layer frames per chunk
-        def first_layer(f0: int) -> np.ndarray:
-            f1 = min(f0 + step, n)
-            return self.store.linear("feature_encoder.conv.0", im2col(audio[f0 * s : (f1 - 1) * s + k, None], k, s))
-
-        def shifted_sums(f0: int) -> tuple[np.ndarray, np.ndarray]:
-            y = first_layer(f0)
-            y -= shift
-            total = y.sum(axis=0, dtype=np.float64)
-            y *= y
-            return total, y.sum(axis=0, dtype=np.float64)
-
-        # float64 sums of values shifted by a rough mean keep E[x^2] - E[x]^2 free of cancellation;
-        # per-chunk sums are added in chunk order, whatever thread computed them
-        with blas_threads_at_most(1):
-            shift = first_layer(0).mean(axis=0)
-        acc = np.zeros(c.conv_dim[0]), np.zeros(c.conv_dim[0])
-        for total, squares in parallel_map(shifted_sums, range(0, n, step), self._threads()):
-            acc[0][:] += total
-            acc[1][:] += squares
-        mean_c = acc[0] / n
-        var = np.maximum(acc[1] / n - mean_c**2, 0.0)
-        return (shift + mean_c).astype(np.float32), (1.0 / np.sqrt(var + CONV_NORM_EPS)).astype(np.float32)
+        name = "feature_encoder.conv.0"
+        x = im2col(audio[:, None], c.conv_kernel[0], c.conv_stride[0]).astype(np.float64)
+        m, gram = x.mean(axis=0), (x.T @ x) / len(x)
+        w = np.asarray(self.store.matrix(name), dtype=np.float64)  # [channels, k], as the layer runs it
+        mean = w @ m
+        var = np.maximum(np.einsum("ck,kl,cl->c", w, gram, w) - mean**2, 0.0)
+        if self.store.has(name + ".bias"):
+            mean += self.store.param(name + ".bias")
+        return mean.astype(np.float32), (1.0 / np.sqrt(var + CONV_NORM_EPS)).astype(np.float32)
 
     # -- transformer -----------------------------------------------------------------------
     def _encode(self, feats: np.ndarray, lengths: list[int]) -> np.ndarray:
@@ -390,25 +386,15 @@ class Wav2Vec2:
         return gelu(out, out=out, threads=self._threads())
 
     def _attention(self, name: str, x: np.ndarray, lengths: list[int]) -> np.ndarray:
+        """Self-attention within each utterance (rows `lengths` of `x`), heads in threads."""
         c = self.config
         d, h = c.hidden_size, c.num_attention_heads
-        dh = d // h
         qkv = self.store.linear(name + ".qkv", x)
-        qkv[:, :d] *= np.float32(dh**-0.5)
         out = np.empty((x.shape[0], d), dtype=np.float32)
-
-        def one_head(job: tuple[int, int, int]) -> None:
-            start, n, j = job
-            seg = qkv[start : start + n]
-            q = seg[:, j * dh : (j + 1) * dh]
-            k_t = np.ascontiguousarray(seg[:, d + j * dh : d + (j + 1) * dh].T)
-            v = np.ascontiguousarray(seg[:, 2 * d + j * dh : 2 * d + (j + 1) * dh])
-            for q0 in range(0, n, _QUERY_BLOCK):
-                scores = softmax(q[q0 : q0 + _QUERY_BLOCK] @ k_t)
-                out[start + q0 : start + min(q0 + _QUERY_BLOCK, n), j * dh : (j + 1) * dh] = scores @ v
-
-        starts = np.cumsum([0, *lengths[:-1]])
-        parallel_map(one_head, [(int(s0), n, j) for s0, n in zip(starts, lengths) for j in range(h)], self._threads())
+        for start, n in zip(np.cumsum([0, *lengths[:-1]]), lengths):
+            seg = qkv[None, start : start + n]
+            k, v = split_heads(seg[..., d : 2 * d], h), split_heads(seg[..., 2 * d :], h)
+            out[start : start + n] = attention(seg[..., :d], k, v, h, threads=self._threads())[0]
         return self.store.linear(name + ".out", out)
 
     def _threads(self) -> int:

@@ -28,14 +28,13 @@ from functools import lru_cache
 
 import numpy as np
 
-from qbench.models.activations import gelu, layer_norm, softmax
+from qbench.models.activations import gelu, layer_norm
+from qbench.models.attention import attention, split_heads
 from qbench.models.parallel import blas_threads_at_most, compute_threads, parallel_map
 from qbench.tokenizer import WhisperVocabulary
 from qbench.weight_store import WeightInfo, WeightStore
 
 
-# Queries per attention block (see `attention`).
-_QUERY_BLOCK = 512
 
 
 @dataclass(frozen=True)
@@ -182,60 +181,6 @@ def conv1d(store: WeightStore, name: str, x: np.ndarray, stride: int = 1) -> np.
     cols = np.lib.stride_tricks.sliding_window_view(xp, k, axis=1)[:, ::stride]  # [B, T_out, C, k]
     cols = np.ascontiguousarray(cols).reshape(cols.shape[0], cols.shape[1], -1)
     return store.linear(name, cols)
-
-
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int, causal_offset: int | None = None,
-              threads: int = 1) -> np.ndarray:
-    """Scaled dot-product attention. q `[B, Tq, D]`, k/v `[B, H, Tk, dh]` (already split).
-
-    `causal_offset` is the position of q's first row; given, row i may see keys up to
-    `causal_offset + i` (the decoder's mask while it processes several tokens at once).
-    Long queries run one (utterance, head, block of queries) at a time: 2-D GEMMs reach BLAS
-    speed where numpy's stacked matmul over `[B, H, T, T]` is several times slower, and a
-    `[512, 1500]` score block (3 MB) stays in cache through the softmax passes and the second
-    GEMM, where a whole 1500 x 1500 head (9 MB) streams from memory on every pass.
-    `threads` spreads the (utterance, head) pairs over Python threads (`parallel_map`: their
-    GEMMs stay on a single-threaded BLAS, so the output is the same on any thread count).
-    """
-    b, tq, d = q.shape
-    dh = d // n_head
-    q = q.reshape(b, tq, n_head, dh) * np.float32(dh**-0.5)
-    if tq == 1:
-        scores = q.transpose(0, 2, 1, 3) @ k.transpose(0, 1, 3, 2)  # [B, H, 1, Tk]
-        softmax(scores)
-        return (scores @ v).reshape(b, 1, d)
-    tk = k.shape[2]
-    out = np.empty((b, tq, n_head, dh), dtype=np.float32)
-    block = min(tq, _QUERY_BLOCK)
-    mask = None
-    if causal_offset is not None:
-        mask = np.arange(tk)[None, :] > (causal_offset + np.arange(tq))[:, None]
-
-    def one_head(pair: tuple[int, int]) -> None:
-        i, h = pair
-        k_t, v_h = k[i, h].T, v[i, h]
-        scores_buf = np.empty((block, tk), dtype=np.float32)
-        for q0 in range(0, tq, block):
-            q1 = min(q0 + block, tq)
-            scores = np.matmul(q[i, q0:q1, h], k_t, out=scores_buf[: q1 - q0])
-            if mask is not None:
-                scores[mask[q0:q1]] = -np.inf
-            # softmax with the normalisation moved after the second GEMM: dividing the
-            # [block, dh] output is 23x less work than dividing the [block, Tk] scores
-            scores -= scores.max(axis=-1, keepdims=True)
-            np.exp(scores, out=scores)
-            denom = scores.sum(axis=-1, keepdims=True)
-            head_out = scores @ v_h
-            head_out /= denom
-            out[i, q0:q1, h] = head_out
-
-    parallel_map(one_head, [(i, h) for i in range(b) for h in range(n_head)], threads)
-    return out.reshape(b, tq, d)
-
-
-def split_heads(x: np.ndarray, n_head: int) -> np.ndarray:
-    b, t, d = x.shape
-    return np.ascontiguousarray(x.reshape(b, t, n_head, d // n_head).transpose(0, 2, 1, 3))
 
 
 def _ln(store: WeightStore, name: str, x: np.ndarray) -> np.ndarray:
