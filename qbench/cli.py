@@ -43,6 +43,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from qbench.results import DatasetRef, MachineInfo, ModelRef, RunResult
     from qbench.runner import RunFailed, evaluate
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CliError(f"--threads must be at least 1, got {args.threads}")
+        from qbench.models import parallel
+
+        parallel.THREADS = args.threads
     data_dir = find_data_dir(args.data_dir, args.subset)
     all_present = list_utterances(data_dir, args.subset)
     utterances = select_utterances(all_present, args.limit, args.utterance_ids)
@@ -374,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--calibration-limit", type=int, default=None)
     run.add_argument("--calibration-ids", metavar="FILE", help="exactly these calibration utterances (one id a line)")
     run.add_argument("--output", "-o", help="result JSON path (default results/<model>__<subset>__<label>.json)")
+    run.add_argument("--threads", type=int, help="threads to run on (default: QBENCH_THREADS, else every CPU); "
+                     "results are the same on any count")
     run.add_argument("--quiet", "-q", action="store_true")
     run.add_argument("--submit", action="store_true", help="also write a leaderboard entry into --leaderboards")
     run.add_argument("--leaderboards", default="leaderboards", help="leaderboard root for --submit")

@@ -31,21 +31,17 @@ class MachineInfo(BaseModel):
     python: str
     numpy: str
     blas: str | None = None
-    threads: int | None = None
+    threads: int | None = Field(None, description="threads qbench ran on (QBENCH_THREADS / --threads)")
 
     @classmethod
     def current(cls) -> MachineInfo:
-        blas, threads = None, None
-        try:
-            from threadpoolctl import threadpool_info
+        from threadpoolctl import threadpool_info
 
-            for pool in threadpool_info():
-                if pool.get("user_api") == "blas":
-                    blas = f"{pool.get('internal_api')} {pool.get('version')} ({pool.get('architecture')})"
-                    threads = pool.get("num_threads")
-                    break
-        except ImportError:
-            pass
+        from qbench.models.parallel import compute_threads
+
+        blas = next((f"{pool.get('internal_api')} {pool.get('version')} ({pool.get('architecture')})"
+                     for pool in threadpool_info() if pool.get("user_api") == "blas"), None)
+        threads = compute_threads()
         return cls(
             platform=platform.platform(),
             processor=platform.processor() or platform.machine(),

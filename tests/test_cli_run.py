@@ -76,3 +76,17 @@ def test_missing_weights_path_is_named(tmp_path, capsys):
 def test_models_lists_the_registry(argv, capsys):
     assert main(argv) == 0
     assert "whisper-tiny.en" in capsys.readouterr().out
+
+
+def test_threads_change_no_transcript(tiny_en, data_dir, tmp_path, monkeypatch):
+    from qbench.models import parallel
+
+    monkeypatch.setattr(parallel, "THREADS", None)  # restored after the test: the CLI sets it
+    runs = {}
+    for threads in ("1", "3"):
+        out = tmp_path / f"t{threads}.json"
+        assert main(["run", "--limit", "2", "--threads", threads, "--data-dir", str(data_dir), "-o", str(out), "-q"]) == 0
+        runs[threads] = json.loads(out.read_text())
+    assert runs["1"]["machine"]["threads"] == 1 and runs["3"]["machine"]["threads"] == 3
+    assert runs["1"]["hypotheses_sha256"] == runs["3"]["hypotheses_sha256"]
+    assert main(["run", "--limit", "1", "--threads", "0", "-q"]) == 2

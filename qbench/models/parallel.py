@@ -26,6 +26,8 @@ from contextlib import contextmanager
 from functools import lru_cache
 from typing import TypeVar
 
+from threadpoolctl import ThreadpoolController
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -46,22 +48,14 @@ def compute_threads() -> int:
 
 
 @lru_cache(maxsize=1)
-def _blas_controller():  # -> threadpoolctl.ThreadpoolController | None
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # an optional speed-up: without it the BLAS keeps its own setting
-        return None
+def _blas_controller() -> ThreadpoolController:
     return ThreadpoolController()
 
 
 @contextmanager
 def blas_threads_at_most(n: int) -> Iterator[None]:
     """Cap the BLAS thread pool at `n` inside the block (never raises it)."""
-    controller = _blas_controller()
-    if controller is None:
-        yield
-        return
-    blas = controller.select(user_api="blas")
+    blas = _blas_controller().select(user_api="blas")
     if all(lib["num_threads"] <= n for lib in blas.info()):
         yield
         return
