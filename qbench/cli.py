@@ -111,6 +111,22 @@ def submit_entry(model, result, root: Path) -> Path:
     return path
 
 
+def read_ids(path: str, which: str) -> list[str]:
+    """Utterance ids from a text file (one a line) or from a leaderboard entry (`.json`): its
+    scored utterances (`which="scored"`) or its calibration set (`which="calibration"`), so a
+    new entry can be made on exactly the utterances of the committed ones."""
+    if path.endswith(".json"):
+        from qbench.leaderboard_entry import read_entry
+
+        entry = read_entry(Path(path))
+        if which == "scored":
+            return [u.id for u in entry.utterances]
+        if entry.calibration is None:
+            raise CliError(f"{path}: the entry has no calibration set")
+        return list(entry.calibration.utterance_ids)
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def select_utterances(present: list, limit: int | None, ids_file: str | None) -> list:
     """`--limit N` (first N sorted ids) or `--utterance-ids FILE` (exactly those, one id a line:
     how `qbench verify` reruns an entry on a full official download as on the shared sample)."""
@@ -118,7 +134,7 @@ def select_utterances(present: list, limit: int | None, ids_file: str | None) ->
         if limit is not None and limit < 1:
             raise CliError(f"--limit must be at least 1, got {limit}")
         return present[:limit] if limit is not None else present
-    wanted = [line.strip() for line in Path(ids_file).read_text().splitlines() if line.strip()]
+    wanted = read_ids(ids_file, "scored")
     by_id = {u.id: u for u in present}
     missing = [i for i in wanted if i not in by_id]
     if missing:
@@ -137,7 +153,7 @@ def quantize_for_run(model, args: argparse.Namespace, data_dir: Path, eval_ids: 
     policy = QuantizationPolicy(quantize_embeddings=args.quantize_embeddings)
     audios, calibration = None, None
     if quantizer.needs_calibration:
-        ids = Path(args.calibration_ids).read_text().split() if args.calibration_ids else None
+        ids = read_ids(args.calibration_ids, "calibration") if args.calibration_ids else None
         audios, record = load_calibration(data_dir, args.calibration_subset, args.calibration_limit, eval_ids, ids)
         calibration = record.model_dump()
         console.print(f"calibrating {args.plugin} on {record.utterance_count} {record.subset} utterances ({record.audio_seconds:.0f} s)")
@@ -369,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--weights", help="weights path (file or directory) instead of the registry's sources")
     run.add_argument("--subset", default="test-clean")
     run.add_argument("--limit", type=int, help="first N utterances in sorted id order")
-    run.add_argument("--utterance-ids", metavar="FILE", help="exactly these utterances (one id a line) instead of --limit")
+    run.add_argument("--utterance-ids", metavar="FILE",
+                     help="exactly these utterances (one id a line, or a leaderboard entry's) instead of --limit")
     run.add_argument("--data-dir", help="folder holding LibriSpeech/ (default: QBENCH_DATA_DIR, ../shared/librispeech, cache)")
     run.add_argument("--batch-size", type=int, default=None, help="utterances per batch (default 8; 1 on a device)")
     run.add_argument("--device", default=_default_device(), help="emulated target (qbench fit lists them) or 'none'")
@@ -378,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quantize-embeddings", action="store_true", help="also quantize embeddings / tied output projection")
     run.add_argument("--calibration-subset", default="dev-clean")
     run.add_argument("--calibration-limit", type=int, default=None)
-    run.add_argument("--calibration-ids", metavar="FILE", help="exactly these calibration utterances (one id a line)")
+    run.add_argument("--calibration-ids", metavar="FILE",
+                     help="exactly these calibration utterances (one id a line, or a leaderboard entry's)")
     run.add_argument("--output", "-o", help="result JSON path (default results/<model>__<subset>__<label>.json)")
     run.add_argument("--threads", type=int, help="threads to run on (default: QBENCH_THREADS, else every CPU); "
                      "results are the same on any count")

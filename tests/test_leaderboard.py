@@ -173,3 +173,17 @@ def test_submit_validate_verify_end_to_end(tiny_en, data_dir, tmp_path, capsys):
     write_entry(root, entry)
     assert main(["verify", str(path), "--data-dir", str(data_dir)]) == 1
     assert "hypotheses differ" in capsys.readouterr().err
+
+
+def test_a_new_entry_can_take_the_utterances_of_a_committed_one(tmp_path):
+    from qbench.cli import CliError, read_ids
+
+    gptq = next(REPO_LEADERBOARDS.glob("whisper-tiny.en/test-clean/gptq-*.json"))
+    entry = read_entry(gptq)
+    assert read_ids(str(gptq), "scored") == [u.id for u in entry.utterances]
+    assert read_ids(str(gptq), "calibration") == entry.calibration.utterance_ids
+    with pytest.raises(CliError, match="no calibration set"):
+        read_ids(str(REPO_LEADERBOARDS / "whisper-tiny.en" / "test-clean" / "fp.json"), "calibration")
+    ids = tmp_path / "ids.txt"
+    ids.write_text("a\n\n b \n")
+    assert read_ids(str(ids), "scored") == ["a", "b"]
