@@ -368,6 +368,16 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_download_model(args: argparse.Namespace) -> int:
+    from qbench.model_download import download_model
+    from qbench.registry import get_card
+
+    path = download_model(get_card(args.model), kind=args.source, progress=not args.quiet)
+    console.print(f"{args.model} weights are in {path} (checked against the registry); "
+                  f"`qbench run --model {args.model}` finds them")
+    return 0
+
+
 def _default_device() -> str:
     from qbench.devices import DEFAULT_DEVICE
 
@@ -442,6 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--cache-dir")
     download.add_argument("--quiet", "-q", action="store_true")
     download.set_defaults(func=cmd_download)
+
+    download_model = sub.add_parser("download-model", help="download a registered model's weights (checked against its card)")
+    download_model.add_argument("model", help="registered model name (qbench models)")
+    download_model.add_argument("--source", choices=["huggingface", "url"], help="which of the card's sources (default: the first)")
+    download_model.add_argument("--quiet", "-q", action="store_true")
+    download_model.set_defaults(func=cmd_download_model)
     return parser
 
 

@@ -12,14 +12,14 @@ import os
 import re
 import shutil
 import tarfile
-import urllib.error
-import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path, PurePosixPath
 
 import soundfile as sf
+
+from qbench.downloading import CHUNK, ChecksumError, DownloadError, fetch_resumable, one_line
 
 __all__ = [
     "ARCHIVES",
@@ -95,14 +95,6 @@ _COMPLETE_MARKER = ".qbench-complete"
 
 class DataNotFoundError(FileNotFoundError):
     """No LibriSpeech data where it was looked for; the message says how to provide it."""
-
-
-class DownloadError(RuntimeError):
-    """A subset archive could not be downloaded or extracted."""
-
-
-class ChecksumError(DownloadError):
-    """A downloaded archive's size or hash differs from the published value."""
 
 
 def _check_subset(subset: str) -> None:
@@ -281,13 +273,6 @@ def utterance_digest(ids: Iterable[str]) -> str:
 
 # -- downloading -----------------------------------------------------------------------------
 
-_CHUNK = 1 << 20
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
 def _verify(path: Path, info: ArchiveInfo) -> str:
     """Check size, MD5 and SHA-256 (those known); return the SHA-256 actually computed."""
     size = path.stat().st_size
@@ -298,7 +283,7 @@ def _verify(path: Path, info: ArchiveInfo) -> str:
         )
     md5, sha = hashlib.md5(), hashlib.sha256()
     with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
+        while chunk := fh.read(CHUNK):
             md5.update(chunk)
             sha.update(chunk)
     for name, want, got in (("MD5", info.md5, md5.hexdigest()), ("SHA-256", info.sha256, sha.hexdigest())):
@@ -308,93 +293,6 @@ def _verify(path: Path, info: ArchiveInfo) -> str:
                 "deleted, re-run to download again"
             )
     return sha.hexdigest()
-
-
-def _progress(enabled: bool):  # -> rich.progress.Progress | None
-    if not enabled:
-        return None
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    # stderr, so a run that pipes its results table to a file does not capture the bar.
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=False,
-    )
-
-
-def _fetch(url: str, part: Path, expected_size: int | None, label: str, progress: bool) -> None:
-    """Stream `url` into `part`, resuming with a Range request from what `part` already holds."""
-    have = part.stat().st_size if part.exists() else 0
-    if expected_size is not None and have > expected_size:
-        part.unlink()  # cannot be a prefix of the right file
-        have = 0
-    if expected_size is not None and have == expected_size:
-        return  # complete already; the checksum decides whether it is right
-    req = urllib.request.Request(url, headers={"User-Agent": "qbench"})
-    if have:
-        req.add_header("Range", f"bytes={have}-")
-    try:
-        resp = urllib.request.urlopen(req, timeout=60)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 416 and have:
-            # The server says there is nothing past `have`: the partial file is whole or wrong,
-            # which verification settles.
-            return
-        raise DownloadError(f"cannot download {url}: HTTP {exc.code} {_one_line(exc.reason)}") from exc
-    except (urllib.error.URLError, OSError) as exc:
-        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        raise DownloadError(
-            f"cannot download {url}: {_one_line(reason)} (offline? use --data-dir or "
-            "QBENCH_DATA_DIR with a local copy instead)"
-        ) from exc
-
-    with resp:
-        status = resp.status
-        if have and status == 206:
-            content_range = resp.headers.get("Content-Range", "")
-            if not content_range.startswith(f"bytes {have}-"):
-                raise DownloadError(
-                    f"cannot resume {url}: server sent range {content_range!r} for bytes={have}-"
-                )
-            mode = "ab"
-        else:
-            # 200 to a Range request: the server sent the whole file, so start over.
-            have = 0
-            mode = "wb"
-        length = resp.headers.get("Content-Length")
-        total = expected_size if expected_size is not None else (
-            have + int(length) if length is not None else None
-        )
-        bar = _progress(progress)
-        try:
-            if bar is not None:
-                bar.start()
-                task = bar.add_task(label, total=total, completed=have)
-            with part.open(mode) as out:
-                while chunk := resp.read(_CHUNK):
-                    out.write(chunk)
-                    if bar is not None:
-                        bar.update(task, advance=len(chunk))
-        except OSError as exc:
-            raise DownloadError(
-                f"download of {url} interrupted ({_one_line(exc)}); {part} kept, re-run to resume"
-            ) from exc
-        finally:
-            if bar is not None:
-                bar.stop()
 
 
 def _safe_members(tar: tarfile.TarFile, archive: Path) -> list[tarfile.TarInfo]:
@@ -428,7 +326,7 @@ def _extract(archive: Path, cache_dir: Path, subset: str) -> None:
                 else:  # pragma: no cover - Python < 3.10.12 / 3.11.4
                     tar.extractall(staging, members=members)
         except (tarfile.TarError, EOFError, OSError) as exc:
-            raise DownloadError(f"{archive}: cannot extract ({_one_line(exc)})") from exc
+            raise DownloadError(f"{archive}: cannot extract ({one_line(exc)})") from exc
         src = staging / "LibriSpeech" / subset
         if not src.is_dir():
             raise DownloadError(f"{archive}: has no LibriSpeech/{subset}/ folder")
@@ -481,7 +379,8 @@ def download_subset(
         except ChecksumError:
             final.unlink()
     if sha256 is None:
-        _fetch(info.url, part, info.size, f"{subset}.tar.gz", progress)
+        fetch_resumable(info.url, part, info.size, f"{subset}.tar.gz", progress,
+                        offline_hint="use --data-dir or QBENCH_DATA_DIR with a local copy instead")
         try:
             sha256 = _verify(part, info)
         except ChecksumError:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qbench.checkpoints.errors import CheckpointError
-from qbench.registry import ModelCard, WeightFormat, get_card, resolve_weights, sha256_of
+from qbench.downloading import sha256_of
+from qbench.registry import ModelCard, WeightFormat, get_card, resolve_weights
 from qbench.speech_model import SpeechModel
 
 _WEIGHT_FILES = ("model.bin", "model.safetensors", "pytorch_model.bin")
@@ -78,6 +79,14 @@ def load_model(name: str, weights: str | Path | None = None) -> LoadedModel:
     arch = "wav2vec2" if fmt == "hf-wav2vec2" else "whisper"
     if arch != card.architecture:
         raise CheckpointError(f"{path}: a {arch} checkpoint, but {name} is a {card.architecture} model")
+    main_file = _main_file(path)
+    sha256 = sha256_of(main_file)
+    for source in card.sources:
+        for f in source.files:
+            # the card pins this file: a different one is a corrupt or substituted download
+            if f.sha256 and Path(f.path).name == main_file.name and sha256 != f.sha256:
+                raise CheckpointError(f"{main_file}: sha256 {sha256}, but {name}'s card expects {f.sha256} "
+                                      f"({source.kind} {source.repo_id or source.package or source.url})")
 
     if fmt == "hf-wav2vec2":
         from qbench.checkpoints.hf_wav2vec2 import load_hf_wav2vec2
@@ -100,4 +109,4 @@ def load_model(name: str, weights: str | Path | None = None) -> LoadedModel:
 
             dims, params = load_hf_whisper(path)
         model = Whisper.from_params(dims, params, _whisper_vocabulary(path), name=name)
-    return LoadedModel(model=model, card=card, path=path, format=fmt, sha256=sha256_of(_main_file(path)))
+    return LoadedModel(model=model, card=card, path=path, format=fmt, sha256=sha256)

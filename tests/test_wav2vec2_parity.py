@@ -18,7 +18,7 @@ import pytest
 import soundfile as sf
 
 from qbench.checkpoints.errors import CheckpointError
-from qbench.checkpoints.hf_wav2vec2 import download_wav2vec2, hf_to_canonical, load_hf_wav2vec2
+from qbench.checkpoints.hf_wav2vec2 import hf_to_canonical, load_hf_wav2vec2
 from qbench.models.wav2vec2 import Wav2Vec2, Wav2Vec2Config, ctc_greedy_decode, weight_infos
 from qbench.weight_store import WeightStore
 
@@ -151,23 +151,6 @@ def test_pytorch_model_bin_loads_like_safetensors(tmp_path: Path) -> None:
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
-
-
-def test_download_fetches_safetensors_and_falls_back_to_the_pickle(tmp_path: Path, monkeypatch) -> None:
-    huggingface_hub = pytest.importorskip("huggingface_hub")
-    calls = []
-
-    def fake_snapshot_download(repo_id, revision, local_dir, allow_patterns):
-        calls.append((repo_id, revision, allow_patterns))
-        for pattern in allow_patterns:
-            if pattern != "model.safetensors":  # a repo with only the pickle
-                (Path(local_dir) / pattern).write_text("{}")
-        return local_dir
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    assert download_wav2vec2("facebook/wav2vec2-base-960h", "main", tmp_path) == tmp_path
-    assert [c[2] for c in calls] == [["config.json", "vocab.json", "model.safetensors"], ["pytorch_model.bin"]]
-    assert (tmp_path / "pytorch_model.bin").is_file()
 
 
 @pytest.mark.parametrize("name", ["wav2vec2-base-960h", "wav2vec2-large-960h-lv60-self"])

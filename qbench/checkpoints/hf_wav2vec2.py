@@ -36,8 +36,8 @@ import numpy as np
 from qbench.checkpoints.errors import CheckpointError
 from qbench.models.wav2vec2 import Wav2Vec2, Wav2Vec2Config
 
-_DOWNLOAD_HINT = ("download it with `qbench download-model wav2vec2-base-960h` or "
-                  "`huggingface-cli download facebook/wav2vec2-base-960h --local-dir {dir}`")
+_DOWNLOAD_HINT = ("`qbench download-model wav2vec2-base-960h` (or wav2vec2-large-960h-lv60-self) fetches a "
+                  "complete one, which `--model` then finds without --weights")
 
 _RENAMES = [
     (r"wav2vec2\.feature_extractor\.conv_layers\.(\d+)\.conv\.", r"feature_encoder.conv.\1."),
@@ -62,7 +62,7 @@ def load_hf_wav2vec2(directory: str | Path, name: str | None = None) -> Wav2Vec2
     directory = Path(directory)
     for needed in ("config.json", "vocab.json"):
         if not (directory / needed).is_file():
-            raise CheckpointError(f"{directory}: no {needed}; " + _DOWNLOAD_HINT.format(dir=directory))
+            raise CheckpointError(f"{directory}: no {needed}; " + _DOWNLOAD_HINT)
     try:
         config = Wav2Vec2Config.from_hf(json.loads((directory / "config.json").read_text()))
     except (ValueError, TypeError) as e:  # bad JSON or an architecture variant not implemented
@@ -89,7 +89,7 @@ def _load_state_dict(directory: Path) -> tuple[Path, dict[str, np.ndarray]]:
 
         return path, load_torch_state_dict(path)
     raise CheckpointError(
-        f"{directory}: no model.safetensors or pytorch_model.bin; " + _DOWNLOAD_HINT.format(dir=directory))
+        f"{directory}: no model.safetensors or pytorch_model.bin; " + _DOWNLOAD_HINT)
 
 
 def hf_to_canonical(state: dict[str, np.ndarray], config: Wav2Vec2Config) -> dict[str, np.ndarray]:
@@ -137,17 +137,3 @@ def _split_pos_conv(pos: dict[str, np.ndarray], config: Wav2Vec2Config) -> dict[
         out[f"encoder.pos_conv.{g}.weight"] = np.ascontiguousarray(w)
         out[f"encoder.pos_conv.{g}.bias"] = b
     return out
-
-
-def download_wav2vec2(repo_id: str, revision: str, local_dir: str | Path) -> Path:
-    """Fetch config.json, vocab.json and the weights (safetensors if the repo has them) of an HF
-    wav2vec2 checkpoint, e.g. ("facebook/wav2vec2-base-960h", "main", DIR); returns DIR."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as exc:
-        raise ImportError("downloading checkpoints needs huggingface_hub: pip install qbench[hub]") from exc
-    common = dict(repo_id=repo_id, revision=revision, local_dir=str(local_dir))
-    directory = Path(snapshot_download(**common, allow_patterns=["config.json", "vocab.json", "model.safetensors"]))
-    if not (directory / "model.safetensors").is_file():  # older repos only have the pickle
-        snapshot_download(**common, allow_patterns=["pytorch_model.bin"])
-    return directory

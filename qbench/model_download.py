@@ -1,0 +1,86 @@
+"""`qbench download-model NAME`: fetch a registered model's weights on a machine with network.
+
+Each source kind of a model card has its own, well-trodden path:
+
+* Hugging Face repos go through `huggingface_hub.snapshot_download` (its cache, its resumable
+  transfers and progress bars), restricted to the files the card lists;
+* plain URLs (openai's `.pt` checkpoints) stream into `<cache>/<model>/<file>.part` with a Range
+  request resuming an interrupted transfer, under a rich progress bar;
+* PyPI packages are installed with pip, which qbench does not do on the user's behalf.
+
+Every file the card gives a size or sha256 for is checked before the path is returned; a
+mismatch is one line naming the file, what it is and what the card expects. `resolve_weights`
+finds the result afterwards without network.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from qbench.downloading import ChecksumError, DownloadError, fetch_resumable, sha256_of
+from qbench.registry import ModelCard, WeightSource, WeightsNotFoundError, how_to_get, url_target
+
+
+def check_source_files(source: WeightSource, location: Path) -> None:
+    """Raise `ChecksumError` for the first listed file whose size or sha256 differs from the card."""
+    for f in source.files:
+        path = location / f.path if location.is_dir() else location
+        if not path.is_file():
+            raise ChecksumError(f"{path}: missing after download ({source.repo_id or source.url} lists it)")
+        if f.size is not None and path.stat().st_size != f.size:
+            raise ChecksumError(f"{path}: {path.stat().st_size} bytes, the registry expects {f.size}")
+        if f.sha256 is not None and (got := sha256_of(path)) != f.sha256:
+            raise ChecksumError(f"{path}: sha256 {got}, the registry expects {f.sha256}")
+
+
+def download_model(card: ModelCard, kind: str | None = None, cache_dir: Path | None = None,
+                   progress: bool = True) -> Path:
+    """Download `card`'s weights from its first source of `kind` (default: the first source
+    that can be downloaded: Hugging Face, then a URL) and return their local path."""
+    for source in card.sources:
+        if kind is not None and source.kind != kind:
+            continue
+        if source.kind == "huggingface":
+            return _from_hub(source, progress)
+        if source.kind == "url":
+            return _from_url(card, source, cache_dir, progress)
+    raise WeightsNotFoundError(f"{card.name} has no source qbench downloads{f' of kind {kind}' if kind else ''}: "
+                               f"{how_to_get(card)}")
+
+
+def _from_hub(source: WeightSource, progress: bool) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:
+        raise WeightsNotFoundError("downloading from the Hugging Face Hub needs huggingface_hub: "
+                                   "pip install 'qbench[hub]'") from exc
+    if not progress:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    patterns = [f.path for f in source.files] or None
+    try:
+        path = Path(snapshot_download(repo_id=source.repo_id, revision=source.revision, allow_patterns=patterns))
+    except Exception as exc:  # noqa: BLE001 - the hub's many network/auth errors become one line
+        raise DownloadError(f"cannot download {source.repo_id}@{source.revision}: "
+                            f"{' '.join(str(exc).split())[:300]}") from exc
+    check_source_files(source, path)
+    return path
+
+
+def _from_url(card: ModelCard, source: WeightSource, cache_dir: Path | None, progress: bool) -> Path:
+    target = url_target(card, source, cache_dir)
+    if target.is_file():
+        check_source_files(source, target)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+    size = source.files[0].size if source.files else None
+    fetch_resumable(source.url, part, size, target.name, progress,
+                    offline_hint=f"download it elsewhere and pass --weights, or: {how_to_get(card)}")
+    try:
+        check_source_files(source, part)
+    except ChecksumError:
+        part.unlink(missing_ok=True)
+        raise
+    part.replace(target)
+    return target
