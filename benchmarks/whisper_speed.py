@@ -200,7 +200,12 @@ class Profiler:
 
 
 def profile_numpy(model, audios: list, batch_size: int) -> dict[str, float]:
-    """Seconds per category over `audios` (a separate, untimed pass: wrappers cost a little)."""
+    """Seconds per category over `audios` (a separate, untimed pass: wrappers cost a little).
+
+    On one thread: the wrappers keep one stack of categories, which work spread over threads
+    would interleave; the shares are those of the single-threaded path.
+    """
+    from qbench.models import parallel
     from qbench.models import whisper as W
     from qbench.packing import PackedTensor
 
@@ -212,7 +217,7 @@ def profile_numpy(model, audios: list, batch_size: int) -> dict[str, float]:
             return "encoder attention QKV/out GEMMs" if ".attn." in name else "encoder MLP GEMMs"
         return next(cat for frag, cat in _LINEAR_CATEGORY if frag in name and cat)
 
-    def attention_category(q, k, v, n_head, causal_offset=None) -> str:
+    def attention_category(q, k, v, n_head, causal_offset=None, threads=1) -> str:
         if prof.inside(enc):
             return "encoder attention (scores, softmax, PV)"
         return "decoder self-attention" if causal_offset is not None else "decoder cross-attention"
@@ -225,6 +230,8 @@ def profile_numpy(model, audios: list, batch_size: int) -> dict[str, float]:
                   "gelu", "layer_norm")}
     original_select, original_dequantize = W.DecoderState.compact, PackedTensor.dequantize
     store = model.store
+    threads = parallel.THREADS
+    parallel.THREADS = 1
     try:
         W.log_mel_spectrogram = prof.wrap(originals["log_mel_spectrogram"], "mel")
         W.encode = prof.wrap(originals["encode"], enc)
@@ -247,6 +254,7 @@ def profile_numpy(model, audios: list, batch_size: int) -> dict[str, float]:
             setattr(W, name, fn)
         W.DecoderState.compact, PackedTensor.dequantize = original_select, original_dequantize
         del store.linear
+        parallel.THREADS = threads
     shares = dict(sorted(prof.totals.items(), key=lambda kv: -kv[1]))
     shares["total"] = total
     return shares
@@ -365,7 +373,7 @@ def main() -> None:
             continue
         prof = dict(r["profile"])
         total = prof.pop("total")
-        t = Table(title=f"profile of {system} ({args.profile} utterances, exclusive wall time)")
+        t = Table(title=f"profile of {system} ({args.profile} utterances, one thread, exclusive wall time)")
         t.add_column("category")
         t.add_column("s", justify="right")
         t.add_column("share", justify="right")
