@@ -25,6 +25,8 @@ _INV_SQRT2 = np.float32(0.7071067811865476)
 # run on three scratch buffers that stay in L2 instead of streaming (and allocating) arrays
 # the size of an encoder MLP activation (9 MB per window) for every pass.
 _BLOCK = 1 << 16
+#: Bytes of scratch `gelu` holds per thread (four float32 blocks, even for a smaller array)
+GELU_SCRATCH_BYTES = 4 * 4 * _BLOCK
 
 
 def _erf_block(x: np.ndarray, p: np.ndarray, q: np.ndarray, x2: np.ndarray) -> np.ndarray:

@@ -54,6 +54,9 @@ from qbench.weight_store import WeightInfo, WeightStore
 CONV_NORM_EPS = 1e-5
 #: Wav2Vec2FeatureExtractor's per-utterance normalisation eps (do_normalize=True)
 INPUT_NORM_EPS = 1e-7
+#: Output frames (20 ms each) per feature-encoder chunk: bounds that stage's memory whatever
+#: the utterance length (`qbench.memory_budget.estimate_wav2vec2_memory` assumes it too)
+CHUNK_FRAMES = 128
 
 
 @dataclass(frozen=True)
@@ -194,7 +197,7 @@ class Wav2Vec2:
     sample_rate: int = 16000
 
     def __init__(self, config: Wav2Vec2Config, store: WeightStore, vocab: Sequence[str],
-                 name: str = "wav2vec2", chunk_frames: int = 128):
+                 name: str = "wav2vec2", chunk_frames: int = CHUNK_FRAMES):
         """`vocab[i]` is token id i's string; `chunk_frames` output frames (20 ms each) per
         feature-encoder chunk bounds that stage's memory whatever the utterance length."""
         if len(vocab) != config.vocab_size:
@@ -398,12 +401,17 @@ class Wav2Vec2:
         return self.store.linear(name + ".out", out)
 
     def _threads(self) -> int:
-        # Python threads over chunks and heads; a store with state in `linear` gets one
-        return compute_threads() if getattr(self.store, "thread_safe", False) else 1
+        return store_threads(self.store)
 
     def _mlp(self, name: str, x: np.ndarray) -> np.ndarray:
         hidden = self.store.linear(name + ".fc1", x)
         return self.store.linear(name + ".fc2", gelu(hidden, out=hidden, threads=self._threads()))
+
+
+def store_threads(store: WeightStore) -> int:
+    """Python threads the model spreads chunks, groups, heads and GELU spans over on `store`:
+    one for a store with state in `linear` (device, counting, calibrating stores)."""
+    return compute_threads() if getattr(store, "thread_safe", False) else 1
 
 
 def _segments(x: np.ndarray, lengths: list[int]) -> list[np.ndarray]:
