@@ -270,7 +270,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     """Per-device fits / does not fit for a (quantized) model, from the accountant alone."""
     import json as _json
 
-    from qbench.device_run import fit_model
+    from qbench.device_run import fit_audio, fit_model
     from qbench.devices import get_device_profile, get_device_profiles
     from qbench.model_loader import load_model
 
@@ -284,7 +284,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         print(_json.dumps({"model": args.model, "quantization": quantization,
                            "devices": [r.model_dump(mode="json") for r in reports]}, indent=2))
         return 0
-    table = Table(title=f"{args.model} {args.plugin or 'as stored'} {' '.join(args.set or [])}: one 30 s window, batch 1")
+    table = Table(title=f"{args.model} {args.plugin or 'as stored'} {' '.join(args.set or [])}: {fit_audio(model)}, batch 1")
     for col in ("device", "RAM", "storage", "XIP", "weights", "in RAM", "working peak", "total RAM", "fits"):
         table.add_column(col, justify="left" if col == "device" else "right", no_wrap=col == "device")
     for r in reports:

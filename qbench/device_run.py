@@ -16,13 +16,16 @@ from qbench.compute_accounting import ComputeCountingStore, ComputeReport
 from qbench.devices import DeviceProfile
 from qbench.memory_budget import (
     DEFAULT_BLOCK_BYTES,
+    WAV2VEC2_AUDIO_SECONDS,
     DeviceWeightStore,
     FitReport,
     MemoryBreakdown,
     check_fit,
+    estimate_wav2vec2_memory,
     estimate_whisper_memory,
     measure_peak,
 )
+from qbench.models.wav2vec2 import CHUNK_FRAMES, Wav2Vec2Config
 from qbench.weight_store import WeightStore
 
 _WINDOW_SECONDS = 30.0
@@ -32,16 +35,30 @@ class DoesNotFitError(RuntimeError):
     """The model does not fit the device; the message is the one-line verdict with the numbers."""
 
 
+def _is_wav2vec2(model: Any) -> bool:
+    return isinstance(getattr(model, "config", None), Wav2Vec2Config)
+
+
 def estimate_memory(
     model: Any, store: WeightStore, device: DeviceProfile | None, batch_windows: int = 1,
-    audio_seconds: float = _WINDOW_SECONDS, cache_bytes: int = 0,
+    audio_seconds: float | None = None, cache_bytes: int = 0,
 ) -> MemoryBreakdown:
     """The accountant for `model`; architectures without an analytic model count weights only.
 
-    Without an analytic model the working memory is left to the measurement during the run.
+    Whisper: `batch_windows` 30 s windows, of an utterance of `audio_seconds` (default 30).
+    wav2vec2: `batch_windows` utterances of up to `audio_seconds` (default
+    `WAV2VEC2_AUDIO_SECONDS`, 35 s, about the longest LibriSpeech test utterance): they run one
+    at a time, so only the waveforms add up. Without an analytic model the working memory is
+    left to the measurement during the run.
     """
     if hasattr(model, "dims") and hasattr(model.dims, "n_audio_ctx"):
-        return estimate_whisper_memory(model.dims, store, device, batch_windows, audio_seconds, cache_bytes)
+        seconds = _WINDOW_SECONDS if audio_seconds is None else audio_seconds
+        return estimate_whisper_memory(model.dims, store, device, batch_windows, seconds, cache_bytes)
+    if _is_wav2vec2(model):
+        seconds = WAV2VEC2_AUDIO_SECONDS if audio_seconds is None else audio_seconds
+        return estimate_wav2vec2_memory(
+            model.config, store, device, seconds, getattr(store, "block_bytes", DEFAULT_BLOCK_BYTES), cache_bytes,
+            getattr(model, "chunk_frames", CHUNK_FRAMES), batch_utterances=batch_windows)
     stored = store.stored_bytes()
     in_ram = 0 if device is not None and device.weights_execute_in_place else stored
     return MemoryBreakdown(
@@ -50,8 +67,16 @@ def estimate_memory(
     )
 
 
+def fit_audio(model: Any) -> str:
+    """What `fit_model` assumes a batch row is, for a table title."""
+    if _is_wav2vec2(model):
+        return f"one {WAV2VEC2_AUDIO_SECONDS:g} s utterance"
+    return f"one {_WINDOW_SECONDS:g} s window"
+
+
 def fit_model(model: Any, device: DeviceProfile, batch_windows: int = 1) -> FitReport:
-    """Whether `model` (as quantized) fits `device` for one 30 s window per batch row, no audio run."""
+    """Whether `model` (as quantized) fits `device` for `fit_audio(model)` per batch row (one
+    30 s window for Whisper, one 35 s utterance for wav2vec2), no audio run."""
     store = DeviceWeightStore.from_store(model.store)
     report = check_fit(estimate_memory(model, store, device, batch_windows), device)
     report.batch_size = batch_windows
@@ -85,8 +110,11 @@ class DeviceSession:
 
     def _before(self, audios: list[np.ndarray]) -> None:
         seconds = max(len(a) for a in audios) / self._base.sample_rate
-        n_windows = len(audios) * max(1, int(np.ceil(seconds / _WINDOW_SECONDS)))
-        estimate = estimate_memory(self._base, self.store, self.device, n_windows, seconds, self.store.cache_bytes)
+        if _is_wav2vec2(self._base):
+            batch = len(audios)  # utterances, each run alone on its own length
+        else:
+            batch = len(audios) * max(1, int(np.ceil(seconds / _WINDOW_SECONDS)))
+        estimate = estimate_memory(self._base, self.store, self.device, batch, seconds, self.store.cache_bytes)
         verdict = check_fit(estimate, self.device, self.report.measured_peak_bytes)
         if not verdict.fits:
             self._fail(verdict)

@@ -1,4 +1,4 @@
-"""The wav2vec2 memory accountant against tracemalloc.
+"""The wav2vec2 memory accountant against tracemalloc, and `qbench fit` / device runs using it.
 
 Real widths and norm modes of both checkpoint families (base: group norm, post-LN; large:
 layer norm, pre-LN, conv bias) with seeded random weights and one transformer layer: the peak
@@ -10,10 +10,14 @@ runs the unchunked feature encoder.
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from qbench.cli import main
+from qbench.device_run import DeviceSession, DoesNotFitError, estimate_memory, fit_model
+from qbench.devices import DeviceProfile
 from qbench.memory_budget import DeviceWeightStore, estimate_wav2vec2_memory, measure_peak
 from qbench.models.wav2vec2 import Wav2Vec2, Wav2Vec2Config, weight_infos
 from qbench.quantize import quantize_model
@@ -115,3 +119,41 @@ def test_large_widths_cost_more_than_base():
     # d 1024 vs 768, and a layer norm (centred copy and square) after every conv layer
     assert big.phases["attention"] > 1.3 * small.phases["attention"]
     assert big.phases["feature-encoder"] > 1.25 * small.phases["feature-encoder"]
+
+
+def test_fit_reports_a_working_peak_for_wav2vec2(models, monkeypatch, capsys):
+    """`qbench fit --model wav2vec2-base-960h` judged weights alone; now the 35 s accountant."""
+    model = models[BASE]
+    device = DeviceProfile(name="big", ram_bytes=2**31, storage_bytes=2**31, part="test")
+    report = fit_model(model, device)
+    b = report.breakdown
+    expected = estimate_wav2vec2_memory(model.config, DeviceWeightStore.from_store(model.store), device, 35.0)
+    assert b.working_peak_bytes == expected.working_peak_bytes > 50 * 2**20
+    assert b.peak_phase == "positional-conv" and b.total_ram_bytes == b.weights_ram_bytes + b.working_peak_bytes
+
+    monkeypatch.setattr("qbench.model_loader.load_model", lambda name, weights=None: SimpleNamespace(model=model))
+    assert main(["fit", "--model", BASE, "--json"]) == 0
+    rows = {d["profile"]["name"]: d for d in json.loads(capsys.readouterr().out)["devices"]}
+    assert all(d["breakdown"]["working_peak_bytes"] == b.working_peak_bytes for d in rows.values())
+    assert main(["fit", "--model", BASE, "--device", "pi-zero-2w"]) == 0
+    assert "one 35 s utterance" in " ".join(capsys.readouterr().out.split())
+
+
+def test_device_session_checks_each_batch_at_its_own_length(models):
+    """The pre-run check uses 35 s; each batch is checked at its longest utterance before it
+    runs, and the measured peak agrees with the estimate for that length."""
+    model = models[BASE]
+    plain = DeviceWeightStore.from_store(model.store)
+    at = {s: estimate_memory(model, plain, None, 1, s).total_ram_bytes for s in (35.0, 60.0)}
+    # a batch's utterances run one at a time: only their waveforms add up
+    assert estimate_memory(model, plain, None, 3, 35.0).total_ram_bytes == at[35.0] + 2 * 4 * 35 * 16000
+    # fits 35 s (and leaves room for a small cache), not 60 s
+    device = DeviceProfile(name="mid", ram_bytes=(at[35.0] + at[60.0]) // 2, storage_bytes=2**31, part="test")
+    session = DeviceSession(model, device)
+    assert session.fits and session.report.breakdown.working_peak_bytes > 0
+    session.model.transcribe([_audio(4.0)])
+    expected = estimate_memory(model, session.store, device, 1, 4.0, session.store.cache_bytes).working_peak_bytes
+    measured = session.report.measured_peak_bytes
+    assert abs(expected - measured) <= 0.10 * measured, (expected, measured)
+    with pytest.raises(DoesNotFitError, match="peak in positional-conv"):
+        session.model.transcribe([np.zeros(60 * 16000, np.float32)])  # refused before it runs
