@@ -112,8 +112,9 @@ class ComputeCountingStore:
             self.attention_macs["encoder_self"] += 2 * b * t * t * d
             if name == "encoder.blocks.0.attn.qkv":
                 self.encoder_windows += b
-        elif name.startswith("encoder.layers.") and name.endswith(".attn.qkv"):
-            # wav2vec 2.0 stacks utterances as rows: exact for one utterance (device batch 1)
+        elif name.startswith("encoder.blocks.") and name.endswith(".attn.qkv") and x.ndim == 2:
+            # wav2vec 2.0 runs `[frames, d]` rows, one utterance per call when transcribing
+            # (calibration stacks utterances; it is not counted)
             t = x.shape[0]
             self.attention_macs["encoder_self"] += 2 * t * t * d
         elif name.startswith("decoder.blocks."):

@@ -107,3 +107,18 @@ def test_layer_kinds():
     assert layer_kind("decoder.blocks.0.cross_attn.kv", "linear") == "attention_projection"
     assert layer_kind("encoder.layers.3.mlp.fc1", "linear") == "mlp"
     assert layer_kind("lm_head", "linear") == layer_kind("decoder.token_embedding", "embedding") == "output_projection"
+
+
+def test_wav2vec2_attention_is_counted():
+    """Scores and values of each layer: 2 x T^2 x d per utterance, beside the linear MACs."""
+    from tests.test_wav2vec2_parity import _random_model, _small_config
+
+    model = _random_model(_small_config("group"))
+    counter = ComputeCountingStore(model.store)
+    audio = np.random.default_rng(0).standard_normal(16000).astype(np.float32)
+    frames = model.config.num_frames(audio.size)
+    model.with_store(counter).transcribe([audio])
+    c = model.config
+    r = counter.report()
+    assert r.attention_macs == {"encoder_self": c.num_hidden_layers * 2 * frames * frames * c.hidden_size}
+    assert r.linear["attention_projection"].macs == c.num_hidden_layers * frames * 4 * c.hidden_size**2
