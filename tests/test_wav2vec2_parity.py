@@ -1,9 +1,8 @@
 """The numpy wav2vec 2.0 against Hugging Face `Wav2Vec2ForCTC`, plus torch-free unit tests.
 
 Parity runs the real configs of facebook/wav2vec2-base-960h ("group" feature-encoder norm,
-post-LN) and facebook/wav2vec2-large-960h-lv60-self ("layer" norm, stable pre-LN) with seeded
-random weights (no Hub access here) on a real LibriSpeech utterance. The large config keeps its
-real widths and norm modes but runs 3 of its 24 layers, to keep the test fast.
+post-LN, 12 layers) and facebook/wav2vec2-large-960h-lv60-self ("layer" norm, stable pre-LN,
+24 layers) with seeded random weights (no Hub access here) on a real LibriSpeech utterance.
 """
 
 from __future__ import annotations
@@ -48,18 +47,13 @@ def first_utterance() -> np.ndarray:
 # -- parity with Hugging Face -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "num_layers"), [
-    ("wav2vec2-base-960h", None),  # all 12 layers
-    ("wav2vec2-large-960h-lv60-self", 3),  # 3 of 24 layers; widths and norm modes are real
-])
-def test_logits_and_transcript_match_hf(tmp_path: Path, name: str, num_layers: int | None) -> None:
+@pytest.mark.parametrize("name", ["wav2vec2-base-960h", "wav2vec2-large-960h-lv60-self"])
+def test_logits_and_transcript_match_hf(tmp_path: Path, name: str) -> None:
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     audio = first_utterance()
 
     hf_config = json.loads((FIXTURES / name / "config.json").read_text())
-    if num_layers is not None:
-        hf_config["num_hidden_layers"] = num_layers
     torch.manual_seed(0)
     reference = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(**hf_config)).eval()
     with torch.no_grad():
@@ -72,6 +66,11 @@ def test_logits_and_transcript_match_hf(tmp_path: Path, name: str, num_layers: i
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.normal_(0.0, 0.1)
         reference.lm_head.weight.mul_(4.0)  # enough logit spread for a varied argmax path
+        # 24 random pre-LN layers collapse every frame onto one state (a constant argmax);
+        # damped residual branches keep the frames apart, as training does
+        for layer in reference.wav2vec2.encoder.layers:
+            layer.attention.out_proj.weight.mul_(0.2)
+            layer.feed_forward.output_dense.weight.mul_(0.2)
     reference.save_pretrained(tmp_path)  # model.safetensors
     shutil.copy(FIXTURES / name / "vocab.json", tmp_path / "vocab.json")
 
