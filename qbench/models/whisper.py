@@ -35,8 +35,6 @@ from qbench.tokenizer import WhisperVocabulary
 from qbench.weight_store import WeightInfo, WeightStore
 
 
-
-
 @dataclass(frozen=True)
 class ModelDimensions:
     n_mels: int
