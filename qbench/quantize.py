@@ -265,9 +265,10 @@ class PackedWeightStore(WeightStore):
         return wt
 
     def embedding(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """Rows of an embedding table; a packed one dequantizes only the rows asked for."""
         pt = self.packed.get(name)
         if pt is None:
-            return super().embedding(name, ids)
+            return WeightStore.embedding(self, name, ids)
         ids = np.asarray(ids)
         return pt.dequantize_rows(ids.reshape(-1)).reshape(*ids.shape, pt.shape[1])
 
@@ -329,12 +330,7 @@ class CalibratingQuantizingStore(WeightStore):
             y += self.param(bias_name)
         return y
 
-    def embedding(self, name: str, ids: np.ndarray) -> np.ndarray:
-        pt = self.packed.get(name)
-        if pt is None:
-            return super().embedding(name, ids)
-        ids = np.asarray(ids)
-        return pt.dequantize_rows(ids.reshape(-1)).reshape(*ids.shape, pt.shape[1])
+    embedding = PackedWeightStore.embedding  # a layer quantized so far is looked up packed
 
     def missing(self) -> list[str]:
         """Selected layers the calibration pass has not reached (yet)."""
