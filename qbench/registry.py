@@ -9,14 +9,12 @@ downloaded or installed file must have. `resolve_weights` turns `--model NAME` (
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from qbench.downloading import sha256_of
 
 WeightFormat = Literal["ctranslate2", "openai-pt", "hf-whisper", "hf-wav2vec2"]
 

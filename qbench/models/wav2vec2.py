@@ -46,7 +46,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from qbench.models.activations import gelu, layer_norm
 from qbench.models.attention import attention, split_heads
-from qbench.models.parallel import blas_threads_at_most, compute_threads, parallel_map
+from qbench.models.parallel import compute_threads, parallel_map
 from qbench.weight_store import WeightInfo, WeightStore
 
 #: eps of the torch.nn.GroupNorm / LayerNorm in the feature encoder (HF does not pass the
