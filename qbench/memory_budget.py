@@ -444,7 +444,7 @@ def estimate_wav2vec2_memory(
         # qkv, its split K and V copies, the attention output; inside `attention`: the scaled
         # q, its own output, and per thread a score block and its [block, head dim] product
         qkv_kv_out = 3 * td + 2 * td + td
-        scores = per_thread * F32 * q_block * t
+        scores = per_thread * _attention_scores_bytes(t)
         inside = qkv_kv_out + 2 * td + per_thread * F32 * q_block * (d // heads)
         hidden = F32 * t * ffn
         attention_marks, mlp_marks = [], []
