@@ -15,15 +15,15 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from qbench.audio_io import load_audio
-from qbench.devices import get_device_profiles
-from qbench.librispeech import find_data_dir, list_utterances
-from qbench.memory_budget import DeviceWeightStore, check_fit, estimate_whisper_memory, measure_peak
-from qbench.model_loader import load_model
+from qbench.data.audio import load_audio
+from qbench.embedded.devices import get_device_profiles
+from qbench.data.librispeech import find_data_dir, list_utterances
+from qbench.embedded.memory import DeviceWeightStore, check_fit, estimate_whisper_memory, measure_peak
+from qbench.checkpoints.loader import load_model
 from qbench.models import whisper as W
-from qbench.plugins import get_quantizer
-from qbench.quantize import QuantizationPolicy, quantize_model
-from qbench.weight_store import WeightStore
+from qbench.plugin_manager import get_quantizer
+from qbench.quant.apply import QuantizationPolicy, quantize_model
+from qbench.models.weight_store import WeightStore
 
 CT2_MODEL_BIN = 75_537_502  # bytes of the float16 CTranslate2 model.bin of tiny.en
 DECODE_TOKENS = 8

@@ -73,14 +73,14 @@ def _reset_vm_hwm() -> bool:
 
 
 def _numpy_model(spec: dict[str, Any]):  # -> (SpeechModel, extra info)
-    from qbench.model_loader import load_model
+    from qbench.checkpoints.loader import load_model
 
     loaded = load_model(MODEL)
     model = loaded.model
     info: dict[str, Any] = {"weights": str(loaded.path)}
     if "plugin" in spec:
-        from qbench.plugins import get_quantizer
-        from qbench.quantize import parse_settings, quantize_model
+        from qbench.plugin_manager import get_quantizer
+        from qbench.quant.apply import parse_settings, quantize_model
 
         cls = get_quantizer(spec["plugin"])
         quantizer = cls(parse_settings(spec["settings"], cls.Config, spec["plugin"]))
@@ -99,10 +99,10 @@ def run_worker(system: str, limit: int, threads: int, batch_size: int, data_dir:
                profile: int, out: Path, mel_padding: str | None = None) -> None:
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    from qbench.audio_io import load_audio
-    from qbench.librispeech import find_data_dir, list_utterances
-    from qbench.runner import score_utterance
-    from qbench.scoring import ErrorCounts, corpus_rate
+    from qbench.data.audio import load_audio
+    from qbench.data.librispeech import find_data_dir, list_utterances
+    from qbench.evaluate import score_utterance
+    from qbench.data.scoring import ErrorCounts, corpus_rate
 
     spec = SYSTEMS[system]
     threadpool_limits(threads)
@@ -113,7 +113,7 @@ def run_worker(system: str, limit: int, threads: int, batch_size: int, data_dir:
 
     if spec["engine"] == "ct2":
         from qbench.peers.faster_whisper import FasterWhisper
-        from qbench.registry import get_card, resolve_weights
+        from qbench.checkpoints.registry import get_card, resolve_weights
 
         path = resolve_weights(get_card(MODEL))[0]  # the directory load_model reads
         threads = spec.get("threads", threads)
@@ -207,7 +207,7 @@ def profile_numpy(model, audios: list, batch_size: int) -> dict[str, float]:
     """
     from qbench.models import parallel
     from qbench.models import whisper as W
-    from qbench.packing import PackedTensor
+    from qbench.quant.packing import PackedTensor
 
     prof = Profiler()
     enc = "encoder other (residuals, im2col, pos. embedding)"

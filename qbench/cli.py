@@ -38,10 +38,10 @@ def default_output(model: str, subset: str, label: str) -> Path:
 # qbench run
 # ------------------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from qbench.librispeech import find_data_dir, list_utterances, utterance_digest
-    from qbench.model_loader import load_model
+    from qbench.data.librispeech import find_data_dir, list_utterances, utterance_digest
+    from qbench.checkpoints.loader import load_model
     from qbench.results import DatasetRef, MachineInfo, ModelRef, RunResult
-    from qbench.runner import RunFailed, evaluate
+    from qbench.evaluate import RunFailed, evaluate
 
     if args.threads is not None:
         if args.threads < 1:
@@ -62,7 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         label = args.plugin + "".join(f"_{s.replace('=', '')}" for s in (args.set or []))
     session = device_session_for_run(model, args)
 
-    from qbench.librispeech import OFFICIAL_COUNTS
+    from qbench.data.librispeech import OFFICIAL_COUNTS
 
     result = RunResult(
         model=ModelRef(name=loaded.card.name, architecture=loaded.card.architecture, format=loaded.format,
@@ -101,9 +101,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def submit_entry(model, result, root: Path) -> Path:
     """Write the run's leaderboard entry, with the device profiles the model fits by the same
     accounting `qbench fit` uses."""
-    from qbench.device_run import fit_model
-    from qbench.devices import get_device_profiles
-    from qbench.leaderboard_entry import entry_from_result, write_entry
+    from qbench.embedded.session import fit_model
+    from qbench.embedded.devices import get_device_profiles
+    from qbench.leaderboard.entry import entry_from_result, write_entry
 
     fitted = [name for name, device in get_device_profiles().items() if fit_model(model, device).fits]
     path = write_entry(root, entry_from_result(result, fitted))
@@ -116,7 +116,7 @@ def read_ids(path: str, which: str) -> list[str]:
     scored utterances (`which="scored"`) or its calibration set (`which="calibration"`), so a
     new entry can be made on exactly the utterances of the committed ones."""
     if path.endswith(".json"):
-        from qbench.leaderboard_entry import read_entry
+        from qbench.leaderboard.entry import read_entry
 
         entry = read_entry(Path(path))
         if which == "scored":
@@ -144,9 +144,9 @@ def select_utterances(present: list, limit: int | None, ids_file: str | None) ->
 
 def quantize_for_run(model, args: argparse.Namespace, data_dir: Path, eval_ids: set[str]):
     """Quantize `model` with `--plugin` / `--set`; calibrate on audio disjoint from `eval_ids`."""
-    from qbench.calibration import load_calibration
-    from qbench.plugins import get_quantizer
-    from qbench.quantize import QuantizationPolicy, parse_settings, quantize_model
+    from qbench.data.calibration import load_calibration
+    from qbench.plugin_manager import get_quantizer
+    from qbench.quant.apply import QuantizationPolicy, parse_settings, quantize_model
 
     cls = get_quantizer(args.plugin)
     quantizer = cls(parse_settings(args.set or [], cls.Config, plugin=args.plugin))
@@ -170,8 +170,8 @@ def device_session_for_run(model, args: argparse.Namespace):
 
     On a device the batch size is 1 unless given: an MCU transcribes one utterance at a time.
     """
-    from qbench.device_run import DeviceSession
-    from qbench.devices import NO_DEVICE, get_device_profile
+    from qbench.embedded.session import DeviceSession
+    from qbench.embedded.devices import NO_DEVICE, get_device_profile
 
     if args.device == NO_DEVICE:
         args.batch_size = args.batch_size or 8
@@ -216,7 +216,7 @@ def print_summary(result) -> None:
 # qbench models / download
 # ------------------------------------------------------------------------------------------------
 def cmd_models(args: argparse.Namespace) -> int:
-    from qbench.registry import list_models, resolve_weights, WeightsNotFoundError
+    from qbench.checkpoints.registry import list_models, resolve_weights, WeightsNotFoundError
 
     table = Table(title="registered models")
     for col in ("name", "architecture", "parameters", "weights here"):
@@ -234,7 +234,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_plugins(args: argparse.Namespace) -> int:
     import json as _json
 
-    from qbench.plugins import discover_quantizers
+    from qbench.plugin_manager import discover_quantizers
 
     entries, errors = discover_quantizers()
     if args.show:
@@ -270,9 +270,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     """Per-device fits / does not fit for a (quantized) model, from the accountant alone."""
     import json as _json
 
-    from qbench.device_run import fit_audio, fit_model
-    from qbench.devices import get_device_profile, get_device_profiles
-    from qbench.model_loader import load_model
+    from qbench.embedded.session import fit_audio, fit_model
+    from qbench.embedded.devices import get_device_profile, get_device_profiles
+    from qbench.checkpoints.loader import load_model
 
     model = load_model(args.model, args.weights).model
     quantization = None
@@ -302,8 +302,8 @@ def quantize_for_fit(model, args: argparse.Namespace):
     """Quantize without audio. A calibrated quantizer's size is estimated with RTN at the same
     `bits` and `group_size`: packed size depends on the code width and scale layout, not on how
     calibration chose the codes (exact for GPTQ-style uniform grids)."""
-    from qbench.plugins import get_quantizer
-    from qbench.quantize import QuantizationPolicy, parse_settings, quantize_model
+    from qbench.plugin_manager import get_quantizer
+    from qbench.quant.apply import QuantizationPolicy, parse_settings, quantize_model
 
     cls = get_quantizer(args.plugin)
     config = parse_settings(args.set or [], cls.Config, plugin=args.plugin)
@@ -321,8 +321,8 @@ def quantize_for_fit(model, args: argparse.Namespace):
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from qbench.leaderboard_validate import validate_leaderboards
-    from qbench.librispeech import DataNotFoundError, find_data_dir
+    from qbench.leaderboard.validate import validate_leaderboards
+    from qbench.data.librispeech import DataNotFoundError, find_data_dir
 
     data_dir = None
     if not args.no_references:
@@ -338,7 +338,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from qbench.leaderboard_verify import verify_entry
+    from qbench.leaderboard.verify import verify_entry
 
     failed = 0
     for entry in args.entries:
@@ -353,7 +353,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from qbench.leaderboard_page import render_leaderboard
+    from qbench.leaderboard.page import render_leaderboard
 
     for path in render_leaderboard(Path(args.leaderboards)):
         console.print(f"wrote {path}")
@@ -361,7 +361,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from qbench.librispeech import default_cache_dir, download_subset
+    from qbench.data.librispeech import default_cache_dir, download_subset
 
     root = download_subset(args.subset, Path(args.cache_dir) if args.cache_dir else default_cache_dir(), progress=not args.quiet)
     console.print(f"{args.subset} is in {root}")
@@ -369,8 +369,8 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_download_model(args: argparse.Namespace) -> int:
-    from qbench.model_download import download_model
-    from qbench.registry import get_card
+    from qbench.checkpoints.download import download_model
+    from qbench.checkpoints.registry import get_card
 
     path = download_model(get_card(args.model), kind=args.source, progress=not args.quiet)
     console.print(f"{args.model} weights are in {path} (checked against the registry); "
@@ -379,7 +379,7 @@ def cmd_download_model(args: argparse.Namespace) -> int:
 
 
 def _default_device() -> str:
-    from qbench.devices import DEFAULT_DEVICE
+    from qbench.embedded.devices import DEFAULT_DEVICE
 
     return DEFAULT_DEVICE
 

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from qbench.devices import DeviceProfile
-    from qbench.quantizer import Quantizer
+    from qbench.embedded.devices import DeviceProfile
+    from qbench.quant.contract import Quantizer
 
 hookspec = pluggy.HookspecMarker("qbench")
 hookimpl = pluggy.HookimplMarker("qbench")
@@ -39,10 +39,10 @@ def qbench_register_quantizers() -> list[type[Quantizer]]:
 
 @hookspec
 def qbench_register_device_profiles() -> list[DeviceProfile]:
-    """Return `qbench.devices.DeviceProfile`s: embedded targets `qbench run --device` and
+    """Return `qbench.embedded.devices.DeviceProfile`s: embedded targets `qbench run --device` and
     `qbench fit` can budget for (RAM, storage, whether weights execute in place from flash,
     and the real part the profile stands for, with a citation).
 
-    qbench's own ladder (`qbench/builtin_devices.py`) is registered through this same hook. A
+    qbench's own ladder (`qbench/embedded/ladder.py`) is registered through this same hook. A
     name offered twice is reported as a conflict naming both plugins.
     """

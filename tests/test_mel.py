@@ -57,8 +57,8 @@ def test_log_mel_matches_independent_reference():
 
 
 def test_log_mel_on_real_speech_matches_reference(data_dir):
-    from qbench.audio_io import load_audio
-    from qbench.librispeech import list_utterances
+    from qbench.data.audio import load_audio
+    from qbench.data.librispeech import list_utterances
 
     audio = load_audio(list_utterances(data_dir, "test-clean", limit=1)[0].path)
     np.testing.assert_allclose(log_mel_spectrogram(audio), log_mel_reference(audio), atol=2e-4)
@@ -66,8 +66,8 @@ def test_log_mel_on_real_speech_matches_reference(data_dir):
 
 def test_log_mel_matches_faster_whisper_feature_extractor(data_dir):
     fe_module = pytest.importorskip("faster_whisper.feature_extractor")
-    from qbench.audio_io import load_audio
-    from qbench.librispeech import list_utterances
+    from qbench.data.audio import load_audio
+    from qbench.data.librispeech import list_utterances
 
     audio = load_audio(list_utterances(data_dir, "test-clean", limit=1)[0].path)
     theirs = fe_module.FeatureExtractor()(audio).T  # pads 160 samples, drops the last frame
@@ -90,8 +90,8 @@ def test_zeros_padding_windows_match_faster_whisper_segments(data_dir):
     fe_module = pytest.importorskip("faster_whisper.feature_extractor")
     from faster_whisper.audio import pad_or_trim
 
-    from qbench.audio_io import load_audio
-    from qbench.librispeech import list_utterances
+    from qbench.data.audio import load_audio
+    from qbench.data.librispeech import list_utterances
 
     audio = load_audio(list_utterances(data_dir, "test-clean", limit=1)[0].path)
     features = fe_module.FeatureExtractor()(audio)

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from qbench.cli import main
-from qbench.device_run import DeviceSession, DoesNotFitError
-from qbench.devices import DeviceProfile
-from qbench.memory_budget import DeviceWeightStore, estimate_whisper_memory, measure_peak
+from qbench.embedded.session import DeviceSession, DoesNotFitError
+from qbench.embedded.devices import DeviceProfile
+from qbench.embedded.memory import DeviceWeightStore, estimate_whisper_memory, measure_peak
 from qbench.models import whisper as W
-from qbench.quantize import quantize_model
-from qbench.quantizer import QuantizedTensor, Quantizer
+from qbench.quant.apply import quantize_model
+from qbench.quant.contract import QuantizedTensor, Quantizer
 from tests.test_whisper_model import DIMS, random_params, tiny_vocab
 
 
@@ -103,8 +103,8 @@ def test_accountant_agrees_with_tracemalloc_on_a_packed_random_model(small_rtn4)
 
 def test_measured_overrun_stops_the_run(small, monkeypatch):
     """The pre-check passes on a (deliberately wrong) estimate; the tracemalloc check catches it."""
-    import qbench.device_run as dr
-    from qbench.memory_budget import MemoryBreakdown
+    import qbench.embedded.session as dr
+    from qbench.embedded.memory import MemoryBreakdown
 
     def blind(model, store, device, *a, **k):
         return MemoryBreakdown(weights_stored_bytes=1, weights_ram_bytes=1, activations_bytes=0, kv_cache_bytes=0,

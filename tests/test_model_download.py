@@ -9,9 +9,9 @@ import shutil
 import pytest
 
 from qbench.cli import main
-from qbench.downloading import ChecksumError
-from qbench.model_download import download_model
-from qbench.registry import ModelCard, get_card, resolve_weights
+from qbench.data.downloading import ChecksumError
+from qbench.checkpoints.download import download_model
+from qbench.checkpoints.registry import ModelCard, get_card, resolve_weights
 
 DATA = b"not really a checkpoint, but bytes with a known sha256\n" * 1000
 
@@ -81,7 +81,7 @@ def test_cli_download_model_errors_are_one_line(tmp_path, monkeypatch, capsys):
 
 def test_loader_refuses_weights_that_differ_from_the_card(tiny_en, tmp_path, monkeypatch):
     """The card pins model.bin's sha256: a substituted file in the registry's place is refused."""
-    import qbench.model_loader as loader
+    import qbench.checkpoints.loader as loader
     from qbench.checkpoints.errors import CheckpointError
 
     fake = tmp_path / "model"

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from qbench.packing import (
+from qbench.quant.packing import (
     PackedTensor,
     pack_bits,
     pack_quantized,
@@ -12,7 +12,7 @@ from qbench.packing import (
     unpack_bits,
     unpack_trits,
 )
-from qbench.quantizer import QuantizedTensor, QuantizedTensorError, dequantize
+from qbench.quant.contract import QuantizedTensor, QuantizedTensorError, dequantize
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
@@ -139,7 +139,7 @@ def test_validate_checks_weight_shape() -> None:
 
 @pytest.mark.parametrize("bits", [2, 3, 5, 7])
 def test_chunked_packing_matches_across_chunk_boundaries(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    import qbench.packing as packing
+    import qbench.quant.packing as packing
 
     codes = np.random.default_rng(bits).integers(0, 1 << bits, 1003)
     reference = pack_bits(codes, bits)

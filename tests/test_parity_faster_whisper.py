@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import pytest
 
-from qbench.audio_io import load_audio
-from qbench.librispeech import list_utterances
+from qbench.data.audio import load_audio
+from qbench.data.librispeech import list_utterances
 from qbench.models.whisper import Whisper
-from qbench.scoring import corpus_rate, normalize, word_errors
+from qbench.data.scoring import corpus_rate, normalize, word_errors
 
 N = 100
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from qbench import plugins
-from qbench.plugins import (
+from qbench import plugin_manager as plugins
+from qbench.plugin_manager import (
     QuantizerEntry,
     UnknownQuantizerError,
     discover_quantizers,
@@ -32,7 +32,7 @@ QUANTIZER_MODULE = '''
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 from qbench.hookspecs import hookimpl
-from qbench.quantizer import QuantizedTensor, Quantizer
+from qbench.quant.contract import QuantizedTensor, Quantizer
 
 
 class Q(Quantizer):
@@ -55,7 +55,7 @@ def qbench_register_quantizers():
 
 DISCOVER = """
 import json
-from qbench.plugins import discover_quantizers
+from qbench.plugin_manager import discover_quantizers
 entries, errors = discover_quantizers()
 print(json.dumps({"entries": {k: v.model_dump(mode="json") for k, v in entries.items()},
                   "errors": [e.model_dump() for e in errors]}))

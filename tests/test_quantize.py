@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-from qbench.packing import PackedTensor
-from qbench.quantize import (
+from qbench.quant.packing import PackedTensor
+from qbench.quant.apply import (
     CalibratingQuantizingStore,
     PackedWeightStore,
     PluginError,
@@ -14,8 +14,8 @@ from qbench.quantize import (
     parse_settings,
     quantize_model,
 )
-from qbench.quantizer import EmptyConfig, LayerStats, QuantizedTensor, Quantizer
-from qbench.weight_store import WeightInfo, WeightStore
+from qbench.quant.contract import EmptyConfig, LayerStats, QuantizedTensor, Quantizer
+from qbench.models.weight_store import WeightInfo, WeightStore
 
 # -- a tiny model satisfying the SpeechModel protocol ---------------------------------------
 

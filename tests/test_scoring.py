@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qbench.scoring import char_errors, corpus_rate, normalize, word_errors
+from qbench.data.scoring import char_errors, corpus_rate, normalize, word_errors
 
 
 def test_normalizer_removes_case_punctuation_and_standardizes_spelling():

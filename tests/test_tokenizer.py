@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from qbench.tokenizer import ENGLISH_SUPPRESS_IDS, WhisperVocabulary, byte_decoder
+from qbench.models.tokenizer import ENGLISH_SUPPRESS_IDS, WhisperVocabulary, byte_decoder
 
 
 def _vocab(tokens: list[str]) -> WhisperVocabulary:

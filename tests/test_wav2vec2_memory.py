@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 from qbench.cli import main
-from qbench.device_run import DeviceSession, DoesNotFitError, estimate_memory, fit_model
-from qbench.devices import DeviceProfile
-from qbench.memory_budget import DeviceWeightStore, estimate_wav2vec2_memory, measure_peak
+from qbench.embedded.session import DeviceSession, DoesNotFitError, estimate_memory, fit_model
+from qbench.embedded.devices import DeviceProfile
+from qbench.embedded.memory import DeviceWeightStore, estimate_wav2vec2_memory, measure_peak
 from qbench.models.wav2vec2 import Wav2Vec2, Wav2Vec2Config, weight_infos
-from qbench.quantize import quantize_model
+from qbench.quant.apply import quantize_model
 from tests.test_memory_budget import _RTN4
 from tests.test_wav2vec2_parity import FIXTURES, _random_model
 
@@ -131,7 +131,7 @@ def test_fit_reports_a_working_peak_for_wav2vec2(models, monkeypatch, capsys):
     assert b.working_peak_bytes == expected.working_peak_bytes > 50 * 2**20
     assert b.peak_phase == "positional-conv" and b.total_ram_bytes == b.weights_ram_bytes + b.working_peak_bytes
 
-    monkeypatch.setattr("qbench.model_loader.load_model", lambda name, weights=None: SimpleNamespace(model=model))
+    monkeypatch.setattr("qbench.checkpoints.loader.load_model", lambda name, weights=None: SimpleNamespace(model=model))
     assert main(["fit", "--model", BASE, "--json"]) == 0
     rows = {d["profile"]["name"]: d for d in json.loads(capsys.readouterr().out)["devices"]}
     assert all(d["breakdown"]["working_peak_bytes"] == b.working_peak_bytes for d in rows.values())

@@ -19,7 +19,7 @@ import soundfile as sf
 from qbench.checkpoints.errors import CheckpointError
 from qbench.checkpoints.hf_wav2vec2 import hf_to_canonical, load_hf_wav2vec2
 from qbench.models.wav2vec2 import Wav2Vec2, Wav2Vec2Config, ctc_greedy_decode, weight_infos
-from qbench.weight_store import WeightStore
+from qbench.models.weight_store import WeightStore
 
 FIXTURES = Path(__file__).parent / "fixtures" / "wav2vec2"
 REPO = Path(__file__).parents[1]

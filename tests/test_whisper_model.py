@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from qbench.models import whisper as W
-from qbench.tokenizer import WhisperVocabulary
-from qbench.weight_store import WeightStore
+from qbench.models.tokenizer import WhisperVocabulary
+from qbench.models.weight_store import WeightStore
 
 DIMS = W.ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=16, n_audio_head=2, n_audio_layer=2,
                          n_vocab=40, n_text_ctx=24, n_text_state=16, n_text_head=2, n_text_layer=2)

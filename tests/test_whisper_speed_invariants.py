@@ -11,9 +11,9 @@ import pytest
 from qbench.models import activations, parallel
 from qbench.models import attention as attention_module
 from qbench.models import whisper as W
-from qbench.packing import PackedTensor, pack_quantized
-from qbench.quantizer import QuantizedTensor, apply_scales
-from qbench.weight_store import WeightStore
+from qbench.quant.packing import PackedTensor, pack_quantized
+from qbench.quant.contract import QuantizedTensor, apply_scales
+from qbench.models.weight_store import WeightStore
 from tests.test_whisper_model import DIMS, random_params, tiny_vocab
 
 
@@ -178,8 +178,8 @@ def test_encoder_output_is_bit_identical_on_any_thread_count(model: W.Whisper) -
 
 
 def test_stores_with_state_in_linear_encode_one_window_at_a_time(model: W.Whisper, monkeypatch: pytest.MonkeyPatch) -> None:
-    from qbench.compute_accounting import ComputeCountingStore
-    from qbench.memory_budget import DeviceWeightStore
+    from qbench.embedded.compute import ComputeCountingStore
+    from qbench.embedded.memory import DeviceWeightStore
 
     monkeypatch.setattr(parallel, "THREADS", 4)
     assert W.encoder_parallelism(model.store, 8) == (4, 1)

@@ -47,7 +47,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from qbench.models.activations import gelu, layer_norm
 from qbench.models.attention import attention, split_heads
 from qbench.models.parallel import compute_threads, parallel_map
-from qbench.weight_store import WeightInfo, WeightStore
+from qbench.models.weight_store import WeightInfo, WeightStore
 
 #: eps of the torch.nn.GroupNorm / LayerNorm in the feature encoder (HF does not pass the
 #: config's layer_norm_eps there)
@@ -55,7 +55,7 @@ CONV_NORM_EPS = 1e-5
 #: Wav2Vec2FeatureExtractor's per-utterance normalisation eps (do_normalize=True)
 INPUT_NORM_EPS = 1e-7
 #: Output frames (20 ms each) per feature-encoder chunk: bounds that stage's memory whatever
-#: the utterance length (`qbench.memory_budget.estimate_wav2vec2_memory` assumes it too)
+#: the utterance length (`qbench.embedded.memory.estimate_wav2vec2_memory` assumes it too)
 CHUNK_FRAMES = 128
 
 

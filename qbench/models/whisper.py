@@ -31,8 +31,8 @@ import numpy as np
 from qbench.models.activations import gelu, layer_norm
 from qbench.models.attention import attention, split_heads
 from qbench.models.parallel import blas_threads_at_most, compute_threads, parallel_map
-from qbench.tokenizer import WhisperVocabulary
-from qbench.weight_store import WeightInfo, WeightStore
+from qbench.models.tokenizer import WhisperVocabulary
+from qbench.models.weight_store import WeightInfo, WeightStore
 
 
 @dataclass(frozen=True)
@@ -407,7 +407,7 @@ def _greedy_loop(
 
 
 # ----------------------------------------------------------------------------------------------
-# The model object the harness drives (satisfies qbench.speech_model.SpeechModel)
+# The model object the harness drives (satisfies qbench.models.speech_model.SpeechModel)
 # ----------------------------------------------------------------------------------------------
 class Whisper:
     """A Whisper checkpoint ready to transcribe: dimensions, parameters (via a store), vocabulary."""

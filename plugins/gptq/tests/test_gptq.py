@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 qbench_gptq = pytest.importorskip("qbench_gptq", reason="pip install -e plugins/gptq")
-from qbench.quantize import layer_stats  # noqa: E402
-from qbench.quantizer import LayerStats, dequantize  # noqa: E402
+from qbench.quant.apply import layer_stats  # noqa: E402
+from qbench.quant.contract import LayerStats, dequantize  # noqa: E402
 
 GPTQ = qbench_gptq.GPTQQuantizer
 OUT, IN, ROWS = 64, 192, 1024

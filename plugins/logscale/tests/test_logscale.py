@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 
 qbench_logscale = pytest.importorskip("qbench_logscale", reason="pip install -e plugins/logscale")
-from qbench.packing import pack_quantized  # noqa: E402
-from qbench.plugins import get_quantizer  # noqa: E402
-from qbench.quantizer import dequantize  # noqa: E402
+from qbench.quant.packing import pack_quantized  # noqa: E402
+from qbench.plugin_manager import get_quantizer  # noqa: E402
+from qbench.quant.contract import dequantize  # noqa: E402
 
 LogScale = qbench_logscale.LogScaleQuantizer
 

@@ -22,7 +22,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from qbench.hookspecs import hookimpl
-from qbench.quantizer import LayerStats, QuantizedTensor, Quantizer
+from qbench.quant.contract import LayerStats, QuantizedTensor, Quantizer
 
 __version__ = "0.1.0"
 

@@ -6,7 +6,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from qbench.hookspecs import hookimpl
-from qbench.quantizer import LayerStats, QuantizedTensor, Quantizer
+from qbench.quant.contract import LayerStats, QuantizedTensor, Quantizer
 
 
 class Int8TensorQuantizer(Quantizer):

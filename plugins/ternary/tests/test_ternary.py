@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 qbench_ternary = pytest.importorskip("qbench_ternary", reason="pip install -e plugins/ternary")
-from qbench.packing import pack_quantized  # noqa: E402
-from qbench.plugins import get_quantizer  # noqa: E402
-from qbench.quantizer import dequantize  # noqa: E402
+from qbench.quant.packing import pack_quantized  # noqa: E402
+from qbench.plugin_manager import get_quantizer  # noqa: E402
+from qbench.quant.contract import dequantize  # noqa: E402
 
 Ternary = qbench_ternary.TernaryQuantizer
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from qbench.leaderboard_entry import LeaderboardEntry, entry_path, subset_score
-from qbench.librispeech import STANDARD_SUBSETS, list_utterances, utterance_digest
-from qbench.registry import list_models
+from qbench.leaderboard.entry import LeaderboardEntry, entry_path, subset_score
+from qbench.data.librispeech import STANDARD_SUBSETS, list_utterances, utterance_digest
+from qbench.checkpoints.registry import list_models
 from qbench.results import hypotheses_digest
-from qbench.scoring import char_errors, normalize, word_errors
+from qbench.data.scoring import char_errors, normalize, word_errors
 
 SCHEMA_FILE = "entry.schema.json"
 _TOLERANCE = 1e-9

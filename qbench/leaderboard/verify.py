@@ -16,7 +16,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from qbench import __version__
-from qbench.leaderboard_entry import LeaderboardEntry, read_entry
+from qbench.leaderboard.entry import LeaderboardEntry, read_entry
 from qbench.results import RunResult
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel
 
-from qbench.audio_io import load_audio
-from qbench.librispeech import list_utterances, utterance_digest
+from qbench.data.audio import load_audio
+from qbench.data.librispeech import list_utterances, utterance_digest
 
 
 class CalibrationSet(BaseModel):

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from qbench.weight_store import WeightStore
+from qbench.models.weight_store import WeightStore
 
 LayerKind = Literal["conv", "attention_projection", "mlp", "output_projection", "other"]
 ACTIVATION_BITS = 32

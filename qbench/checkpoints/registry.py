@@ -58,9 +58,9 @@ class WeightsNotFoundError(FileNotFoundError):
 
 
 def registry_dirs() -> list[Path]:
-    here = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parent.parent
     # installed wheel: cards are packaged beside the code; source checkout: the repo's models/
-    return [d for d in (here / "registry_files", here.parent / "models") if d.is_dir()]
+    return [d for d in (package / "registry_files", package.parent / "models") if d.is_dir()]
 
 
 def list_models() -> dict[str, ModelCard]:

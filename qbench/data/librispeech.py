@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 
 import soundfile as sf
 
-from qbench.downloading import CHUNK, ChecksumError, DownloadError, fetch_resumable, one_line
+from qbench.data.downloading import CHUNK, ChecksumError, DownloadError, fetch_resumable, one_line
 
 __all__ = [
     "ARCHIVES",
@@ -87,7 +87,7 @@ ARCHIVES: dict[str, ArchiveInfo] = {
 }
 
 # Tests point this elsewhere so the checkout's own ../shared/librispeech does not leak in.
-_PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 _UTT_ID = re.compile(r"^(\d+)-(\d+)-(\d+)$")
 _COMPLETE_MARKER = ".qbench-complete"

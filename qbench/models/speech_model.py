@@ -10,7 +10,7 @@ from typing import Protocol
 
 import numpy as np
 
-from qbench.weight_store import WeightInfo, WeightStore
+from qbench.models.weight_store import WeightInfo, WeightStore
 
 
 class SpeechModel(Protocol):

@@ -19,11 +19,11 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from qbench.packing import PackedTensor, pack_quantized
-from qbench.plugins import entry_for_class
-from qbench.quantizer import LayerStats, QuantizedTensor, Quantizer
-from qbench.speech_model import SpeechModel
-from qbench.weight_store import WeightInfo, WeightStore
+from qbench.quant.packing import PackedTensor, pack_quantized
+from qbench.plugin_manager import entry_for_class
+from qbench.quant.contract import LayerStats, QuantizedTensor, Quantizer
+from qbench.models.speech_model import SpeechModel
+from qbench.models.weight_store import WeightInfo, WeightStore
 
 #: `progress(layer_name, done, total)`, called after each layer is quantized.
 Progress = Callable[[str, int, int], None]

@@ -7,11 +7,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from qbench.audio_io import load_audio
-from qbench.librispeech import Utterance
+from qbench.data.audio import load_audio
+from qbench.data.librispeech import Utterance
 from qbench.results import Metrics, RunResult, UtteranceResult, hypotheses_digest
-from qbench.scoring import ErrorCounts, char_errors, corpus_rate, normalize, word_errors
-from qbench.speech_model import SpeechModel
+from qbench.data.scoring import ErrorCounts, char_errors, corpus_rate, normalize, word_errors
+from qbench.models.speech_model import SpeechModel
 
 
 class RunFailed(RuntimeError):

@@ -18,7 +18,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from qbench.quantizer import Packing, QuantizedTensor, apply_scales
+from qbench.quant.contract import Packing, QuantizedTensor, apply_scales
 
 # Eight codes of at most 8 bits fill at most one uint64: the unit of the vectorized packer.
 _CODES_PER_WORD = 8

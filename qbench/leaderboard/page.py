@@ -12,8 +12,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from qbench.leaderboard_entry import LeaderboardEntry, read_entry
-from qbench.leaderboard_validate import SCHEMA_FILE, entry_files
+from qbench.leaderboard.entry import LeaderboardEntry, read_entry
+from qbench.leaderboard.validate import SCHEMA_FILE, entry_files
 
 CLASS_ORDER = ("float", "8 bits", "4 bits", "3 bits", "<=2 bits")
 

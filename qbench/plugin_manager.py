@@ -20,12 +20,12 @@ import pluggy
 from pydantic import BaseModel, ConfigDict, Field
 
 from qbench import hookspecs
-from qbench.quantizer import Quantizer
+from qbench.quant.contract import Quantizer
 
 PROJECT = "qbench"
 
 #: qbench's own hook modules, registered before entry points through the same hooks.
-BUILTIN_HOOK_MODULES: tuple[str, ...] = ("qbench.builtin_devices",)
+BUILTIN_HOOK_MODULES: tuple[str, ...] = ("qbench.embedded.ladder",)
 
 
 class PluginLoadError(BaseModel):
@@ -158,7 +158,7 @@ def reset_plugin_manager() -> None:
 def _check_class(cls: object) -> str | None:
     """Why `cls` is not a usable quantizer class, or None."""
     if not isinstance(cls, type) or not issubclass(cls, Quantizer):
-        return f"{cls!r} is not a subclass of qbench.quantizer.Quantizer"
+        return f"{cls!r} is not a subclass of qbench.quant.contract.Quantizer"
     for attr in ("name", "version"):
         if not isinstance(getattr(cls, attr, None), str) or not getattr(cls, attr):
             return f"{cls.__qualname__}.{attr} must be a non-empty string"

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qbench.checkpoints.errors import CheckpointError
-from qbench.downloading import sha256_of
-from qbench.registry import ModelCard, WeightFormat, get_card, resolve_weights
-from qbench.speech_model import SpeechModel
+from qbench.data.downloading import sha256_of
+from qbench.checkpoints.registry import ModelCard, WeightFormat, get_card, resolve_weights
+from qbench.models.speech_model import SpeechModel
 
 _WEIGHT_FILES = ("model.bin", "model.safetensors", "pytorch_model.bin")
 
@@ -59,7 +59,7 @@ def _main_file(path: Path) -> Path:
 
 
 def _whisper_vocabulary(path: Path):
-    from qbench.tokenizer import WhisperVocabulary
+    from qbench.models.tokenizer import WhisperVocabulary
 
     directory = path if path.is_dir() else path.parent
     try:

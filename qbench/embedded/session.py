@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from qbench.compute_accounting import ComputeCountingStore, ComputeReport
-from qbench.devices import DeviceProfile
-from qbench.memory_budget import (
+from qbench.embedded.compute import ComputeCountingStore, ComputeReport
+from qbench.embedded.devices import DeviceProfile
+from qbench.embedded.memory import (
     DEFAULT_BLOCK_BYTES,
     WAV2VEC2_AUDIO_SECONDS,
     DeviceWeightStore,
@@ -26,7 +26,7 @@ from qbench.memory_budget import (
     measure_peak,
 )
 from qbench.models.wav2vec2 import CHUNK_FRAMES, Wav2Vec2Config
-from qbench.weight_store import WeightStore
+from qbench.models.weight_store import WeightStore
 
 _WINDOW_SECONDS = 30.0
 

@@ -1,15 +1,15 @@
 """Embedded targets as data: how much RAM and storage a quantized model may use on a real part.
 
 Profiles are registered through the `qbench_register_device_profiles` hook (qbench's own ladder
-lives in `qbench.builtin_devices`), so a third-party plugin can add a board without touching
-qbench. Whether a model fits is decided by `qbench.memory_budget` from these numbers.
+lives in `qbench.embedded.ladder`), so a third-party plugin can add a board without touching
+qbench. Whether a model fits is decided by `qbench.embedded.memory` from these numbers.
 """
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-#: `qbench run` without `--device`: see `qbench.builtin_devices` for why this rung.
+#: `qbench run` without `--device`: see `qbench.embedded.ladder` for why this rung.
 DEFAULT_DEVICE = "pi-zero-2w"
 #: `--device none`: run without any budget (a workstation baseline).
 NO_DEVICE = "none"
@@ -43,14 +43,14 @@ def get_device_profiles() -> dict[str, DeviceProfile]:
     A hook returning something that is not a `DeviceProfile`, or a name registered twice, is
     an error naming the plugin: two boards under one name would make results ambiguous.
     """
-    from qbench.plugins import get_plugin_manager
+    from qbench.plugin_manager import get_plugin_manager
 
     pm = get_plugin_manager()
     found: dict[str, tuple[DeviceProfile, str]] = {}
     for impl in pm.hook.qbench_register_device_profiles.get_hookimpls():
         for profile in impl.function() or []:
             if not isinstance(profile, DeviceProfile):
-                raise TypeError(f"plugin '{impl.plugin_name}' registered {profile!r}, not a qbench.devices.DeviceProfile")
+                raise TypeError(f"plugin '{impl.plugin_name}' registered {profile!r}, not a qbench.embedded.devices.DeviceProfile")
             if profile.name in found:
                 raise ValueError(
                     f"device '{profile.name}' is registered by both '{found[profile.name][1]}' and '{impl.plugin_name}'"
