@@ -7,16 +7,24 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from qbench import __version__
+from qbench.errors import QBenchError, one_line
 
 console = Console(stderr=True)
 out = Console()
 
 
-class CliError(Exception):
+class CliError(QBenchError):
     """A user-facing error: printed as one line, exit status 2."""
 
 
@@ -38,10 +46,10 @@ def default_output(model: str, subset: str, label: str) -> Path:
 # qbench run
 # ------------------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from qbench.data.librispeech import find_data_dir, list_utterances, utterance_digest
     from qbench.checkpoints.loader import load_model
-    from qbench.results import DatasetRef, MachineInfo, ModelRef, RunResult
+    from qbench.data.librispeech import find_data_dir, list_utterances, utterance_digest
     from qbench.evaluate import RunFailed, evaluate
+    from qbench.results import DatasetRef, MachineInfo, ModelRef, RunResult
 
     if args.threads is not None:
         if args.threads < 1:
@@ -101,8 +109,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def submit_entry(model, result, root: Path) -> Path:
     """Write the run's leaderboard entry, with the device profiles the model fits by the same
     accounting `qbench fit` uses."""
-    from qbench.embedded.session import fit_model
     from qbench.embedded.devices import get_device_profiles
+    from qbench.embedded.session import fit_model
     from qbench.leaderboard.entry import entry_from_result, write_entry
 
     fitted = [name for name, device in get_device_profiles().items() if fit_model(model, device).fits]
@@ -170,8 +178,8 @@ def device_session_for_run(model, args: argparse.Namespace):
 
     On a device the batch size is 1 unless given: an MCU transcribes one utterance at a time.
     """
-    from qbench.embedded.session import DeviceSession
     from qbench.embedded.devices import NO_DEVICE, get_device_profile
+    from qbench.embedded.session import DeviceSession
 
     if args.device == NO_DEVICE:
         args.batch_size = args.batch_size or 8
@@ -216,7 +224,11 @@ def print_summary(result) -> None:
 # qbench models / download
 # ------------------------------------------------------------------------------------------------
 def cmd_models(args: argparse.Namespace) -> int:
-    from qbench.checkpoints.registry import list_models, resolve_weights, WeightsNotFoundError
+    from qbench.checkpoints.registry import (
+        WeightsNotFoundError,
+        list_models,
+        resolve_weights,
+    )
 
     table = Table(title="registered models")
     for col in ("name", "architecture", "parameters", "weights here"):
@@ -270,9 +282,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     """Per-device fits / does not fit for a (quantized) model, from the accountant alone."""
     import json as _json
 
-    from qbench.embedded.session import fit_audio, fit_model
-    from qbench.embedded.devices import get_device_profile, get_device_profiles
     from qbench.checkpoints.loader import load_model
+    from qbench.embedded.devices import get_device_profile, get_device_profiles
+    from qbench.embedded.session import fit_audio, fit_model
 
     model = load_model(args.model, args.weights).model
     quantization = None
@@ -321,8 +333,8 @@ def quantize_for_fit(model, args: argparse.Namespace):
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from qbench.leaderboard.validate import validate_leaderboards
     from qbench.data.librispeech import DataNotFoundError, find_data_dir
+    from qbench.leaderboard.validate import validate_leaderboards
 
     data_dir = None
     if not args.no_references:
@@ -388,6 +400,7 @@ def _default_device() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qbench", description=__doc__)
     parser.add_argument("--version", action="version", version=f"qbench {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of any error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="transcribe a LibriSpeech subset, score it, write a result file")
@@ -462,18 +475,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        console.print("[red]interrupted[/red]")
+        console.print("interrupted", style="red", markup=False)
         return 130
-    except Exception as exc:  # noqa: BLE001 - every failure is one clear line, not a traceback
-        if isinstance(exc, CliError) or type(exc).__module__.startswith("qbench") or isinstance(exc, (OSError, ValueError, KeyError)):
-            message = str(exc).strip("'\"").splitlines()[0] if str(exc) else type(exc).__name__
-            console.print(f"[red]error:[/red] {message}", highlight=False)
-            return 2
-        raise
+    except (QBenchError, OSError) as exc:
+        # qbench's own failures and the file system's are the user's to fix: one line. Anything
+        # else is a bug in qbench (or a library) and keeps its traceback.
+        if args.debug:
+            raise
+        console.print(f"error: {one_line(exc) or type(exc).__name__}", style="red", markup=False,
+                      highlight=False, soft_wrap=True)
+        return 2
 
 
 if __name__ == "__main__":

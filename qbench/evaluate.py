@@ -9,12 +9,19 @@ from pathlib import Path
 
 from qbench.data.audio import load_audio
 from qbench.data.librispeech import Utterance
-from qbench.results import Metrics, RunResult, UtteranceResult, hypotheses_digest
-from qbench.data.scoring import ErrorCounts, char_errors, corpus_rate, normalize, word_errors
+from qbench.data.scoring import (
+    ErrorCounts,
+    char_errors,
+    corpus_rate,
+    normalize,
+    word_errors,
+)
+from qbench.errors import QBenchError, one_line
 from qbench.models.speech_model import SpeechModel
+from qbench.results import Metrics, RunResult, UtteranceResult, hypotheses_digest
 
 
-class RunFailed(RuntimeError):
+class RunFailed(QBenchError, RuntimeError):
     """A run stopped; `.result` holds everything finished before the failure (also on disk)."""
 
     def __init__(self, message: str, result: RunResult):
@@ -83,7 +90,7 @@ def evaluate(
             wall += time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - any failure is reported and the file kept
             ids = f"{batch[0].id}..{batch[-1].id}" if len(batch) > 1 else batch[0].id
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            message = one_line(exc) or type(exc).__name__
             if not any(u.id in message or str(u.path) in message for u in batch):
                 message = f"batch {ids}: {message}"
             save("failed", message)

@@ -20,6 +20,7 @@ import pluggy
 from pydantic import BaseModel, ConfigDict, Field
 
 from qbench import hookspecs
+from qbench.errors import QBenchError, describe
 from qbench.quant.contract import Quantizer
 
 PROJECT = "qbench"
@@ -57,11 +58,8 @@ class QuantizerEntry(BaseModel):
     cls: type[Quantizer] = Field(exclude=True, repr=False)
 
 
-class UnknownQuantizerError(LookupError):
+class UnknownQuantizerError(QBenchError, LookupError):
     """`get_quantizer` was asked for a name no loaded plugin provides."""
-
-    def __str__(self) -> str:  # LookupError would repr() the message
-        return str(self.args[0]) if self.args else ""
 
 
 @dataclass
@@ -70,11 +68,6 @@ class _Loaded:
     errors: list[PluginLoadError] = field(default_factory=list)
     #: plugin name -> (distribution name, distribution version)
     dists: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
-
-
-def _format_exc(exc: BaseException) -> str:
-    msg = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {msg[0]}" if msg else type(exc).__name__
 
 
 def _own_distribution() -> tuple[str | None, str | None]:
@@ -90,13 +83,13 @@ def _register(loaded: _Loaded, plugin: object, name: str, dist: tuple[str | None
     try:
         loaded.pm.register(plugin, name=name)
     except Exception as exc:  # duplicate names, malformed hookimpls
-        loaded.errors.append(PluginLoadError(name=name, distribution=dist[0], error=_format_exc(exc)))
+        loaded.errors.append(PluginLoadError(name=name, distribution=dist[0], error=describe(exc)))
         return
     try:
         loaded.pm.check_pending()
     except Exception as exc:  # a `qbench_*` function matching no hookspec: likely a typo
         loaded.pm.unregister(name=name)
-        loaded.errors.append(PluginLoadError(name=name, distribution=dist[0], error=_format_exc(exc)))
+        loaded.errors.append(PluginLoadError(name=name, distribution=dist[0], error=describe(exc)))
         return
     loaded.dists[name] = dist
 
@@ -121,7 +114,7 @@ def _load() -> _Loaded:
         try:
             module = importlib.import_module(module_name)
         except Exception as exc:
-            loaded.errors.append(PluginLoadError(name=module_name, distribution=own[0], error=_format_exc(exc)))
+            loaded.errors.append(PluginLoadError(name=module_name, distribution=own[0], error=describe(exc)))
             continue
         _register(loaded, module, module_name, own)
     for ep in _entry_points():
@@ -134,7 +127,7 @@ def _load() -> _Loaded:
         try:
             plugin = ep.load()
         except (Exception, SystemExit) as exc:  # a plugin calling sys.exit on import is still just broken
-            loaded.errors.append(PluginLoadError(name=ep.name, distribution=dist[0], error=f"import failed: {_format_exc(exc)}"))
+            loaded.errors.append(PluginLoadError(name=ep.name, distribution=dist[0], error=f"import failed: {describe(exc)}"))
             continue
         _register(loaded, plugin, ep.name, dist)
     return loaded
@@ -187,7 +180,7 @@ def discover_quantizers() -> tuple[dict[str, QuantizerEntry], list[PluginLoadErr
             classes = list(impl.function() or [])
         except Exception as exc:
             errors.append(
-                PluginLoadError(name=plugin_name, distribution=dist_name, error=f"qbench_register_quantizers raised {_format_exc(exc)}")
+                PluginLoadError(name=plugin_name, distribution=dist_name, error=f"qbench_register_quantizers raised {describe(exc)}")
             )
             continue
         for cls in classes:
@@ -196,7 +189,7 @@ def discover_quantizers() -> tuple[dict[str, QuantizerEntry], list[PluginLoadErr
                 try:
                     schema = cls.Config.model_json_schema()
                 except Exception as exc:
-                    problem = f"{cls.__qualname__}.Config has no JSON schema: {_format_exc(exc)}"
+                    problem = f"{cls.__qualname__}.Config has no JSON schema: {describe(exc)}"
             if problem is not None:
                 errors.append(PluginLoadError(name=plugin_name, distribution=dist_name, error=problem))
                 continue

@@ -11,8 +11,8 @@ import hashlib
 import os
 import platform
 import tempfile
-from datetime import datetime, timezone
 from collections.abc import Iterable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 

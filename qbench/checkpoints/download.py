@@ -18,8 +18,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from qbench.data.downloading import ChecksumError, DownloadError, fetch_resumable, sha256_of
-from qbench.checkpoints.registry import ModelCard, WeightSource, WeightsNotFoundError, how_to_get, url_target
+from qbench.checkpoints.registry import (
+    ModelCard,
+    WeightsNotFoundError,
+    WeightSource,
+    how_to_get,
+    url_target,
+)
+from qbench.data.downloading import (
+    ChecksumError,
+    DownloadError,
+    fetch_resumable,
+    sha256_of,
+)
 
 
 def check_source_files(source: WeightSource, location: Path) -> None:

@@ -8,6 +8,8 @@ lets the CLI report it plainly and lets tests assert on it without caring which 
 
 from __future__ import annotations
 
+from qbench.errors import QBenchError
 
-class CheckpointError(Exception):
+
+class CheckpointError(QBenchError):
     """A checkpoint could not be read or mapped; the message names the file and the reason."""

@@ -12,8 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qbench.checkpoints.errors import CheckpointError
+from qbench.checkpoints.registry import (
+    ModelCard,
+    WeightFormat,
+    get_card,
+    resolve_weights,
+)
 from qbench.data.downloading import sha256_of
-from qbench.checkpoints.registry import ModelCard, WeightFormat, get_card, resolve_weights
 from qbench.models.speech_model import SpeechModel
 
 _WEIGHT_FILES = ("model.bin", "model.safetensors", "pytorch_model.bin")

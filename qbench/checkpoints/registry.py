@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from qbench.errors import QBenchError
 
 WeightFormat = Literal["ctranslate2", "openai-pt", "hf-whisper", "hf-wav2vec2"]
 
@@ -53,8 +54,12 @@ class ModelCard(BaseModel):
     sources: list[WeightSource]
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(QBenchError, FileNotFoundError):
     """No weights for a model on this machine; the message says how to get them."""
+
+
+class UnknownModelError(QBenchError, KeyError):
+    """A model name no card in the registry has."""
 
 
 def registry_dirs() -> list[Path]:
@@ -75,7 +80,7 @@ def list_models() -> dict[str, ModelCard]:
 def get_card(name: str) -> ModelCard:
     cards = list_models()
     if name not in cards:
-        raise KeyError(f"unknown model {name!r}; known models: {', '.join(sorted(cards)) or 'none'}")
+        raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(sorted(cards)) or 'none'}")
     return cards[name]
 
 

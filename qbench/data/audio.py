@@ -14,16 +14,13 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from qbench.errors import QBenchError, one_line
+
 __all__ = ["AudioError", "load_audio"]
 
 
-class AudioError(ValueError):
+class AudioError(QBenchError, ValueError):
     """An audio file that is missing, unreadable, or not 16 kHz mono finite audio."""
-
-
-def _one_line(text: object) -> str:
-    # libsndfile messages can span lines; an error here must stay one line in logs and tables.
-    return " ".join(str(text).split())
 
 
 def load_audio(path: str | os.PathLike[str], expected_rate: int = 16000) -> np.ndarray:
@@ -41,7 +38,7 @@ def load_audio(path: str | os.PathLike[str], expected_rate: int = 16000) -> np.n
         # Header first, so a wrong rate or channel count fails before decoding the whole file.
         info = sf.info(str(p))
     except Exception as exc:  # libsndfile raises several unrelated types for bad input
-        raise AudioError(f"{p}: unreadable or corrupt audio file ({_one_line(exc)})") from exc
+        raise AudioError(f"{p}: unreadable or corrupt audio file ({one_line(exc)})") from exc
     if info.channels != 1:
         raise AudioError(
             f"{p}: has {info.channels} channels, expected mono (not mixed down automatically)"
@@ -56,7 +53,7 @@ def load_audio(path: str | os.PathLike[str], expected_rate: int = 16000) -> np.n
     try:
         data, rate = sf.read(str(p), dtype="float32", always_2d=True)
     except Exception as exc:
-        raise AudioError(f"{p}: unreadable or corrupt audio file ({_one_line(exc)})") from exc
+        raise AudioError(f"{p}: unreadable or corrupt audio file ({one_line(exc)})") from exc
     if rate != expected_rate:  # the header said otherwise; trust what was decoded
         raise AudioError(f"{p}: sample rate is {rate} Hz, expected {expected_rate} Hz")
     if data.shape[1] != 1:

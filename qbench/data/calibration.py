@@ -9,6 +9,11 @@ from pydantic import BaseModel
 
 from qbench.data.audio import load_audio
 from qbench.data.librispeech import list_utterances, utterance_digest
+from qbench.errors import QBenchError
+
+
+class CalibrationError(QBenchError, ValueError):
+    """Calibration utterances that are missing or overlap the evaluation set."""
 
 
 class CalibrationSet(BaseModel):
@@ -31,10 +36,10 @@ def load_calibration(data_dir: Path, subset: str, limit: int | None, eval_ids: s
         wanted = set(ids)
         utts = [u for u in utts if u.id in wanted]
         if len(utts) != len(wanted):
-            raise ValueError(f"calibration ids: {len(wanted) - len(utts)} of {len(wanted)} are not in {subset}")
+            raise CalibrationError(f"calibration ids: {len(wanted) - len(utts)} of {len(wanted)} are not in {subset}")
     overlap = sorted(eval_ids.intersection(u.id for u in utts))
     if overlap:
-        raise ValueError(f"calibration set {subset} overlaps the evaluation set ({len(overlap)} utterances, e.g. {overlap[0]})")
+        raise CalibrationError(f"calibration set {subset} overlaps the evaluation set ({len(overlap)} utterances, e.g. {overlap[0]})")
     audios = [load_audio(u.path) for u in utts]
     record = CalibrationSet(
         subset=subset, utterance_count=len(utts), utterance_ids_sha256=utterance_digest(u.id for u in utts),

@@ -11,19 +11,17 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from qbench.errors import QBenchError, one_line
+
 CHUNK = 1 << 20
 
 
-class DownloadError(RuntimeError):
+class DownloadError(QBenchError, RuntimeError):
     """A file could not be downloaded or extracted."""
 
 
 class ChecksumError(DownloadError):
     """A downloaded file's size or hash differs from the published value."""
-
-
-def one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 def sha256_of(path: Path) -> str:

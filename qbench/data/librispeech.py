@@ -19,7 +19,8 @@ from pathlib import Path, PurePosixPath
 
 import soundfile as sf
 
-from qbench.data.downloading import CHUNK, ChecksumError, DownloadError, fetch_resumable, one_line
+from qbench.data.downloading import CHUNK, ChecksumError, DownloadError, fetch_resumable
+from qbench.errors import QBenchError, one_line
 
 __all__ = [
     "ARCHIVES",
@@ -93,13 +94,17 @@ _UTT_ID = re.compile(r"^(\d+)-(\d+)-(\d+)$")
 _COMPLETE_MARKER = ".qbench-complete"
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataError(QBenchError, ValueError):
+    """A LibriSpeech folder whose contents are malformed (transcripts, ids), or a bad selection."""
+
+
+class DataNotFoundError(QBenchError, FileNotFoundError):
     """No LibriSpeech data where it was looked for; the message says how to provide it."""
 
 
 def _check_subset(subset: str) -> None:
     if subset not in STANDARD_SUBSETS:
-        raise ValueError(
+        raise DataError(
             f"unknown LibriSpeech subset {subset!r}; expected one of {', '.join(STANDARD_SUBSETS)}"
         )
 
@@ -228,7 +233,7 @@ def list_utterances(
     """
     _check_subset(subset)
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be a positive number of utterances, got {limit}")
+        raise DataError(f"limit must be a positive number of utterances, got {limit}")
     root = _as_root(Path(data_dir).expanduser())
     if root is None:
         raise DataNotFoundError(f"{data_dir}: no LibriSpeech/ folder there")
@@ -251,9 +256,9 @@ def list_utterances(
                 text = text.strip()
                 # A malformed line means a damaged corpus; scoring it would be silently wrong.
                 if not _UTT_ID.match(utt_id) or not utt_id.startswith(chapter_prefix) or not text:
-                    raise ValueError(f"{trans}:{lineno}: malformed transcript line {line[:60]!r}")
+                    raise DataError(f"{trans}:{lineno}: malformed transcript line {line[:60]!r}")
                 if utt_id in utts:
-                    raise ValueError(f"{trans}:{lineno}: duplicate utterance id {utt_id}")
+                    raise DataError(f"{trans}:{lineno}: duplicate utterance id {utt_id}")
                 flac = trans.parent / f"{utt_id}.flac"
                 if flac.is_file():
                     utts[utt_id] = Utterance(id=utt_id, subset=subset, path=flac, transcript=text)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from qbench.errors import QBenchError
+
 #: `qbench run` without `--device`: see `qbench.embedded.ladder` for why this rung.
 DEFAULT_DEVICE = "pi-zero-2w"
 #: `--device none`: run without any budget (a workstation baseline).
@@ -30,11 +32,8 @@ class DeviceProfile(BaseModel):
     note: str = Field("", description="where the numbers come from (datasheet figure) and what was left out")
 
 
-class UnknownDeviceError(LookupError):
+class UnknownDeviceError(QBenchError, LookupError):
     """A device name no registered profile has."""
-
-    def __str__(self) -> str:  # LookupError would repr() the message
-        return str(self.args[0]) if self.args else ""
 
 
 def get_device_profiles() -> dict[str, DeviceProfile]:

@@ -29,10 +29,10 @@ from qbench.embedded.devices import DeviceProfile
 from qbench.models.activations import GELU_SCRATCH_BYTES
 from qbench.models.attention import QUERY_BLOCK
 from qbench.models.wav2vec2 import CHUNK_FRAMES, Wav2Vec2, Wav2Vec2Config, store_threads
-from qbench.quant.packing import PackedTensor
+from qbench.models.weight_store import WeightInfo, WeightStore
 from qbench.quant.apply import PackedWeightStore
 from qbench.quant.contract import apply_scales
-from qbench.models.weight_store import WeightInfo, WeightStore
+from qbench.quant.packing import PackedTensor
 
 #: Float32 bytes of one dequantized row block when a layer is streamed. Small enough that the
 #: block and its unpacking temporaries are noise next to the activations, large enough that

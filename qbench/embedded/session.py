@@ -25,13 +25,14 @@ from qbench.embedded.memory import (
     estimate_whisper_memory,
     measure_peak,
 )
+from qbench.errors import QBenchError
 from qbench.models.wav2vec2 import CHUNK_FRAMES, Wav2Vec2Config
 from qbench.models.weight_store import WeightStore
 
 _WINDOW_SECONDS = 30.0
 
 
-class DoesNotFitError(RuntimeError):
+class DoesNotFitError(QBenchError, RuntimeError):
     """The model does not fit the device; the message is the one-line verdict with the numbers."""
 
 

@@ -15,11 +15,16 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from qbench.errors import QBenchError
 from qbench.results import MachineInfo, RunResult
 
 ENTRY_SCHEMA_VERSION = 1
+
+
+class EntryError(QBenchError, ValueError):
+    """A run that cannot become a leaderboard entry, or an entry file that is not one."""
 
 
 class _Strict(BaseModel):
@@ -152,7 +157,7 @@ def entry_path(root: Path, entry: LeaderboardEntry) -> Path:
 def entry_from_result(result: RunResult, devices_fitted: list[str]) -> LeaderboardEntry:
     """The leaderboard entry of a complete run (refuses partial or failed runs)."""
     if result.status != "complete" or result.metrics is None:
-        raise ValueError(f"only a complete run can become an entry (this one is {result.status}: {result.error})")
+        raise EntryError(f"only a complete run can become an entry (this one is {result.status}: {result.error})")
     m = result.metrics
     quantizer = calibration = None
     if result.quantization:
@@ -207,4 +212,10 @@ def write_entry(root: Path, entry: LeaderboardEntry) -> Path:
 
 
 def read_entry(path: Path) -> LeaderboardEntry:
-    return LeaderboardEntry.model_validate_json(path.read_text())
+    """The entry at `path`; a file that is not one is an `EntryError` naming it."""
+    try:
+        return LeaderboardEntry.model_validate_json(path.read_text())
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err.get("loc", ())) or "the file"
+        raise EntryError(f"{path}: not a leaderboard entry ({exc.error_count()} problem(s); {where}: {err['msg']})") from None

@@ -14,11 +14,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from qbench.leaderboard.entry import LeaderboardEntry, entry_path, subset_score
-from qbench.data.librispeech import STANDARD_SUBSETS, list_utterances, utterance_digest
 from qbench.checkpoints.registry import list_models
-from qbench.results import hypotheses_digest
+from qbench.data.librispeech import STANDARD_SUBSETS, list_utterances, utterance_digest
 from qbench.data.scoring import char_errors, normalize, word_errors
+from qbench.leaderboard.entry import LeaderboardEntry, entry_path, subset_score
+from qbench.results import hypotheses_digest
 
 SCHEMA_FILE = "entry.schema.json"
 _TOLERANCE = 1e-9

@@ -28,8 +28,14 @@ from typing import TypeVar
 
 from threadpoolctl import ThreadpoolController
 
+from qbench.errors import QBenchError
+
 T = TypeVar("T")
 R = TypeVar("R")
+
+class ThreadCountError(QBenchError, ValueError):
+    """A thread count that is not a positive integer."""
+
 
 #: Threads the models use; None: `QBENCH_THREADS`, else every CPU this process may use.
 THREADS: int | None = None
@@ -42,7 +48,7 @@ def compute_threads() -> int:
     env = os.environ.get("QBENCH_THREADS", "").strip()
     if env:
         if not env.isdigit() or int(env) < 1:
-            raise ValueError(f"QBENCH_THREADS must be a positive integer, got {env!r}")
+            raise ThreadCountError(f"QBENCH_THREADS must be a positive integer, got {env!r}")
         return int(env)
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 

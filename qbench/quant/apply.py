@@ -19,11 +19,12 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from qbench.quant.packing import PackedTensor, pack_quantized
-from qbench.plugin_manager import entry_for_class
-from qbench.quant.contract import LayerStats, QuantizedTensor, Quantizer
+from qbench.errors import QBenchError, describe, one_line
 from qbench.models.speech_model import SpeechModel
 from qbench.models.weight_store import WeightInfo, WeightStore
+from qbench.plugin_manager import entry_for_class
+from qbench.quant.contract import LayerStats, QuantizedTensor, Quantizer
+from qbench.quant.packing import PackedTensor, pack_quantized
 
 #: `progress(layer_name, done, total)`, called after each layer is quantized.
 Progress = Callable[[str, int, int], None]
@@ -34,11 +35,19 @@ ConfigT = TypeVar("ConfigT", bound=BaseModel)
 _STATS_CHUNK_ROWS = 8192
 
 
-class PluginError(RuntimeError):
+class PluginError(QBenchError, RuntimeError):
     """A quantizer plugin raised, or returned something unusable, on a specific layer."""
 
 
-class SettingsError(ValueError):
+class QuantizationError(QBenchError, ValueError):
+    """A model that cannot be quantized as asked (already packed, no calibration audio)."""
+
+
+class CalibrationPassError(QBenchError, RuntimeError):
+    """The model's calibration pass did not reach every layer it was to quantize (a model bug)."""
+
+
+class SettingsError(QBenchError, ValueError):
     """A `--set key=value` that the plugin's Config does not accept."""
 
 
@@ -146,11 +155,6 @@ def layer_stats(x: np.ndarray, in_features: int) -> LayerStats:
     return LayerStats(xtx=xtx, n_rows=int(x2.shape[0]))
 
 
-def _one_line(exc: BaseException) -> str:
-    # Plugin messages (pydantic, numpy) can span lines; a failed run should read as one line.
-    return " ".join(str(exc).split())
-
-
 def _plugin_name(quantizer: Quantizer) -> str:
     return getattr(quantizer, "name", type(quantizer).__name__)
 
@@ -165,14 +169,14 @@ def _quantize_layer(
         # The plugin gets a copy: one that edits its input in place must not corrupt the model.
         qt = quantizer.quantize(weight.copy(), stats)
     except Exception as exc:
-        raise PluginError(f"{where}: {type(exc).__name__}: {_one_line(exc)}") from exc
+        raise PluginError(f"{where}: {describe(exc)}") from exc
     if not isinstance(qt, QuantizedTensor):
         raise PluginError(f"{where}: quantize returned {type(qt).__name__}, not a QuantizedTensor")
     try:
         qt.validate(weight.shape)
         packed = pack_quantized(qt, scale_dtype)
     except Exception as exc:
-        raise PluginError(f"{where}: {_one_line(exc)}") from exc
+        raise PluginError(f"{where}: {one_line(exc)}") from exc
     deq = packed.dequantize()
     if not np.all(np.isfinite(deq)):
         raise PluginError(f"{where}: dequantized weight contains NaN or inf")
@@ -384,7 +388,7 @@ def quantize_model(
     policy = policy or QuantizationPolicy()
     store = model.store
     if isinstance(store, PackedWeightStore):
-        raise ValueError("model is already quantized (its store is a PackedWeightStore)")
+        raise QuantizationError("model is already quantized (its store is a PackedWeightStore)")
     t0 = time.perf_counter()
     all_infos = model.quantizable_weights()
     selected = policy.select(all_infos)
@@ -394,14 +398,14 @@ def quantize_model(
 
     if quantizer.needs_calibration:
         if not calibration_audios:
-            raise ValueError(f"quantizer '{_plugin_name(quantizer)}' needs calibration audio")
+            raise QuantizationError(f"quantizer '{_plugin_name(quantizer)}' needs calibration audio")
         n_audios = len(calibration_audios)
         cal = CalibratingQuantizingStore(store, quantizer, selected, scale_dtype, progress)
         model.with_store(cal).calibration_forward(calibration_audios)
         missing = cal.missing()
         if missing:
             shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
-            raise RuntimeError(f"the calibration pass of {model.name} never reached layer(s) {shown}")
+            raise CalibrationPassError(f"the calibration pass of {model.name} never reached layer(s) {shown}")
         packed, reports = cal.packed, [cal.reports[info.name] for info in selected]
     else:
         packed, reports = {}, []

@@ -23,10 +23,12 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from qbench.errors import QBenchError
+
 Packing = Literal["int", "trit5"]
 
 
-class QuantizedTensorError(ValueError):
+class QuantizedTensorError(QBenchError, ValueError):
     """A plugin returned a `QuantizedTensor` that breaks the contract (shape, range, NaN)."""
 
 
