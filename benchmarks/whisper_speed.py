@@ -12,12 +12,13 @@ cores for CTranslate2, BLAS threads pinned with threadpoolctl for numpy.
 Run it on a quiet machine. Under load from other processes a threaded engine suffers most:
 CTranslate2 float32 with cpu_threads=2 ran 11x slower than with cpu_threads=1 (10 utterances,
 load average ~3), which is why `--systems ... fw-f32-1thread` exists; qbench's thread count is
-`--threads` here, `QBENCH_THREADS` elsewhere (see `qbench.models.whisper.THREADS`).
+`--threads` here, `QBENCH_THREADS` elsewhere (see `qbench.models.parallel`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -230,8 +231,8 @@ def profile_numpy(model, audios: list, batch_size: int) -> dict[str, float]:
                   "gelu", "layer_norm")}
     original_select, original_dequantize = W.DecoderState.compact, PackedTensor.dequantize
     store = model.store
-    threads = parallel.THREADS
-    parallel.THREADS = 1
+    one_thread = contextlib.ExitStack()
+    one_thread.enter_context(parallel.using_threads(1))
     try:
         W.log_mel_spectrogram = prof.wrap(originals["log_mel_spectrogram"], "mel")
         W.encode = prof.wrap(originals["encode"], enc)
@@ -254,7 +255,7 @@ def profile_numpy(model, audios: list, batch_size: int) -> dict[str, float]:
             setattr(W, name, fn)
         W.DecoderState.compact, PackedTensor.dequantize = original_select, original_dequantize
         del store.linear
-        parallel.THREADS = threads
+        one_thread.close()
     shares = dict(sorted(prof.totals.items(), key=lambda kv: -kv[1]))
     shares["total"] = total
     return shares

@@ -28,6 +28,12 @@ class CliError(QBenchError):
     """A user-facing error: printed as one line, exit status 2."""
 
 
+def say(text: str, style: str | None = None) -> None:
+    """A message on stderr as plain text: names and paths are never read as rich markup, and a
+    long line is never wrapped."""
+    console.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
+
+
 def _fmt_bytes(n: int | None) -> str:
     if n is None:
         return "-"
@@ -38,85 +44,49 @@ def _fmt_bytes(n: int | None) -> str:
     return str(n)
 
 
-def default_output(model: str, subset: str, label: str) -> Path:
-    return Path("results") / f"{model}__{subset}__{label}.json"
-
-
 # ------------------------------------------------------------------------------------------------
 # qbench run
 # ------------------------------------------------------------------------------------------------
-def cmd_run(args: argparse.Namespace) -> int:
-    from qbench.checkpoints.loader import load_model
-    from qbench.data.librispeech import find_data_dir, list_utterances, utterance_digest
-    from qbench.evaluate import RunFailed, evaluate
-    from qbench.results import DatasetRef, MachineInfo, ModelRef, RunResult
+class RichProgress:
+    """`RunProgress` drawn with rich on stderr: one bar for quantizing, one for transcribing
+    (the notes are printed under --quiet too)."""
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise CliError(f"--threads must be at least 1, got {args.threads}")
-        from qbench.models import parallel
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self._bar: Progress | None = None
+        self._phase: str | None = None
+        self._task = None
 
-        parallel.THREADS = args.threads
-    data_dir = find_data_dir(args.data_dir, args.subset)
-    all_present = list_utterances(data_dir, args.subset)
-    utterances = select_utterances(all_present, args.limit, args.utterance_ids)
-    loaded = load_model(args.model, args.weights)
-    model = loaded.model
+    def note(self, message: str) -> None:
+        say(message)
 
-    quantization = calibration = None
-    label = "fp"
-    if args.plugin:
-        model, quantization, calibration = quantize_for_run(model, args, data_dir, {u.id for u in utterances})
-        label = args.plugin + "".join(f"_{s.replace('=', '')}" for s in (args.set or []))
-    session = device_session_for_run(model, args)
+    def _start(self, phase: str, columns: tuple, description: str, total: int) -> None:
+        self.close()
+        self._bar = Progress(*columns, console=console, disable=self.quiet)
+        self._bar.start()
+        self._phase = phase
+        self._task = self._bar.add_task(description, total=total)
 
-    from qbench.data.librispeech import OFFICIAL_COUNTS
+    def quantizing(self, layer: str, done: int, total: int) -> None:
+        if self._phase != "quantizing":
+            columns = (TextColumn("[bold]quantizing[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TimeElapsedColumn())
+            self._start("quantizing", columns, layer, total)
+        self._bar.update(self._task, completed=done, description=layer)
 
-    result = RunResult(
-        model=ModelRef(name=loaded.card.name, architecture=loaded.card.architecture, format=loaded.format,
-                       path=str(loaded.path), sha256=loaded.sha256, parameters=loaded.card.parameters),
-        dataset=DatasetRef(subset=args.subset, data_dir=str(data_dir), limit=args.limit,
-                           utterance_count=len(utterances), utterance_ids_sha256=utterance_digest(u.id for u in utterances),
-                           partial_subset=len(all_present) < OFFICIAL_COUNTS.get(args.subset, 0)),
-        quantization=quantization, calibration=calibration, machine=MachineInfo.current(),
-        device=session.record() if session else None,
-    )
-    output = Path(args.output) if args.output else default_output(args.model, args.subset, label)
-    if session is not None and not session.fits:
-        return device_does_not_fit(session, result, output)
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=args.quiet) as progress:
-        task = progress.add_task(f"{args.model} {label} {args.subset}", total=len(utterances))
-        try:
-            evaluate(session.model if session else model, utterances, result, output, batch_size=args.batch_size,
-                     on_batch=lambda n, _wall: progress.advance(task, n))
-        except RunFailed as exc:
-            if session is not None and session.exceeded:
-                return device_does_not_fit(session, exc.result, output)
-            done = len(exc.result.utterances)
-            raise CliError(f"{exc} ({done} utterances finished are saved in {output})") from None
-    print_summary(result)
-    if session is not None:
-        result.device = session.record()
-        result.write(output)
-        print_device_summary(session)
-    console.print(f"result written to [bold]{output}[/bold]")
-    if args.submit:
-        submit_entry(model, result, Path(args.leaderboards))
-    return 0
+    def transcribing(self, description: str, total: int) -> None:
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn())
+        self._start("transcribing", columns, description, total)
 
+    def transcribed(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task, n)
 
-def submit_entry(model, result, root: Path) -> Path:
-    """Write the run's leaderboard entry, with the device profiles the model fits by the same
-    accounting `qbench fit` uses."""
-    from qbench.embedded.devices import get_device_profiles
-    from qbench.embedded.session import fit_model
-    from qbench.leaderboard.entry import entry_from_result, write_entry
-
-    fitted = [name for name, device in get_device_profiles().items() if fit_model(model, device).fits]
-    path = write_entry(root, entry_from_result(result, fitted))
-    console.print(f"leaderboard entry written to [bold]{path}[/bold]; run `qbench leaderboard` and open a pull request")
-    return path
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+        self._bar, self._phase = None, None
 
 
 def read_ids(path: str, which: str) -> list[str]:
@@ -135,78 +105,79 @@ def read_ids(path: str, which: str) -> list[str]:
     return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def select_utterances(present: list, limit: int | None, ids_file: str | None) -> list:
-    """`--limit N` (first N sorted ids) or `--utterance-ids FILE` (exactly those, one id a line:
-    how `qbench verify` reruns an entry on a full official download as on the shared sample)."""
-    if ids_file is None:
-        if limit is not None and limit < 1:
-            raise CliError(f"--limit must be at least 1, got {limit}")
-        return present[:limit] if limit is not None else present
-    wanted = read_ids(ids_file, "scored")
-    by_id = {u.id: u for u in present}
-    missing = [i for i in wanted if i not in by_id]
-    if missing:
-        raise CliError(f"{ids_file}: {len(missing)} of {len(wanted)} utterances are not in the data (e.g. {missing[0]})")
-    return sorted((by_id[i] for i in set(wanted)), key=lambda u: u.id)
+def spec_from_args(args: argparse.Namespace):
+    """The `RunSpec` the `qbench run` arguments describe."""
+    from pydantic import ValidationError
 
-
-def quantize_for_run(model, args: argparse.Namespace, data_dir: Path, eval_ids: set[str]):
-    """Quantize `model` with `--plugin` / `--set`; calibrate on audio disjoint from `eval_ids`."""
-    from qbench.data.calibration import load_calibration
     from qbench.plugin_manager import get_quantizer
-    from qbench.quant.apply import QuantizationPolicy, parse_settings, quantize_model
+    from qbench.quant.apply import QuantizationPolicy, parse_settings
+    from qbench.run import RunSpec, spec_error
 
-    cls = get_quantizer(args.plugin)
-    quantizer = cls(parse_settings(args.set or [], cls.Config, plugin=args.plugin))
-    policy = QuantizationPolicy(quantize_embeddings=args.quantize_embeddings)
-    audios, calibration = None, None
-    if quantizer.needs_calibration:
-        ids = read_ids(args.calibration_ids, "calibration") if args.calibration_ids else None
-        audios, record = load_calibration(data_dir, args.calibration_subset, args.calibration_limit, eval_ids, ids)
-        calibration = record.model_dump()
-        console.print(f"calibrating {args.plugin} on {record.utterance_count} {record.subset} utterances ({record.audio_seconds:.0f} s)")
-    with Progress(TextColumn("[bold]quantizing[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, disable=args.quiet) as progress:
-        task = progress.add_task(args.plugin, total=len(policy.select(model.quantizable_weights())))
-        report_progress = lambda name, done, total: progress.update(task, completed=done, description=name)  # noqa: E731
-        model, report = quantize_model(model, quantizer, policy, audios, progress=report_progress)
-    return model, report.model_dump(mode="json"), calibration
-
-
-def device_session_for_run(model, args: argparse.Namespace):
-    """The run's `DeviceSession` (`--device`, default the embedded default), or None for `none`.
-
-    On a device the batch size is 1 unless given: an MCU transcribes one utterance at a time.
-    """
-    from qbench.embedded.devices import NO_DEVICE, get_device_profile
-    from qbench.embedded.session import DeviceSession
-
-    if args.device == NO_DEVICE:
-        args.batch_size = args.batch_size or 8
-        return None
-    args.batch_size = args.batch_size or 1
-    return DeviceSession(model, get_device_profile(args.device), args.batch_size)
+    config: dict = {}
+    if args.plugin:
+        cls = get_quantizer(args.plugin)
+        config = parse_settings(args.set or [], cls.Config, plugin=args.plugin).model_dump(mode="json", exclude_unset=True)
+    elif args.set:
+        raise CliError("--set configures a quantizer: give --plugin NAME too")
+    try:
+        return RunSpec(
+            model=args.model, weights=args.weights, subset=args.subset, data_dir=args.data_dir, limit=args.limit,
+            utterance_ids=read_ids(args.utterance_ids, "scored") if args.utterance_ids else None,
+            device=args.device, plugin=args.plugin, config=config,
+            policy=QuantizationPolicy(quantize_embeddings=args.quantize_embeddings),
+            calibration_subset=args.calibration_subset, calibration_limit=args.calibration_limit,
+            calibration_ids=read_ids(args.calibration_ids, "calibration") if args.calibration_ids else None,
+            threads=args.threads, batch_size=args.batch_size, output=args.output,
+        )
+    except ValidationError as exc:
+        raise CliError(str(spec_error(exc, "qbench run"))) from None
 
 
-def device_does_not_fit(session, result, output: Path) -> int:
-    """Record the run as not fitting (not as a crash) and print the one-line verdict; exit 3."""
-    result.status, result.error = "failed", session.report.reason
-    result.device = session.record()
-    result.write(output)
-    console.print(f"[red]{session.report.reason}[/red]", highlight=False, soft_wrap=True)
-    console.print(f"result written to [bold]{output}[/bold] (device.fits = false)")
-    return 3
+def cmd_run(args: argparse.Namespace) -> int:
+    from qbench.evaluate import RunFailed
+    from qbench.run import run_benchmark
+
+    spec = spec_from_args(args)
+    progress = RichProgress(args.quiet)
+    try:
+        result = run_benchmark(spec, progress)
+    except RunFailed as exc:
+        done = len(exc.result.utterances)
+        raise CliError(f"{exc} ({done} utterances finished are saved in {spec.output_path})") from None
+    finally:
+        progress.close()
+    if result.device is not None and not result.device["fits"]:
+        say(result.error, "red")
+        say(f"result written to {spec.output_path} (device.fits = false)")
+        return 3
+    print_summary(result)
+    if result.device is not None:
+        print_device_summary(result.device)
+    say(f"result written to {spec.output_path}")
+    if args.submit:
+        submit_entry(result, Path(args.leaderboards))
+    return 0
 
 
-def print_device_summary(session) -> None:
-    r, c = session.report, session.compute()
-    b = r.breakdown
-    table = Table(title=f"on {r.profile.name} ({r.profile.part})")
+def submit_entry(result, root: Path) -> Path:
+    """Write the run's leaderboard entry."""
+    from qbench.leaderboard.entry import entry_from_result, write_entry
+
+    path = write_entry(root, entry_from_result(result, result.devices_fitted or []))
+    say(f"leaderboard entry written to {path}; run `qbench leaderboard` and open a pull request")
+    return path
+
+
+def print_device_summary(device: dict) -> None:
+    """The device part of a result: the fit verdict, the memory it rests on, the compute."""
+    b, profile, c = device["breakdown"], device["profile"], device["compute"]
+    table = Table(title=f"on {profile['name']} ({profile['part']})")
     for col in ("fits", "weights stored", "weights in RAM", "peak est.", "peak measured", "RAM", "MACs", "bit ops", "wall s"):
         table.add_column(col, justify="right")
-    table.add_row("yes" if r.fits else "no", _fmt_bytes(b.weights_stored_bytes), _fmt_bytes(b.weights_ram_bytes),
-                  _fmt_bytes(b.working_peak_bytes), _fmt_bytes(r.measured_peak_bytes), _fmt_bytes(r.profile.ram_bytes),
-                  f"{c.total_macs / 1e9:.2f} G", f"{c.total_bit_ops / 1e12:.2f} T", f"{c.wall_seconds:.1f}")
+    table.add_row("yes" if device["fits"] else "no", _fmt_bytes(b["weights_stored_bytes"]), _fmt_bytes(b["weights_ram_bytes"]),
+                  _fmt_bytes(b["working_peak_bytes"]), _fmt_bytes(device.get("measured_peak_bytes")),
+                  _fmt_bytes(profile["ram_bytes"]), f"{c['total_macs'] / 1e9:.2f} G", f"{c['total_bit_ops'] / 1e12:.2f} T",
+                  f"{c['wall_seconds']:.1f}")
     out.print(table)
 
 
@@ -274,7 +245,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
                       ", ".join(e.config_schema.get("properties", {})), e.description)
     out.print(table)
     for err in errors:
-        console.print(f"[red]plugin error:[/red] {err}", highlight=False)
+        say(f"plugin error: {err}", "red")
     return 0
 
 
@@ -306,7 +277,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
                       _fmt_bytes(b.total_ram_bytes), "[green]fits[/green]" if r.fits else "[red]no[/red]")
     out.print(table)
     if quantization and quantization.get("estimated_with"):
-        console.print(f"note: {quantization['estimated_with']}")
+        say(f"note: {quantization['estimated_with']}")
     return 0
 
 
@@ -341,11 +312,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
         try:
             data_dir = find_data_dir(args.data_dir)
         except DataNotFoundError:
-            console.print("LibriSpeech references not found: checking entries against themselves only")
+            say("LibriSpeech references not found: checking entries against themselves only")
     n, problems = validate_leaderboards(Path(args.leaderboards), data_dir)
     for problem in problems:
-        console.print(f"[red]invalid:[/red] {problem}", highlight=False, soft_wrap=True)
-    console.print(f"{n} entries checked, {len(problems)} problem(s)")
+        say(f"invalid: {problem}", "red")
+    say(f"{n} entries checked, {len(problems)} problem(s)")
     return 1 if problems else 0
 
 
@@ -354,13 +325,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     failed = 0
     for entry in args.entries:
-        report = verify_entry(Path(entry), args.data_dir, main)
+        progress = RichProgress(quiet=False)
+        try:
+            report = verify_entry(Path(entry), args.data_dir, progress)
+        finally:
+            progress.close()
         if report.reproduced:
-            console.print(f"[green]reproduced[/green] {entry}: WER {100 * report.wer_rerun:.2f} %, same hypotheses", highlight=False)
+            say(f"reproduced {entry}: WER {100 * report.wer_rerun:.2f} %, same hypotheses", "green")
         else:
             failed += 1
             for problem in report.problems:
-                console.print(f"[red]not reproduced[/red] {entry}: {problem}", highlight=False, soft_wrap=True)
+                say(f"not reproduced {entry}: {problem}", "red")
     return 1 if failed else 0
 
 
@@ -368,7 +343,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     from qbench.leaderboard.page import render_leaderboard
 
     for path in render_leaderboard(Path(args.leaderboards)):
-        console.print(f"wrote {path}")
+        say(f"wrote {path}")
     return 0
 
 
@@ -376,7 +351,7 @@ def cmd_download(args: argparse.Namespace) -> int:
     from qbench.data.librispeech import default_cache_dir, download_subset
 
     root = download_subset(args.subset, Path(args.cache_dir) if args.cache_dir else default_cache_dir(), progress=not args.quiet)
-    console.print(f"{args.subset} is in {root}")
+    say(f"{args.subset} is in {root}")
     return 0
 
 
@@ -385,7 +360,7 @@ def cmd_download_model(args: argparse.Namespace) -> int:
     from qbench.checkpoints.registry import get_card
 
     path = download_model(get_card(args.model), kind=args.source, progress=not args.quiet)
-    console.print(f"{args.model} weights are in {path} (checked against the registry); "
+    say(f"{args.model} weights are in {path} (checked against the registry); "
                   f"`qbench run --model {args.model}` finds them")
     return 0
 
@@ -480,15 +455,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        console.print("interrupted", style="red", markup=False)
+        say("interrupted", "red")
         return 130
     except (QBenchError, OSError) as exc:
         # qbench's own failures and the file system's are the user's to fix: one line. Anything
         # else is a bug in qbench (or a library) and keeps its traceback.
         if args.debug:
             raise
-        console.print(f"error: {one_line(exc) or type(exc).__name__}", style="red", markup=False,
-                      highlight=False, soft_wrap=True)
+        say(f"error: {one_line(exc) or type(exc).__name__}", "red")
         return 2
 
 

@@ -111,6 +111,7 @@ class RunResult(BaseModel):
     device: dict[str, Any] | None = None
     metrics: Metrics | None = None
     hypotheses_sha256: str | None = None
+    devices_fitted: list[str] | None = Field(None, description="device profiles the model fits, by the accountant (complete runs)")
     machine: MachineInfo
     utterances: list[UtteranceResult] = []
 

@@ -81,7 +81,7 @@ def test_models_lists_the_registry(argv, capsys):
 def test_threads_change_no_transcript(tiny_en, data_dir, tmp_path, monkeypatch):
     from qbench.models import parallel
 
-    monkeypatch.setattr(parallel, "THREADS", None)  # restored after the test: the CLI sets it
+    monkeypatch.delenv("QBENCH_THREADS", raising=False)
     runs = {}
     for threads in ("1", "3"):
         out = tmp_path / f"t{threads}.json"

@@ -159,9 +159,9 @@ def test_fast_trit_dequantize_is_bit_identical(shape: tuple[int, int]) -> None:
 
 def test_threaded_encoder_gives_the_serial_transcripts(model: W.Whisper, monkeypatch: pytest.MonkeyPatch) -> None:
     mels = np.random.default_rng(5).standard_normal((3, W.N_FRAMES, 80)).astype(np.float32)
-    monkeypatch.setattr(parallel, "THREADS", 1)
+    monkeypatch.setenv("QBENCH_THREADS", "1")
     serial = W.greedy_decode(model.store, DIMS, model.vocab, mels, max_new_tokens=10)
-    monkeypatch.setattr(parallel, "THREADS", 3)
+    monkeypatch.setenv("QBENCH_THREADS", "3")
     assert W.encoder_parallelism(model.store, 3) == (3, 1)
     assert W.greedy_decode(model.store, DIMS, model.vocab, mels, max_new_tokens=10) == serial
 
@@ -181,7 +181,7 @@ def test_stores_with_state_in_linear_encode_one_window_at_a_time(model: W.Whispe
     from qbench.embedded.compute import ComputeCountingStore
     from qbench.embedded.memory import DeviceWeightStore
 
-    monkeypatch.setattr(parallel, "THREADS", 4)
+    monkeypatch.setenv("QBENCH_THREADS", "4")
     assert W.encoder_parallelism(model.store, 8) == (4, 1)
     assert W.encoder_parallelism(model.store, 2) == (2, 1)
     assert W.encoder_parallelism(model.store, 1) == (1, 4)
@@ -194,14 +194,14 @@ def test_an_encoder_thread_failure_reaches_the_caller(model: W.Whisper, monkeypa
     params["encoder.blocks.0.mlp.fc1.weight"] = params["encoder.blocks.0.mlp.fc1.weight"][:, :3]  # wrong shape
     broken = WeightStore.__new__(WeightStore)
     broken.__dict__.update(model.store.__dict__, params=params, _wt_cache={}, _param_cache={})
-    monkeypatch.setattr(parallel, "THREADS", 2)
+    monkeypatch.setenv("QBENCH_THREADS", "2")
     mels = np.zeros((2, W.N_FRAMES, 80), np.float32)
     with pytest.raises(ValueError):
         W.greedy_decode(broken, DIMS, model.vocab, mels, max_new_tokens=2)
 
 
 def test_qbench_threads_must_be_a_positive_integer(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(parallel, "THREADS", None)
+    monkeypatch.delenv("QBENCH_THREADS", raising=False)
     monkeypatch.setenv("QBENCH_THREADS", "3")
     assert parallel.compute_threads() == 3
     monkeypatch.setenv("QBENCH_THREADS", "zero")

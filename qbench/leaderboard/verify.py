@@ -1,23 +1,23 @@
 """`qbench verify ENTRY`: rerun an entry exactly as it was produced and compare.
 
-The rerun goes through `qbench run` itself with the entry's own model, subset, utterance count,
-quantizer, config, policy, calibration set, device and batch size. It reproduces when the model
-weights and the utterance set are the same (sha256s), the hypotheses digest is the same (on the
-same qbench version: another version may legitimately change transcripts) and the WER is equal.
+The rerun is `run_benchmark(RunSpec.from_entry(entry))`: the entry's own model, exact
+utterances, quantizer with its full config and policy, calibration set, device and batch size.
+It reproduces when the model weights and the utterance set are the same (sha256s), the
+hypotheses digest is the same (on the same qbench version: another version may legitimately
+change transcripts) and the WER is equal.
 """
 
 from __future__ import annotations
 
-import json
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import BaseModel
 
 from qbench import __version__
-from qbench.leaderboard.entry import LeaderboardEntry, read_entry
-from qbench.results import RunResult
+from qbench.evaluate import RunFailed
+from qbench.leaderboard.entry import read_entry
+from qbench.run import RunProgress, RunSpec, run_benchmark
 
 
 class VerifyReport(BaseModel):
@@ -29,44 +29,18 @@ class VerifyReport(BaseModel):
     hypotheses_match: bool | None
 
 
-def rerun_argv(entry: LeaderboardEntry, output: Path, data_dir: str | None) -> list[str]:
-    """The `qbench run` arguments that produce `entry` again."""
-    # the entry's own utterance ids, so a full official download reruns the same utterances
-    ids_file = output.with_suffix(".ids")
-    ids_file.write_text("".join(u.id + "\n" for u in entry.utterances))
-    argv = ["run", "--model", entry.model.name, "--subset", entry.dataset.subset, "-o", str(output), "-q",
-            "--utterance-ids", str(ids_file)]
-    if data_dir:
-        argv += ["--data-dir", data_dir]
-    if entry.device is not None:
-        argv += ["--device", entry.device.name, "--batch-size", str(entry.device.batch_size)]
-    else:
-        argv += ["--device", "none"]
-    q = entry.quantizer
-    if q is not None:
-        argv += ["--plugin", q.name]
-        for key, value in sorted(q.config.items()):
-            argv += ["--set", f"{key}={json.dumps(value)}"]
-        if q.policy.get("quantize_embeddings"):
-            argv.append("--quantize-embeddings")
-    if entry.calibration is not None:
-        calibration_file = output.with_suffix(".calibration-ids")
-        calibration_file.write_text("".join(i + "\n" for i in entry.calibration.utterance_ids))
-        argv += ["--calibration-subset", entry.calibration.subset, "--calibration-ids", str(calibration_file)]
-    return argv
-
-
-def verify_entry(path: Path, data_dir: str | None, run: Callable[[list[str]], int]) -> VerifyReport:
-    """Rerun the entry at `path` with `run` (the CLI's main) and compare with what it claims."""
+def verify_entry(path: Path, data_dir: str | None, progress: RunProgress | None = None) -> VerifyReport:
+    """Rerun the entry at `path` and compare with what it claims."""
     entry = read_entry(path)
     problems: list[str] = []
+    # the rerun's result file is scratch: the entry is the record
     with tempfile.TemporaryDirectory() as tmp:
-        output = Path(tmp) / "rerun.json"
-        status = run(rerun_argv(entry, output, data_dir))
-        if not output.is_file():
-            return VerifyReport(entry=str(path), reproduced=False, problems=[f"rerun failed (exit {status}) before writing a result"],
+        spec = RunSpec.from_entry(entry, data_dir=data_dir, output=str(Path(tmp) / "rerun.json"))
+        try:
+            result = run_benchmark(spec, progress)
+        except RunFailed as exc:
+            return VerifyReport(entry=str(path), reproduced=False, problems=[f"rerun failed: {exc}"],
                                 wer_entry=entry.wer, wer_rerun=None, hypotheses_match=None)
-        result = RunResult.model_validate_json(output.read_text())
     if result.status != "complete":
         problems.append(f"rerun did not complete: {result.error}")
     if result.model.sha256 != entry.model.sha256:

@@ -11,10 +11,12 @@ Two kinds of parallelism, and the rule that keeps results bit-identical on any m
   it): some small GEMMs, such as an attention head's `[512, T] @ [T, 64]`, round differently
   when OpenBLAS threads them.
 
-`THREADS` (or the `QBENCH_THREADS` environment variable) sets the count; the default is every
-CPU this process may run on. On a machine loaded by other work a threaded BLAS can be far
-slower than one thread (a sleeping BLAS thread waits for a scheduler tick): set
-`QBENCH_THREADS=1` there.
+`using_threads(n)` sets the count for the work inside it (a run's `--threads`), else the
+`QBENCH_THREADS` environment variable, else every CPU this process may run on. The setting is
+a context variable, not a process global: two runs in two threads of one process (a sweep) each
+keep their own count, and nothing outlives the block. On a machine loaded by other work a
+threaded BLAS can be far slower than one thread (a sleeping BLAS thread waits for a scheduler
+tick): set `QBENCH_THREADS=1` there.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from contextvars import ContextVar, copy_context
 from functools import lru_cache
 from typing import TypeVar
 
@@ -33,18 +36,31 @@ from qbench.errors import QBenchError
 T = TypeVar("T")
 R = TypeVar("R")
 
+
 class ThreadCountError(QBenchError, ValueError):
     """A thread count that is not a positive integer."""
 
 
-#: Threads the models use; None: `QBENCH_THREADS`, else every CPU this process may use.
-THREADS: int | None = None
+_THREADS: ContextVar[int | None] = ContextVar("qbench_threads", default=None)
+
+
+@contextmanager
+def using_threads(threads: int | None) -> Iterator[None]:
+    """Run the block on `threads` threads (None: keep the surrounding setting)."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ThreadCountError(f"threads must be a positive integer, got {threads!r}")
+    token = _THREADS.set(threads if threads is not None else _THREADS.get())
+    try:
+        yield
+    finally:
+        _THREADS.reset(token)
 
 
 def compute_threads() -> int:
-    """The thread count the models use (see `THREADS`)."""
-    if THREADS:
-        return THREADS
+    """The thread count the models use: `using_threads`, else `QBENCH_THREADS`, else every CPU."""
+    scoped = _THREADS.get()
+    if scoped:
+        return scoped
     env = os.environ.get("QBENCH_THREADS", "").strip()
     if env:
         if not env.isdigit() or int(env) < 1:
@@ -80,5 +96,7 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], threads: int) -> list
     with blas_threads_at_most(1):
         if threads <= 1 or len(items) <= 1:
             return [fn(item) for item in items]
+        # workers start with an empty context: give each a copy of the caller's (its thread count)
+        caller = copy_context()
         with ThreadPoolExecutor(min(threads, len(items)), thread_name_prefix="qbench") as pool:
-            return list(pool.map(fn, items))
+            return list(pool.map(lambda item: caller.copy().run(fn, item), items))

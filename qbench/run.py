@@ -1,0 +1,247 @@
+"""A run is a value: `RunSpec` holds everything that decides a result, `run_benchmark` carries it out.
+
+The flow is one way, as the folders are laid out:
+
+    data (which utterances)  ->  model (weights)  ->  quantize (plugin, policy, calibration)
+        ->  evaluate (under the device's budget)  ->  RunResult (the result file)
+
+The command line only builds a `RunSpec` from its arguments, `qbench verify` builds one from a
+leaderboard entry (`RunSpec.from_entry`), and benchmarks and tests call `run_benchmark`
+directly. Nothing here reads argv or changes process-wide state: the thread count is scoped to
+the run (`qbench.models.parallel.using_threads`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from qbench.checkpoints.loader import load_model
+from qbench.data.calibration import load_calibration
+from qbench.data.librispeech import (
+    OFFICIAL_COUNTS,
+    Utterance,
+    find_data_dir,
+    list_utterances,
+    utterance_digest,
+)
+from qbench.embedded.devices import (
+    DEFAULT_DEVICE,
+    NO_DEVICE,
+    get_device_profile,
+    get_device_profiles,
+)
+from qbench.embedded.session import DeviceSession, fit_model
+from qbench.errors import QBenchError
+from qbench.evaluate import RunFailed, evaluate
+from qbench.leaderboard.entry import LeaderboardEntry
+from qbench.models.parallel import using_threads
+from qbench.models.speech_model import SpeechModel
+from qbench.plugin_manager import get_quantizer
+from qbench.quant.apply import QuantizationPolicy, SettingsError, quantize_model
+from qbench.results import DatasetRef, MachineInfo, ModelRef, RunResult
+
+#: Utterances per batch without a device (a workstation run); on a device the default is 1,
+#: because a microcontroller transcribes one utterance at a time.
+WORKSTATION_BATCH_SIZE = 8
+
+
+class RunSpecError(QBenchError, ValueError):
+    """A `RunSpec` that cannot be run as given (ids not in the data, a setting out of range)."""
+
+
+class RunSpec(BaseModel):
+    """Everything that decides a run's result, and where the result file goes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field("whisper-tiny.en", description="registered model name (qbench models)")
+    weights: str | None = Field(None, description="weights path instead of the registry's sources")
+    subset: str = "test-clean"
+    data_dir: str | None = Field(None, description="folder holding LibriSpeech/ (None: the usual places)")
+    limit: int | None = Field(None, ge=1, description="first N utterances in sorted id order")
+    utterance_ids: tuple[str, ...] | None = Field(None, description="exactly these utterances (overrides limit)")
+    device: str = Field(DEFAULT_DEVICE, description="emulated target, or 'none' for no budget")
+    plugin: str | None = Field(None, description="quantizer name; None: the float baseline")
+    config: dict[str, Any] = Field(default_factory=dict, description="the quantizer's settings (JSON values)")
+    policy: QuantizationPolicy = Field(default_factory=QuantizationPolicy)
+    calibration_subset: str = "dev-clean"
+    calibration_limit: int | None = Field(None, ge=1)
+    calibration_ids: tuple[str, ...] | None = None
+    threads: int | None = Field(None, ge=1, description="None: QBENCH_THREADS, else every CPU")
+    batch_size: int | None = Field(None, ge=1, description=f"None: 1 on a device, {WORKSTATION_BATCH_SIZE} without")
+    output: str | None = Field(None, description="result file; None: results/<model>__<subset>__<label>.json")
+
+    @property
+    def label(self) -> str:
+        """`fp`, or the plugin and its settings, for the default result file name."""
+        if self.plugin is None:
+            return "fp"
+        settings = "".join(f"_{k}{v if isinstance(v, str) else json.dumps(v)}" for k, v in sorted(self.config.items()))
+        return self.plugin + settings + ("_emb" if self.policy.quantize_embeddings else "")
+
+    @property
+    def output_path(self) -> Path:
+        if self.output is not None:
+            return Path(self.output)
+        return Path("results") / f"{self.model}__{self.subset}__{self.label}.json"
+
+    @property
+    def effective_batch_size(self) -> int:
+        if self.batch_size is not None:
+            return self.batch_size
+        return WORKSTATION_BATCH_SIZE if self.device == NO_DEVICE else 1
+
+    @classmethod
+    def from_entry(cls, entry: LeaderboardEntry, data_dir: str | None = None, output: str | None = None) -> RunSpec:
+        """The spec that produces `entry` again: its model, exact utterances, device, batch size,
+        quantizer with its full config and policy, and calibration utterances."""
+        q, c = entry.quantizer, entry.calibration
+        return cls(
+            model=entry.model.name, subset=entry.dataset.subset, data_dir=data_dir,
+            utterance_ids=tuple(u.id for u in entry.utterances),
+            device=entry.device.name if entry.device is not None else NO_DEVICE,
+            batch_size=entry.device.batch_size if entry.device is not None else None,
+            plugin=q.name if q else None, config=dict(q.config) if q else {},
+            policy=QuantizationPolicy.model_validate(q.policy) if q else QuantizationPolicy(),
+            calibration_subset=c.subset if c else "dev-clean", calibration_ids=tuple(c.utterance_ids) if c else None,
+            output=output,
+        )
+
+
+def spec_error(exc: ValidationError, what: str = "run") -> RunSpecError:
+    """A pydantic validation failure of a spec as one line naming the field."""
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err.get("loc", ())) or what
+    return RunSpecError(f"{what}: {field}: {err['msg']} (got {err.get('input')!r})")
+
+
+class RunProgress(Protocol):
+    """What a run reports while it works; the CLI draws it, a benchmark or a test may ignore it."""
+
+    def note(self, message: str) -> None:
+        """A one-line statement of what the run is doing or using."""
+
+    def quantizing(self, layer: str, done: int, total: int) -> None:
+        """`done` of `total` layers are quantized; `layer` was the last."""
+
+    def transcribing(self, description: str, total: int) -> None:
+        """Transcription of `total` utterances starts."""
+
+    def transcribed(self, n: int) -> None:
+        """`n` more utterances are transcribed and scored."""
+
+
+class SilentProgress:
+    def note(self, message: str) -> None:
+        pass
+
+    def quantizing(self, layer: str, done: int, total: int) -> None:
+        pass
+
+    def transcribing(self, description: str, total: int) -> None:
+        pass
+
+    def transcribed(self, n: int) -> None:
+        pass
+
+
+def select_utterances(present: Sequence[Utterance], limit: int | None, ids: Sequence[str] | None) -> list[Utterance]:
+    """The first `limit` sorted utterances, or exactly `ids` (how `qbench verify` reruns an entry
+    on a full official download as on the shared sample)."""
+    if ids is None:
+        return list(present[:limit] if limit is not None else present)
+    by_id = {u.id: u for u in present}
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise RunSpecError(f"{len(missing)} of {len(ids)} requested utterances are not in the data (e.g. {missing[0]})")
+    return sorted((by_id[i] for i in set(ids)), key=lambda u: u.id)
+
+
+def quantize_for_run(
+    model: SpeechModel, spec: RunSpec, data_dir: Path, eval_ids: set[str], progress: RunProgress
+) -> tuple[SpeechModel, dict[str, Any], dict[str, Any] | None]:
+    """The model quantized by `spec.plugin`, its report and (calibrated plugins) the calibration
+    record; calibration audio is disjoint from `eval_ids`."""
+    cls = get_quantizer(spec.plugin)
+    try:
+        config = cls.Config.model_validate(spec.config)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err.get("loc", ())) or "config"
+        raise SettingsError(f"plugin '{spec.plugin}': bad value for '{key}': {err['msg']}") from None
+    quantizer = cls(config)
+    audios = calibration = None
+    if quantizer.needs_calibration:
+        audios, record = load_calibration(data_dir, spec.calibration_subset, spec.calibration_limit, eval_ids,
+                                          list(spec.calibration_ids) if spec.calibration_ids is not None else None)
+        calibration = record.model_dump()
+        progress.note(f"calibrating {spec.plugin} on {record.utterance_count} {record.subset} utterances "
+                      f"({record.audio_seconds:.0f} s)")
+    model, report = quantize_model(model, quantizer, spec.policy, audios, progress=progress.quantizing)
+    return model, report.model_dump(mode="json"), calibration
+
+
+def devices_fitted(model: SpeechModel) -> list[str]:
+    """Device profiles the model fits, by the same accounting `qbench fit` uses."""
+    return sorted(name for name, device in get_device_profiles().items() if fit_model(model, device).fits)
+
+
+def run_benchmark(spec: RunSpec, progress: RunProgress | None = None) -> RunResult:
+    """Carry out `spec`: load, quantize, transcribe and score, writing the result file as it goes.
+
+    Returns the result, also when the model does not fit the device (`status: failed`,
+    `device.fits: false`); raises `RunFailed` (holding every utterance finished, which is also
+    on disk) when transcription stops on bad input.
+    """
+    progress = progress or SilentProgress()
+    with using_threads(spec.threads):
+        data_dir = find_data_dir(spec.data_dir, spec.subset)
+        present = list_utterances(data_dir, spec.subset)
+        utterances = select_utterances(present, spec.limit, spec.utterance_ids)
+        loaded = load_model(spec.model, spec.weights)
+        model = loaded.model
+        quantization = calibration = None
+        if spec.plugin is not None:
+            model, quantization, calibration = quantize_for_run(model, spec, data_dir, {u.id for u in utterances}, progress)
+        batch_size = spec.effective_batch_size
+        session = None
+        if spec.device != NO_DEVICE:
+            session = DeviceSession(model, get_device_profile(spec.device), batch_size)
+        result = RunResult(
+            model=ModelRef(name=loaded.card.name, architecture=loaded.card.architecture, format=loaded.format,
+                           path=str(loaded.path), sha256=loaded.sha256, parameters=loaded.card.parameters),
+            dataset=DatasetRef(subset=spec.subset, data_dir=str(data_dir), limit=spec.limit,
+                               utterance_count=len(utterances), utterance_ids_sha256=utterance_digest(u.id for u in utterances),
+                               partial_subset=len(present) < OFFICIAL_COUNTS.get(spec.subset, 0)),
+            quantization=quantization, calibration=calibration, machine=MachineInfo.current(),
+            device=session.record() if session else None,
+        )
+        output = spec.output_path
+        if session is not None and not session.fits:
+            return _does_not_fit(session, result, output)
+        progress.transcribing(f"{spec.model} {spec.label} {spec.subset}", len(utterances))
+        try:
+            evaluate(session.model if session else model, utterances, result, output, batch_size=batch_size,
+                     on_batch=lambda n, _wall: progress.transcribed(n))
+        except RunFailed as exc:
+            if session is not None and session.exceeded:
+                return _does_not_fit(session, exc.result, output)
+            raise
+        result.devices_fitted = devices_fitted(model)
+        if session is not None:
+            result.device = session.record()
+        result.write(output)
+        return result
+
+
+def _does_not_fit(session: DeviceSession, result: RunResult, output: Path) -> RunResult:
+    """Record the run as not fitting its device (a verdict, not a crash)."""
+    result.status, result.error = "failed", session.report.reason
+    result.device = session.record()
+    result.write(output)
+    return result
