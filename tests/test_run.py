@@ -1,0 +1,100 @@
+"""`RunSpec` and `run_benchmark`: a run as a value, carried out without argv or process globals."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from qbench.cli import main
+from qbench.leaderboard.entry import read_entry
+from qbench.models import parallel
+from qbench.run import RunSpec, RunSpecError, run_benchmark, select_utterances
+
+LEADERBOARD = Path(__file__).resolve().parent.parent / "leaderboards" / "whisper-tiny.en" / "test-clean"
+
+
+def test_run_benchmark_is_callable_without_the_cli(tiny_en, data_dir, tmp_path):
+    out = tmp_path / "r.json"
+    spec = RunSpec(data_dir=str(data_dir), limit=2, device="none", threads=1, output=str(out))
+    before = parallel.compute_threads()
+    result = run_benchmark(spec)
+    assert result.status == "complete" and len(result.utterances) == 2 and out.is_file()
+    assert result.machine.threads == 1
+    # the run's thread count did not outlive it
+    assert parallel.compute_threads() == before
+    assert result.devices_fitted and set(result.devices_fitted) <= {"pi-zero-2w", "pi4-2gb", "jetson-nano-4gb"}
+
+
+def test_a_spec_is_checked_when_it_is_built():
+    for bad in ({"batch_size": 0}, {"batch_size": -1}, {"threads": 0}, {"limit": 0}, {"calibration_limit": 0},
+                {"no_such_field": 1}):
+        with pytest.raises(ValidationError):
+            RunSpec(**bad)
+    spec = RunSpec()
+    with pytest.raises(ValidationError):
+        spec.limit = 3  # frozen: a spec is a value
+
+
+def test_batch_size_defaults_follow_the_device():
+    assert RunSpec().effective_batch_size == 1
+    assert RunSpec(device="none").effective_batch_size == 8
+    assert RunSpec(device="none", batch_size=3).effective_batch_size == 3
+
+
+def test_labels_name_the_plugin_and_its_settings():
+    assert RunSpec().label == "fp"
+    spec = RunSpec(plugin="rtn", config={"bits": 4, "symmetric": False})
+    assert spec.label == "rtn_bits4_symmetricfalse"
+    assert spec.output_path == Path("results/whisper-tiny.en__test-clean__rtn_bits4_symmetricfalse.json")
+
+
+def test_from_entry_asks_for_exactly_what_the_entry_records():
+    entry = read_entry(LEADERBOARD / "gptq-act_orderfalse-bits4-block_size128-group_size128-percdamp0.01-static_groupsfalse-symmetrictrue.json")
+    spec = RunSpec.from_entry(entry, data_dir="/data")
+    assert spec.utterance_ids == tuple(u.id for u in entry.utterances)
+    assert spec.plugin == "gptq" and spec.config == entry.quantizer.config
+    assert spec.policy.model_dump() == entry.quantizer.policy
+    assert spec.calibration_ids == tuple(entry.calibration.utterance_ids)
+    assert spec.device == entry.device.name and spec.batch_size == entry.device.batch_size
+    assert spec.data_dir == "/data"
+    fp = RunSpec.from_entry(read_entry(LEADERBOARD / "fp.json"))
+    assert fp.plugin is None and fp.calibration_ids is None
+
+
+def test_utterance_ids_not_in_the_data_are_named(data_dir):
+    from qbench.data.librispeech import list_utterances
+
+    present = list_utterances(data_dir, "test-clean", limit=3)
+    assert [u.id for u in select_utterances(present, None, [present[2].id, present[0].id])] == [present[0].id, present[2].id]
+    with pytest.raises(RunSpecError, match="1 of 2 .*9999-9999-9999"):
+        select_utterances(present, None, [present[0].id, "9999-9999-9999"])
+
+
+def test_cli_refuses_what_a_spec_refuses(capsys):
+    assert main(["run", "--batch-size", "-1", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "batch_size" in err and len(err.strip().splitlines()) == 1
+    assert main(["run", "--set", "bits=4", "-q"]) == 2
+    assert "--plugin" in capsys.readouterr().err
+
+
+def test_thread_counts_are_scoped_per_thread_and_reach_workers():
+    seen: dict[str, int] = {}
+
+    def run(name: str, n: int) -> None:
+        with parallel.using_threads(n):
+            seen[name] = parallel.compute_threads()
+            seen[name + "-worker"] = parallel.parallel_map(lambda _: parallel.compute_threads(), [0, 1], threads=2)[1]
+
+    threads = [threading.Thread(target=run, args=(f"t{n}", n)) for n in (1, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {"t1": 1, "t1-worker": 1, "t3": 3, "t3-worker": 3}
+    with pytest.raises(parallel.ThreadCountError):
+        with parallel.using_threads(0):
+            pass
