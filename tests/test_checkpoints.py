@@ -482,6 +482,19 @@ def test_hf_pytorch_model_bin(tmp_path: Path) -> None:
     assert_params_equal(params, expected_canonical(sd))
 
 
+def test_hf_safetensors_wins_over_pytorch_model_bin(tmp_path: Path) -> None:
+    """A repo publishing both: the safetensors weights are the ones loaded, the pickle is not opened."""
+    sd = openai_state(np.float16)
+    directory = hf_dir(tmp_path, "both")
+    save_file(to_hf(sd), str(directory / "model.safetensors"))
+    write_torch_zip(directory / "pytorch_model.bin", {"x": Global("os", "system", ("true",))})
+    _, params = load_hf_whisper(directory)
+    assert_params_equal(params, expected_canonical(sd))
+    (directory / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: refusing to unpickle os\.system"):
+        load_hf_whisper(directory)
+
+
 def test_hf_bfloat16_safetensors_read_by_header(tmp_path: Path) -> None:
     values = np.array([[1.0, -0.5], [2.0, 0.0078125]], dtype=np.float32)
     bits = (values.view(np.uint32) >> 16).astype("<u2").tobytes()

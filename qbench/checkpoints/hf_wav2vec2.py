@@ -1,8 +1,8 @@
 """Hugging Face wav2vec 2.0 CTC checkpoints -> `qbench.models.wav2vec2.Wav2Vec2`.
 
 A checkpoint directory holds `config.json`, `vocab.json` and `model.safetensors` (or the older
-`pytorch_model.bin`). HF parameter names map to the canonical names documented in
-`qbench/models/wav2vec2.py`:
+`pytorch_model.bin`, read only when there is no safetensors file). HF parameter names map to
+the canonical names documented in `qbench/models/wav2vec2.py`:
 
     wav2vec2.feature_extractor.conv_layers.{l}.conv.{weight,bias}  -> feature_encoder.conv.{l}
     wav2vec2.feature_extractor.conv_layers.{l}.layer_norm.*        -> feature_encoder.norm.{l}
@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from qbench.checkpoints.errors import CheckpointError
+from qbench.checkpoints.safetensors_reader import load_safetensors
 from qbench.models.wav2vec2 import Wav2Vec2, Wav2Vec2Config
 
 _DOWNLOAD_HINT = ("`qbench download-model wav2vec2-base-960h` (or wav2vec2-large-960h-lv60-self) fetches a "
@@ -79,10 +80,9 @@ def load_hf_wav2vec2(directory: str | Path, name: str | None = None) -> Wav2Vec2
 
 
 def _load_state_dict(directory: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    # safetensors first: when a repo publishes both, the pickle is never opened
     if (path := directory / "model.safetensors").is_file():
-        from safetensors.numpy import load_file
-
-        return path, load_file(path)
+        return path, load_safetensors(path)
     if (path := directory / "pytorch_model.bin").is_file():
         # imported here so that safetensors users never load the unpickler
         from qbench.checkpoints.torch_pickle import load_torch_state_dict

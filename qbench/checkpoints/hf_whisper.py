@@ -3,7 +3,8 @@
 Why: fine-tuned and distilled Whisper variants are published on the Hub in this layout only.
 The directory holds `config.json` plus weights as `model.safetensors`, sharded
 `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`, or (older uploads)
-`pytorch_model.bin` (read with the torch-free reader in `torch_pickle`).
+`pytorch_model.bin`. Safetensors is taken whenever it is there; only a directory without it
+reaches the pickle reader in `torch_pickle`, which is imported for that case alone.
 
 HF names are renamed to openai-whisper's and then go through the same mapping as `.pt` files
 (`convert_openai_state_dict`), so there is one audited place where q/k/v are fused; error
@@ -23,7 +24,7 @@ import numpy as np
 
 from qbench.checkpoints.errors import CheckpointError
 from qbench.checkpoints.openai_whisper import convert_openai_state_dict
-from qbench.checkpoints.torch_pickle import bfloat16_to_float32, load_torch_state_dict
+from qbench.checkpoints.safetensors_reader import load_safetensors
 from qbench.models.whisper import ModelDimensions
 
 __all__ = ["load_hf_whisper", "dims_from_hf_config", "load_safetensors", "hf_to_openai_name"]
@@ -40,12 +41,6 @@ _CONFIG_FIELDS: dict[str, str] = {
     "n_text_state": "d_model",
     "n_text_head": "decoder_attention_heads",
     "n_text_layer": "decoder_layers",
-}
-
-_SAFETENSORS_DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
-    "BF16": np.dtype("<u2"), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
-    "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
 }
 
 # Ordered (pattern, replacement) pairs applied to a name with the `model.` prefix removed.
@@ -94,72 +89,6 @@ def dims_from_hf_config(config: Mapping[str, Any], source: str | os.PathLike[str
     return ModelDimensions(**values)
 
 
-def _read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The JSON header of a safetensors file and the byte offset where tensor data starts."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file (no header length)")
-            n = int.from_bytes(prefix, "little")
-            if n > size - 8:
-                raise CheckpointError(f"{path}: truncated safetensors file (header says {n} bytes)")
-            header = json.loads(f.read(n))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from e
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
-    header.pop("__metadata__", None)
-    return header, 8 + n
-
-
-def _load_safetensors_raw(path: Path, header: Mapping[str, Any], data_start: int) -> dict[str, np.ndarray]:
-    """Read tensors by parsing the format ourselves; needed because safetensors.numpy lacks BF16."""
-    out: dict[str, np.ndarray] = {}
-    with open(path, "rb") as f:
-        for name, info in header.items():
-            try:
-                kind = info["dtype"]
-                shape = tuple(int(n) for n in info["shape"])
-                begin, end = (int(x) for x in info["data_offsets"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise CheckpointError(f"{path}: malformed header entry for {name}") from e
-            dtype = _SAFETENSORS_DTYPES.get(kind)
-            if dtype is None:
-                raise CheckpointError(f"{path}: {name} has unsupported dtype {kind}")
-            count = int(np.prod(shape, dtype=np.int64))
-            if end - begin != count * dtype.itemsize or begin < 0:
-                raise CheckpointError(f"{path}: {name} data_offsets do not match its shape and dtype")
-            f.seek(data_start + begin)
-            buf = f.read(end - begin)
-            if len(buf) != end - begin:
-                raise CheckpointError(f"{path}: truncated safetensors file (data for {name})")
-            array = np.frombuffer(buf, dtype=dtype, count=count).reshape(shape).copy()
-            out[name] = bfloat16_to_float32(array) if kind == "BF16" else array
-    return out
-
-
-def load_safetensors(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """Load one `.safetensors` file to numpy; BF16 tensors are widened to float32.
-
-    Uses `safetensors.numpy.load_file` (fast, validated) unless the header lists a BF16
-    tensor, which that function cannot represent; then the simple format is parsed directly.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    header, data_start = _read_header(path)
-    if any(isinstance(v, Mapping) and v.get("dtype") == "BF16" for v in header.values()):
-        return _load_safetensors_raw(path, header, data_start)
-    from safetensors.numpy import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as e:  # SafetensorError and friends: one-line message naming the file
-        raise CheckpointError(f"{path}: cannot read safetensors ({type(e).__name__}: {e})") from e
-
-
 def _load_index(index: Path, loader: Any) -> dict[str, np.ndarray]:
     """Load every shard listed in an HF `*.index.json` and check each listed tensor arrived."""
     try:
@@ -178,12 +107,20 @@ def _load_index(index: Path, loader: Any) -> dict[str, np.ndarray]:
     return state
 
 
+def _load_torch_state_dict(path: Path) -> dict[str, np.ndarray]:
+    # imported here so that a safetensors directory never loads the unpickler
+    from qbench.checkpoints.torch_pickle import load_torch_state_dict
+
+    return load_torch_state_dict(path)
+
+
 def _load_weights(directory: Path) -> tuple[dict[str, np.ndarray], Path]:
+    # safetensors first: when a repo publishes both, the pickle is never opened
     candidates = [
         ("model.safetensors", load_safetensors, False),
         ("model.safetensors.index.json", load_safetensors, True),
-        ("pytorch_model.bin", load_torch_state_dict, False),
-        ("pytorch_model.bin.index.json", load_torch_state_dict, True),
+        ("pytorch_model.bin", _load_torch_state_dict, False),
+        ("pytorch_model.bin.index.json", _load_torch_state_dict, True),
     ]
     for name, loader, sharded in candidates:
         path = directory / name

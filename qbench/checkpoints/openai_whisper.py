@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from qbench.checkpoints.errors import CheckpointError
-from qbench.checkpoints.torch_pickle import load_torch_checkpoint
 from qbench.models.whisper import ModelDimensions
 
 __all__ = ["load_openai_whisper", "convert_openai_state_dict", "sinusoids", "dims_from_mapping"]
@@ -195,6 +194,10 @@ def load_openai_whisper(path: str | os.PathLike[str]) -> tuple[ModelDimensions, 
     Returns the model dimensions and the canonical-name parameters in their stored dtype.
     Raises `CheckpointError` naming the file for anything missing, malformed or unexpected.
     """
+    # imported here: the Hugging Face loader shares this module's mapping, and a safetensors
+    # directory must not load the unpickler
+    from qbench.checkpoints.torch_pickle import load_torch_checkpoint
+
     path = Path(path)
     ckpt = load_torch_checkpoint(path)
     if not isinstance(ckpt, Mapping) or "dims" not in ckpt or "model_state_dict" not in ckpt:

@@ -1,10 +1,11 @@
-"""Read `torch.save` checkpoints into numpy arrays without importing torch.
+"""Read `torch.save` checkpoints into numpy arrays without torch, running none of their code.
 
-Why: the benchmark's models are numpy, and the published Whisper / wav2vec 2.0 weights are
-often only available as `.pt` / `pytorch_model.bin`. Requiring torch (hundreds of MB) just to
-unzip a few arrays is a poor trade, and `torch.load` on an untrusted file executes arbitrary
-pickled code. This module reads the zip format directly and unpickles with a whitelist, so a
-checkpoint can only build dicts, lists, numbers, strings and tensors.
+Only for weights published in no other format: openai's Whisper `.pt` files, and Hugging Face
+repos with a `pytorch_model.bin` but no `model.safetensors` (the loaders take safetensors
+whenever it is there). A pickle is a program for a small stack machine: GLOBAL imports any
+module attribute and REDUCE calls it, so `torch.load` of an untrusted file can run anything.
+Here the machine reaches exactly `ALLOWED_GLOBALS`, what `torch.save` writes for tensors and
+state dicts; any other global is refused by name before anything is imported.
 
 The zip format (torch >= 1.6, `_use_new_zipfile_serialization=True`, the default):
 
@@ -16,202 +17,161 @@ The zip format (torch >= 1.6, `_use_new_zipfile_serialization=True`, the default
     <prefix>/byteorder         "little" or "big" (absent in old files: little)
 
 `<prefix>` is chosen by torch from the file name (`archive`, `tiny.en`, ...), so it is found by
-looking for the single `*/data.pkl` entry rather than assumed.
+looking for the single `*/data.pkl` entry rather than assumed. The legacy format (torch < 1.6,
+a bare pickle stream) is refused without being unpickled.
 """
 
 from __future__ import annotations
 
-import codecs
 import io
 import os
 import pickle
-import tarfile
 import zipfile
 import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from qbench.checkpoints.errors import CheckpointError
+from qbench.checkpoints.safetensors_reader import bfloat16_to_float32
+from qbench.errors import describe, one_line
 
-__all__ = ["load_torch_checkpoint", "load_torch_state_dict", "bfloat16_to_float32"]
+__all__ = ["ALLOWED_GLOBALS", "load_torch_checkpoint", "load_torch_state_dict"]
+
+# torch storage class -> dtype of its elements. numpy has no bfloat16: its bit patterns are read
+# as uint16 and widened to float32 once the tensor is cut out of the storage.
+_STORAGE_DTYPES: dict[str, str] = {
+    "FloatStorage": "<f4", "DoubleStorage": "<f8", "HalfStorage": "<f2", "BFloat16Storage": "<u2",
+    "LongStorage": "<i8", "IntStorage": "<i4", "ShortStorage": "<i2", "CharStorage": "i1",
+    "ByteStorage": "u1", "BoolStorage": "?",
+}
 
 
-@dataclass(frozen=True)
-class _StorageType:
-    """Stands in for `torch.FloatStorage` etc.: the element dtype of a storage record."""
+class _StorageType(NamedTuple):
+    """Stands in for `torch.FloatStorage` etc.; a tuple, so the pickle's BUILD cannot alter it."""
 
     name: str
     dtype: np.dtype
-    bfloat16: bool = False  # stored as raw uint16, widened to float32 after slicing
 
 
-_STORAGE_TYPES: dict[str, _StorageType] = {
-    t.name: t
-    for t in (
-        _StorageType("FloatStorage", np.dtype("<f4")),
-        _StorageType("DoubleStorage", np.dtype("<f8")),
-        _StorageType("HalfStorage", np.dtype("<f2")),
-        _StorageType("BFloat16Storage", np.dtype("<u2"), bfloat16=True),
-        _StorageType("LongStorage", np.dtype("<i8")),
-        _StorageType("IntStorage", np.dtype("<i4")),
-        _StorageType("ShortStorage", np.dtype("<i2")),
-        _StorageType("CharStorage", np.dtype("i1")),
-        _StorageType("ByteStorage", np.dtype("u1")),
-        _StorageType("BoolStorage", np.dtype("?")),
-    )
-}
-
-# Plain callables a benign checkpoint may reference. Protocol 2 has no opcode for sets or for
-# Python 3 bytes, so those arrive as GLOBAL + REDUCE; none of these can reach the OS.
-_SAFE_GLOBALS: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): OrderedDict,
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
-    ("builtins", "bytearray"): bytearray,
-    ("builtins", "slice"): slice,
-    ("_codecs", "encode"): codecs.encode,
-}
-
-
-@dataclass
-class _Storage:
-    """A storage record read from the archive: a flat array of its element dtype."""
+class _Storage(NamedTuple):
+    """A storage record read from the archive: a flat array of its element type."""
 
     key: str
     kind: _StorageType
     data: np.ndarray
 
 
-def bfloat16_to_float32(raw: np.ndarray) -> np.ndarray:
-    """Widen bfloat16 bit patterns (held as uint16) to float32: numpy has no bfloat16.
+def _rebuild_tensor_v2(storage: _Storage, storage_offset: int, size: Any, stride: Any,
+                       requires_grad: bool = False, backward_hooks: Any = None,
+                       metadata: Any = None) -> np.ndarray:
+    """torch's tensor constructor: the strided window onto `storage`, as a C-contiguous copy."""
+    if not isinstance(storage, _Storage):
+        raise TypeError(f"tensor rebuilt from a non-storage {storage!r:.80}")
+    shape, strides, offset = tuple(map(int, size)), tuple(map(int, stride)), int(storage_offset)
+    flat = storage.data
+    if len(shape) != len(strides) or offset < 0 or min(shape + strides, default=0) < 0:
+        raise ValueError(f"bad tensor layout size={shape} stride={strides} offset={offset}")
+    if 0 in shape:
+        out = np.empty(shape, dtype=flat.dtype)
+    else:
+        # as_strided checks nothing: a window reaching past the storage would read stray memory
+        last = offset + sum((n - 1) * s for n, s in zip(shape, strides))
+        if last >= flat.size:
+            raise ValueError(f"tensor size={shape} stride={strides} offset={offset} reaches element "
+                             f"{last} of storage {storage.key}, which has {flat.size}")
+        out = np.lib.stride_tricks.as_strided(
+            flat[offset:], shape, tuple(s * flat.itemsize for s in strides), writeable=False).copy()
+    return bfloat16_to_float32(out) if storage.kind.name == "BFloat16Storage" else out
 
-    bfloat16 is the top half of a float32, so the widening is exact.
-    """
-    return (np.asarray(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+def _rebuild_parameter(data: Any, requires_grad: bool = False, backward_hooks: Any = None) -> Any:
+    """torch's nn.Parameter constructor: the tensor itself is all a weights reader needs."""
+    return data
 
 
-class _TorchUnpickler(pickle.Unpickler):
-    """Unpickles `data.pkl` with a whitelist of globals, resolving storages from the zip."""
+# Every global a torch.save'd state dict references (torch 2.x output is checked against this in
+# tests/test_torch_pickle_safety.py). find_class looks names up here and nowhere else.
+ALLOWED_GLOBALS: Mapping[tuple[str, str], Any] = MappingProxyType({
+    ("collections", "OrderedDict"): OrderedDict,  # a state dict, and each tensor's empty hooks
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,  # every tensor
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,  # an nn.Parameter saved as itself
+    **{("torch", name): _StorageType(name, np.dtype(code)) for name, code in _STORAGE_DTYPES.items()},
+})
 
-    def __init__(self, stream: io.BytesIO, archive: zipfile.ZipFile, prefix: str, path: Path,
-                 big_endian: bool):
-        super().__init__(stream)
-        self._archive = archive
-        self._prefix = prefix
-        self._path = path
-        self._big_endian = big_endian
+
+class _CheckpointUnpickler(pickle.Unpickler):
+    """Unpickles a zip checkpoint's `data.pkl`: `ALLOWED_GLOBALS` only, storages from the zip."""
+
+    def __init__(self, archive: zipfile.ZipFile, path: Path):
+        names = archive.namelist()
+        pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+        if len(pickles) != 1:
+            if any(n.endswith("constants.pkl") for n in names):
+                raise CheckpointError(f"{path}: TorchScript archives are not supported, save a state dict")
+            raise CheckpointError(f"{path}: expected one <prefix>/data.pkl in the zip, found {len(pickles)}")
+        self._prefix = pickles[0][: -len("data.pkl")]
+        byteorder = "little"
+        if f"{self._prefix}byteorder" in names:
+            byteorder = archive.read(f"{self._prefix}byteorder").decode("ascii", "replace").strip()
+            if byteorder not in ("little", "big"):
+                raise CheckpointError(f"{path}: unknown byteorder record {byteorder!r:.40}")
+        super().__init__(io.BytesIO(archive.read(pickles[0])))
+        self._archive, self._path, self._big_endian = archive, path, byteorder == "big"
         self._storages: dict[tuple[str, str], _Storage] = {}
-        self._rebuilders: dict[tuple[str, str], Any] = {
-            ("torch._utils", "_rebuild_tensor"): self._rebuild_tensor,
-            ("torch._utils", "_rebuild_tensor_v2"): self._rebuild_tensor_v2,
-            ("torch._utils", "_rebuild_parameter"): self._rebuild_parameter,
-            ("torch._utils", "_rebuild_parameter_with_state"): self._rebuild_parameter_with_state,
-        }
 
-    # -- whitelist -----------------------------------------------------------------------
     def find_class(self, module: str, name: str) -> Any:
-        key = (module, name)
-        if key in self._rebuilders:
-            return self._rebuilders[key]
-        if key in _SAFE_GLOBALS:
-            return _SAFE_GLOBALS[key]
-        if module == "torch" and name in _STORAGE_TYPES:
-            return _STORAGE_TYPES[name]
-        raise CheckpointError(
-            f"{self._path}: refusing to unpickle {module}.{name} (not a tensor, storage or plain "
-            "container; the file may be malicious or not a weights checkpoint)"
-        )
+        # every GLOBAL, STACK_GLOBAL and INST opcode lands here; pickle's own find_class, which
+        # imports `module`, is never called
+        if (module, name) not in ALLOWED_GLOBALS:
+            raise CheckpointError(
+                f"{self._path}: refusing to unpickle {one_line(f'{module}.{name}')[:120]}: not one of the "
+                "globals a torch state dict uses (the file may be malicious, or not a weights checkpoint)")
+        return ALLOWED_GLOBALS[module, name]
 
-    # -- storages ------------------------------------------------------------------------
     def persistent_load(self, pid: Any) -> _Storage:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType)):
             raise CheckpointError(f"{self._path}: unsupported persistent id {pid!r:.80}")
         _, kind, key, _location, numel = pid
-        if not isinstance(kind, _StorageType):
-            raise CheckpointError(f"{self._path}: storage {key!r} has unsupported type {kind!r:.80}")
-        cached = self._storages.get((str(key), kind.name))
-        if cached is not None:
-            return cached
+        cache_key = (str(key), kind.name)
+        if cache_key not in self._storages:
+            self._storages[cache_key] = self._read_storage(str(key), kind, int(numel))
+        return self._storages[cache_key]
+
+    def _read_storage(self, key: str, kind: _StorageType, numel: int) -> _Storage:
         record = f"{self._prefix}data/{key}"
         try:
-            raw = self._archive.read(record)
+            info = self._archive.getinfo(record)
         except KeyError:
             raise CheckpointError(f"{self._path}: storage record {record} is missing") from None
-        nbytes = int(numel) * kind.dtype.itemsize
-        if len(raw) < nbytes:
-            raise CheckpointError(
-                f"{self._path}: storage record {record} holds {len(raw)} bytes, "
-                f"{numel} x {kind.name} needs {nbytes}"
-            )
-        dtype = kind.dtype.newbyteorder(">") if self._big_endian else kind.dtype
-        data = np.frombuffer(raw, dtype=dtype, count=int(numel))
-        storage = _Storage(str(key), kind, data)
-        self._storages[(str(key), kind.name)] = storage
-        return storage
-
-    # -- tensor rebuild functions (the pickled callables) -------------------------------
-    def _rebuild_tensor(self, storage: _Storage, storage_offset: int, size: Any,
-                        stride: Any) -> np.ndarray:
-        if not isinstance(storage, _Storage):
-            raise CheckpointError(f"{self._path}: tensor rebuilt from a non-storage {storage!r:.80}")
-        shape = tuple(int(n) for n in size)
-        strides = tuple(int(s) for s in stride)
-        offset = int(storage_offset)
-        flat = storage.data
-        if len(shape) != len(strides) or offset < 0 or any(n < 0 for n in shape) \
-                or any(s < 0 for s in strides):
-            raise CheckpointError(
-                f"{self._path}: bad tensor layout size={shape} stride={strides} offset={offset}"
-            )
-        if 0 in shape:
-            out = np.empty(shape, dtype=flat.dtype)
+        nbytes = numel * kind.dtype.itemsize
+        if numel < 0 or info.file_size < nbytes:
+            raise CheckpointError(f"{self._path}: storage record {record} holds {info.file_size} bytes, "
+                                  f"{numel} x {kind.name} needs {nbytes}")
+        raw = self._archive.read(info)
+        if self._big_endian:
+            data = np.frombuffer(raw, kind.dtype.newbyteorder(">"), count=numel).astype(kind.dtype)
         else:
-            last = offset + sum((n - 1) * s for n, s in zip(shape, strides))
-            if last >= flat.size:
-                raise CheckpointError(
-                    f"{self._path}: tensor size={shape} stride={strides} offset={offset} reaches "
-                    f"element {last} of storage {storage.key} which has {flat.size}"
-                )
-            view = np.lib.stride_tricks.as_strided(
-                flat[offset:], shape=shape,
-                strides=tuple(s * flat.dtype.itemsize for s in strides), writeable=False,
-            )
-            out = view.copy(order="C")
-        if out.dtype.byteorder == ">":
-            out = out.astype(out.dtype.newbyteorder("="))
-        if storage.kind.bfloat16:
-            out = bfloat16_to_float32(out)
-        return out
-
-    def _rebuild_tensor_v2(self, storage: _Storage, storage_offset: int, size: Any, stride: Any,
-                           requires_grad: bool = False, backward_hooks: Any = None,
-                           metadata: Any = None) -> np.ndarray:
-        return self._rebuild_tensor(storage, storage_offset, size, stride)
-
-    def _rebuild_parameter(self, data: Any, requires_grad: bool = False,
-                           backward_hooks: Any = None) -> Any:
-        return data
-
-    def _rebuild_parameter_with_state(self, data: Any, requires_grad: bool,
-                                      backward_hooks: Any, state: Any) -> Any:
-        return data
+            data = np.frombuffer(raw, kind.dtype, count=numel)
+        return _Storage(key, kind, data)
 
 
-def _refuse_non_zip(path: Path, head: bytes) -> CheckpointError:
-    """The error for a file that is not a zip: legacy torch format, or not torch at all."""
+def _not_a_zip(path: Path) -> CheckpointError:
+    """The error for a file that is not a zip archive; it is never unpickled."""
+    with open(path, "rb") as f:
+        head = f.read(2)
     if not head:
         return CheckpointError(f"{path}: file is empty")
-    if head[:1] == b"\x80" or tarfile.is_tarfile(path):
+    if head[:1] == b"\x80":  # a bare pickle stream (protocol >= 2): torch < 1.6, or hand-made
         return CheckpointError(
-            f"{path}: legacy (pre-1.6, non-zip) torch serialization is not supported; convert it "
-            "once with torch: torch.save(torch.load(p, weights_only=True), p)"
-        )
-    if head.startswith(b"PK"):
+            f"{path}: legacy (pre-1.6, non-zip) torch serialization is not supported (a bare pickle "
+            "is never unpickled); convert it once with torch: torch.save(torch.load(p, weights_only=True), p)")
+    if head == b"PK":
         return CheckpointError(f"{path}: corrupt or truncated zip archive")
     return CheckpointError(f"{path}: not a PyTorch checkpoint (no zip or pickle header)")
 
@@ -227,44 +187,17 @@ def load_torch_checkpoint(path: str | os.PathLike[str]) -> Any:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
-    with open(path, "rb") as f:
-        head = f.read(8)
+    if not zipfile.is_zipfile(path):
+        raise _not_a_zip(path)
     try:
-        if not zipfile.is_zipfile(path):
-            raise _refuse_non_zip(path, head)
         with zipfile.ZipFile(path) as archive:
-            return _load_archive(archive, path)
+            return _CheckpointUnpickler(archive, path).load()
     except CheckpointError:
         raise
-    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+    except (zipfile.BadZipFile, zlib.error) as e:
         raise CheckpointError(f"{path}: corrupt or truncated zip archive ({e})") from e
-
-
-def _load_archive(archive: zipfile.ZipFile, path: Path) -> Any:
-    pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
-    if len(pickles) != 1:
-        if any(n.endswith("constants.pkl") for n in archive.namelist()):
-            raise CheckpointError(f"{path}: TorchScript archives are not supported, save a state dict")
-        raise CheckpointError(
-            f"{path}: expected one <prefix>/data.pkl in the zip, found {len(pickles)}"
-        )
-    prefix = pickles[0][: -len("data.pkl")]
-    big_endian = False
-    if f"{prefix}byteorder" in archive.namelist():
-        order = archive.read(f"{prefix}byteorder").decode("ascii", "replace").strip()
-        if order not in ("little", "big"):
-            raise CheckpointError(f"{path}: unknown byteorder record {order!r}")
-        big_endian = order == "big"
-    unpickler = _TorchUnpickler(io.BytesIO(archive.read(pickles[0])), archive, prefix, path,
-                                big_endian)
-    try:
-        return unpickler.load()
-    except CheckpointError:
-        raise
-    except (zipfile.BadZipFile, zlib.error):
-        raise
-    except Exception as e:  # any malformed-stream failure of the pickle machine
-        raise CheckpointError(f"{path}: corrupt pickle stream in {pickles[0]} ({type(e).__name__}: {e})") from e
+    except Exception as e:  # the pickle machine's own errors, or a tensor rebuilt from bad arguments
+        raise CheckpointError(f"{path}: corrupt pickle stream ({describe(e)})") from e
 
 
 def _is_state_dict(obj: Any) -> bool:
