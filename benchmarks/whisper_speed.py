@@ -206,6 +206,7 @@ def profile_numpy(model, audios: list, batch_size: int) -> dict[str, float]:
     On one thread: the wrappers keep one stack of categories, which work spread over threads
     would interleave; the shares are those of the single-threaded path.
     """
+    from qbench.models import attention as attention_kernel
     from qbench.models import parallel
     from qbench.models import whisper as W
     from qbench.quant.packing import PackedTensor
@@ -227,8 +228,9 @@ def profile_numpy(model, audios: list, batch_size: int) -> dict[str, float]:
         return lambda *a, **k: label_enc if prof.inside(enc) else label_dec
 
     originals = {name: getattr(W, name) for name in
-                 ("log_mel_spectrogram", "encode", "start_decoder", "decode_step", "output_logits", "attention",
-                  "gelu", "layer_norm")}
+                 ("log_mel_spectrogram", "encode", "start_decoder", "decode_step", "output_logits", "gelu", "layer_norm")}
+    # the models reach the kernel through `store.attention`, which looks it up on every call
+    original_attention = attention_kernel.attention
     original_select, original_dequantize = W.DecoderState.compact, PackedTensor.dequantize
     store = model.store
     one_thread = contextlib.ExitStack()
@@ -239,7 +241,7 @@ def profile_numpy(model, audios: list, batch_size: int) -> dict[str, float]:
         W.start_decoder = prof.wrap(originals["start_decoder"], "cross-attn K/V (once per window)")
         W.decode_step = prof.wrap(originals["decode_step"], "decoder other (embedding, residuals, KV-cache writes)")
         W.output_logits = prof.wrap(originals["output_logits"], "output projection")
-        W.attention = prof.wrap(originals["attention"], attention_category)
+        attention_kernel.attention = prof.wrap(original_attention, attention_category)
         W.gelu = prof.wrap(originals["gelu"], in_encoder("encoder GELU", "decoder MLP"))
         W.layer_norm = prof.wrap(originals["layer_norm"], in_encoder("encoder layer norm", "decoder layer norm"))
         W.DecoderState.compact = prof.wrap(original_select, "decoder batch shrink (finished rows)")
@@ -254,6 +256,7 @@ def profile_numpy(model, audios: list, batch_size: int) -> dict[str, float]:
         for name, fn in originals.items():
             setattr(W, name, fn)
         W.DecoderState.compact, PackedTensor.dequantize = original_select, original_dequantize
+        attention_kernel.attention = original_attention
         del store.linear
         one_thread.close()
     shares = dict(sorted(prof.totals.items(), key=lambda kv: -kv[1]))

@@ -122,3 +122,19 @@ def test_wav2vec2_attention_is_counted():
     r = counter.report()
     assert r.attention_macs == {"encoder_self": c.num_hidden_layers * 2 * frames * frames * c.hidden_size}
     assert r.linear["attention_projection"].macs == c.num_hidden_layers * frames * 4 * c.hidden_size**2
+    assert r.encoder_windows == 1 and r.decode_steps == 0
+
+
+def test_wav2vec2_attention_is_counted_per_utterance():
+    """Each utterance attends within itself: T1^2 + T2^2, not (T1 + T2)^2, and two encoder inputs."""
+    from tests.test_wav2vec2_parity import _random_model, _small_config
+
+    model = _random_model(_small_config("layer"))
+    counter = ComputeCountingStore(model.store)
+    audios = [np.random.default_rng(i).standard_normal(n).astype(np.float32) for i, n in enumerate((16000, 9000))]
+    model.with_store(counter).transcribe(audios)
+    c = model.config
+    squares = sum(c.num_frames(a.size) ** 2 for a in audios)
+    r = counter.report()
+    assert r.attention_macs == {"encoder_self": c.num_hidden_layers * 2 * squares * c.hidden_size}
+    assert r.encoder_windows == 2

@@ -60,9 +60,9 @@ def test_query_blocked_attention_equals_one_block(monkeypatch: pytest.MonkeyPatc
     tk = tq + (causal_offset or 0)
     q = rng.standard_normal((b, tq, h * dh)).astype(np.float32)
     k, v = (rng.standard_normal((b, h, tk, dh)).astype(np.float32) for _ in range(2))
-    whole = W.attention(q, k, v, h, causal_offset)
+    whole = attention_module.attention(q, k, v, h, causal_offset)
     monkeypatch.setattr(attention_module, "QUERY_BLOCK", 4)
-    np.testing.assert_allclose(W.attention(q, k, v, h, causal_offset), whole, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(attention_module.attention(q, k, v, h, causal_offset), whole, rtol=1e-6, atol=1e-7)
     # the same softmax written out, for the masked case too
     scores = np.einsum("bqhd,bhkd->bhqk", q.reshape(b, tq, h, dh), k) / np.sqrt(dh)
     if causal_offset is not None:

@@ -3,9 +3,9 @@
 `ComputeCountingStore` wraps the store a model runs on. Every weight matmul goes through
 `linear`, so its MACs are `rows x in x out` from the shapes actually passed (finished rows that
 left the decoding batch are not counted, decode steps are counted as they happen). Attention's
-score and value products do not touch a weight; they are derived from the same calls: the
-fused q/k/v projection of a self-attention block gives the batch, the new tokens and (through a
-per-layer position counter reset when the decoder starts) how many keys they attend to.
+score and value products touch no weight; the models run them through `store.attention`, so
+they are counted from the query and key shapes the kernel receives, and the calls of the first
+layer count the encoder's inputs and the decoder's steps.
 
 Bit operations are MACs x weight bits x activation bits (float32 activations: 32 bits; weights
 at their stored code width, or 16/32 for float layers). Ternary weights need no multiplication:
@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
+from qbench.models.attention import AttentionKind
 from qbench.models.weight_store import WeightStore
 
 LayerKind = Literal["conv", "attention_projection", "mlp", "output_projection", "other"]
@@ -57,7 +58,7 @@ class ComputeReport(BaseModel):
     ternary_macs: int = 0
     #: of those, the ones with a nonzero code (zero codes skip the work)
     ternary_additions: int = 0
-    encoder_windows: int = 0
+    encoder_windows: int = Field(0, description="encoder inputs: Whisper's 30 s windows, wav2vec2's utterances")
     decode_steps: int = Field(0, description="decoder calls (the prompt counts as one)")
     decoded_token_rows: int = Field(0, description="sum over decoder calls of batch rows x new tokens")
     wall_seconds: float = 0.0
@@ -65,7 +66,7 @@ class ComputeReport(BaseModel):
 
 
 class ComputeCountingStore:
-    """Delegates everything to `inner` and counts the work of each `linear` call."""
+    """Delegates everything to `inner` and counts the work of each `linear` and `attention` call."""
 
     thread_safe = False  # the counters are plain `+=`
 
@@ -81,8 +82,6 @@ class ComputeCountingStore:
         self.decode_steps = 0
         self.decoded_token_rows = 0
         self.wall_seconds = 0.0
-        self._positions: dict[str, int] = {}
-        self._audio_ctx: dict[str, int] = {}
         self._weight_bits: dict[str, float] = {}
         self._nonzero: dict[str, float] = {}
 
@@ -105,37 +104,6 @@ class ComputeCountingStore:
             self._weight_bits[name] = bits
         return bits
 
-    def _attention(self, name: str, x: np.ndarray) -> None:
-        d = x.shape[-1]
-        if name.startswith("encoder.blocks.") and name.endswith(".attn.qkv") and x.ndim == 3:
-            b, t = x.shape[0], x.shape[1]
-            self.attention_macs["encoder_self"] += 2 * b * t * t * d
-            if name == "encoder.blocks.0.attn.qkv":
-                self.encoder_windows += b
-        elif name.startswith("encoder.blocks.") and name.endswith(".attn.qkv") and x.ndim == 2:
-            # wav2vec 2.0 runs `[frames, d]` rows, one utterance per call when transcribing
-            # (calibration stacks utterances; it is not counted)
-            t = x.shape[0]
-            self.attention_macs["encoder_self"] += 2 * t * t * d
-        elif name.startswith("decoder.blocks."):
-            layer = name.split(".")[2]
-            if name.endswith(".cross_attn.kv"):
-                self._positions[layer] = 0
-                self._audio_ctx[layer] = x.shape[-2]
-            elif name.endswith(".attn.qkv"):
-                rows = int(np.prod(x.shape[:-2]))
-                t = x.shape[-2]
-                offset = self._positions.get(layer, 0)
-                # scores are computed against every cached key up to the last new token
-                self.attention_macs["decoder_self"] += 2 * rows * t * (offset + t) * d
-                self._positions[layer] = offset + t
-                if layer == "0":
-                    self.decode_steps += 1
-                    self.decoded_token_rows += rows * t
-            elif name.endswith(".cross_attn.q"):
-                rows = int(np.prod(x.shape[:-1]))
-                self.attention_macs["cross"] += 2 * rows * self._audio_ctx.get(layer, 0) * d
-
     def linear(self, name: str, x: np.ndarray) -> np.ndarray:
         info = self.inner.infos[name]
         rows = int(np.prod(x.shape[:-1]))
@@ -148,8 +116,19 @@ class ComputeCountingStore:
         if name in self._nonzero:
             self.ternary_macs += macs
             self.ternary_additions += int(round(macs * self._nonzero[name]))
-        self._attention(name, x)
         return self.inner.linear(name, x)
+
+    def attention(self, kind: AttentionKind, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int,
+                  causal_offset: int | None = None, threads: int = 1) -> np.ndarray:
+        b, tq, d = q.shape
+        # q.k and scores.v: every query row against every key row, over all heads' d channels
+        self.attention_macs[kind] += 2 * b * tq * k.shape[2] * d
+        if layer == 0 and kind == "encoder_self":
+            self.encoder_windows += b
+        elif layer == 0 and kind == "decoder_self":
+            self.decode_steps += 1
+            self.decoded_token_rows += b * tq
+        return self.inner.attention(kind, layer, q, k, v, n_head, causal_offset, threads)
 
     def report(self) -> ComputeReport:
         linear = {k: KindCount(macs=self.linear_macs[k], bit_ops=self.linear_bit_ops[k]) for k in sorted(self.linear_macs)}

@@ -1,6 +1,12 @@
-"""Scaled dot-product attention shared by the numpy models, in float32 and bounded memory."""
+"""Scaled dot-product attention shared by the numpy models, in float32 and bounded memory.
+
+The models call it through `WeightStore.attention`, naming which attention it is, so that a
+store that counts a run's arithmetic sees the shapes this kernel receives.
+"""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import numpy as np
 
@@ -10,6 +16,10 @@ from qbench.models.parallel import parallel_map
 #: Queries per attention block: bounds a head's `[block, Tk]` scores whatever the length
 #: (a 35 s wav2vec2 utterance's full `[T, T]` is 12 MB per head, 150 MB for all heads at once).
 QUERY_BLOCK = 512
+
+#: Which attention a call is: an encoder's self-attention, the decoder's masked self-attention
+#: over its cache, or the decoder's cross-attention to the audio features
+AttentionKind = Literal["encoder_self", "decoder_self", "cross"]
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int, causal_offset: int | None = None,

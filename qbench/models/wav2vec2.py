@@ -45,7 +45,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from qbench.models.activations import gelu, layer_norm
-from qbench.models.attention import attention, split_heads
+from qbench.models.attention import split_heads
 from qbench.models.parallel import compute_threads, parallel_map
 from qbench.models.weight_store import WeightInfo, WeightStore
 
@@ -359,10 +359,10 @@ class Wav2Vec2:
         for i in range(c.num_hidden_layers):
             p = f"encoder.blocks.{i}"
             if c.do_stable_layer_norm:
-                x += self._attention(p + ".attn", ln(x, p + ".attn_ln"), lengths)
+                x += self._attention(p + ".attn", i, ln(x, p + ".attn_ln"), lengths)
                 x += self._mlp(p + ".mlp", ln(x, p + ".mlp_ln"))
             else:
-                x = ln(x + self._attention(p + ".attn", x, lengths), p + ".attn_ln")
+                x = ln(x + self._attention(p + ".attn", i, x, lengths), p + ".attn_ln")
                 x = ln(x + self._mlp(p + ".mlp", x), p + ".mlp_ln")
         if c.do_stable_layer_norm:
             x = ln(x, "encoder.ln")
@@ -388,8 +388,8 @@ class Wav2Vec2:
         parallel_map(one_group, range(groups), self._threads())
         return gelu(out, out=out, threads=self._threads())
 
-    def _attention(self, name: str, x: np.ndarray, lengths: list[int]) -> np.ndarray:
-        """Self-attention within each utterance (rows `lengths` of `x`), heads in threads."""
+    def _attention(self, name: str, layer: int, x: np.ndarray, lengths: list[int]) -> np.ndarray:
+        """Block `layer`'s self-attention within each utterance (rows `lengths` of `x`), heads in threads."""
         c = self.config
         d, h = c.hidden_size, c.num_attention_heads
         qkv = self.store.linear(name + ".qkv", x)
@@ -397,7 +397,8 @@ class Wav2Vec2:
         for start, n in zip(np.cumsum([0, *lengths[:-1]]), lengths):
             seg = qkv[None, start : start + n]
             k, v = split_heads(seg[..., d : 2 * d], h), split_heads(seg[..., 2 * d :], h)
-            out[start : start + n] = attention(seg[..., :d], k, v, h, threads=self._threads())[0]
+            out[start : start + n] = self.store.attention("encoder_self", layer, seg[..., :d], k, v, h,
+                                                          threads=self._threads())[0]
         return self.store.linear(name + ".out", out)
 
     def _threads(self) -> int:

@@ -4,7 +4,9 @@ Both numpy models (Whisper, wav2vec 2.0) call `store.linear(name, x)` for every 
 and for every convolution (after im2col), and `store.param(name)` for everything else (norms,
 biases, positional tables). That single choke point is what lets the harness swap in quantized
 or packed weights, capture calibration inputs, or account memory, without the model code
-knowing: a subclass overrides `matrix()` or `linear()`.
+knowing: a subclass overrides `matrix()` or `linear()`. Attention, the one product of two
+activations, goes through `store.attention` for the same reason: a store that counts a run's
+arithmetic sees its shapes.
 
 Weight matrices are always seen as 2-D `[out_features, in_features]`. A conv1d weight
 `[out, in, k]` is seen as `[out, in * k]` (input-channel major, kernel minor), which is what the
@@ -18,6 +20,10 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import numpy as np
+
+# the module, not the function: looked up on every call, so that a profiler can wrap the kernel
+from qbench.models import attention as attention_kernel
+from qbench.models.attention import AttentionKind
 
 WeightKind = Literal["linear", "conv", "embedding"]
 
@@ -97,6 +103,12 @@ class WeightStore:
         if bias_name in self.params:
             y += self.param(bias_name)
         return y
+
+    def attention(self, kind: AttentionKind, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int,
+                  causal_offset: int | None = None, threads: int = 1) -> np.ndarray:
+        """`qbench.models.attention.attention(q, k, v, n_head, causal_offset, threads)`: block
+        `layer`'s `kind` attention. It touches no weight; a subclass overrides it to observe."""
+        return attention_kernel.attention(q, k, v, n_head, causal_offset, threads)
 
     def embedding(self, name: str, ids: np.ndarray) -> np.ndarray:
         """Rows of an embedding table, float32."""

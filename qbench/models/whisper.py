@@ -29,7 +29,7 @@ from functools import lru_cache
 import numpy as np
 
 from qbench.models.activations import gelu, layer_norm
-from qbench.models.attention import attention, split_heads
+from qbench.models.attention import split_heads
 from qbench.models.parallel import blas_threads_at_most, compute_threads, parallel_map
 from qbench.models.tokenizer import WhisperVocabulary
 from qbench.models.weight_store import WeightInfo, WeightStore
@@ -202,8 +202,9 @@ def encode(store: WeightStore, dims: ModelDimensions, mel: np.ndarray, threads: 
         qkv = store.linear(f"{p}.attn.qkv", _ln(store, f"{p}.attn_ln", x))
         q, k, v = np.split(qkv, 3, axis=-1)
         h = dims.n_audio_head
-        x += store.linear(f"{p}.attn.out", attention(q, split_heads(k, h), split_heads(v, h), h, threads=threads))
-        del qkv, q, k, v
+        heads = store.attention("encoder_self", i, q, split_heads(k, h), split_heads(v, h), h, threads=threads)
+        x += store.linear(f"{p}.attn.out", heads)
+        del qkv, q, k, v, heads
         hidden = store.linear(f"{p}.mlp.fc1", _ln(store, f"{p}.mlp_ln", x))
         x += store.linear(f"{p}.mlp.fc2", gelu(hidden, out=hidden, threads=threads))
         del hidden
@@ -288,9 +289,9 @@ def decode_step(store: WeightStore, dims: ModelDimensions, tokens: np.ndarray, s
         state.self_v[i][:, :, offset : offset + t] = split_heads(v, h)
         keys = state.self_k[i][:, :, : offset + t]
         values = state.self_v[i][:, :, : offset + t]
-        x += store.linear(f"{p}.attn.out", attention(q, keys, values, h, causal_offset=offset))
+        x += store.linear(f"{p}.attn.out", store.attention("decoder_self", i, q, keys, values, h, causal_offset=offset))
         q = store.linear(f"{p}.cross_attn.q", _ln(store, f"{p}.cross_attn_ln", x))
-        x += store.linear(f"{p}.cross_attn.out", attention(q, state.cross_k[i], state.cross_v[i], h))
+        x += store.linear(f"{p}.cross_attn.out", store.attention("cross", i, q, state.cross_k[i], state.cross_v[i], h))
         x += store.linear(f"{p}.mlp.fc2", gelu(store.linear(f"{p}.mlp.fc1", _ln(store, f"{p}.mlp_ln", x))))
     state.length = offset + t
     return _ln(store, "decoder.ln", x)
