@@ -18,7 +18,9 @@ from rich.table import Table
 from qbench.data.audio import load_audio
 from qbench.embedded.devices import get_device_profiles
 from qbench.data.librispeech import find_data_dir, list_utterances
-from qbench.embedded.memory import DeviceWeightStore, check_fit, estimate_whisper_memory, measure_peak
+from qbench.embedded.device_store import DeviceWeightStore
+from qbench.embedded.memory import check_fit, measure_peak
+from qbench.embedded.session import estimate_memory
 from qbench.checkpoints.loader import load_model
 from qbench.models import whisper as W
 from qbench.plugin_manager import get_quantizer
@@ -63,8 +65,8 @@ def main() -> None:
         mels = np.stack(W.audio_windows(audio))
         ids, peak = measure_peak(lambda: W.greedy_decode(store, m.dims, m.vocab, mels, max_new_tokens=DECODE_TOKENS))
         measured = peak + audio.nbytes
-        estimate = estimate_whisper_memory(m.dims, store)
-        fits = [d.name for d in devices.values() if check_fit(estimate_whisper_memory(m.dims, store, d), d, measured).fits]
+        estimate = estimate_memory(m, store, None)
+        fits = [d.name for d in devices.values() if check_fit(estimate_memory(m, store, d), d, measured).fits]
         sizes[label] = store.stored_bytes()
         table.add_row(label, f"{sizes[label]:,}", f"{sizes[label] / sizes.get('fp32', sizes[label]):.3f}",
                       f"{measured / 2**20:.1f} MiB", f"{estimate.working_peak_bytes / 2**20:.1f} MiB", ", ".join(fits) or "none")

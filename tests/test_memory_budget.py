@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from qbench.cli import main
-from qbench.embedded.session import DeviceSession, DoesNotFitError
+from qbench.embedded.device_store import DeviceWeightStore
 from qbench.embedded.devices import DeviceProfile
-from qbench.embedded.memory import DeviceWeightStore, estimate_whisper_memory, measure_peak
+from qbench.embedded.memory import measure_peak
+from qbench.embedded.session import DeviceSession, DoesNotFitError, estimate_memory
 from qbench.models import whisper as W
 from qbench.quant.apply import quantize_model
 from qbench.quant.contract import QuantizedTensor, Quantizer
@@ -84,7 +85,7 @@ def test_accountant_agrees_with_tracemalloc_on_tiny_en(tiny_en):
     audio = (0.05 * np.random.default_rng(0).standard_normal(30 * 16000)).astype(np.float32)
     _, peak = measure_peak(lambda: _decode_window(model, store, audio, 4))
     measured = peak + audio.nbytes
-    estimate = estimate_whisper_memory(model.dims, store, audio_seconds=30.0)
+    estimate = estimate_memory(model, store, None, 1, 30.0)
     assert abs(estimate.working_peak_bytes - measured) <= 0.10 * measured, (estimate.phases, measured)
     assert estimate.working_peak_bytes == max(estimate.phases.values())
     # the decoder-start phase holds every layer's cross-attention K/V: 4 layers x K,V x [1500, 384]
@@ -96,9 +97,45 @@ def test_accountant_agrees_with_tracemalloc_on_a_packed_random_model(small_rtn4)
     store = DeviceWeightStore.from_store(model.store, block_bytes=512)
     audio = (0.05 * np.random.default_rng(1).standard_normal(30 * 16000)).astype(np.float32)
     _, peak = measure_peak(lambda: _decode_window(model, store, audio, 3))
-    estimate = estimate_whisper_memory(model.dims, store, audio_seconds=30.0, block_bytes=512)
+    estimate = estimate_memory(model, store, None, 1, 30.0)
     measured = peak + audio.nbytes
     assert abs(estimate.working_peak_bytes - measured) <= 0.10 * measured, (estimate.phases, measured)
+
+
+def test_the_store_caches_the_layers_its_memory_model_counts(small_rtn4):
+    """`cached_layers` (what the accountant counts) is what `linear` really fills on a run."""
+    model, _ = small_rtn4
+    half = sum(4 * i.numel for i in model.quantizable_weights()) // 2
+    store = DeviceWeightStore.from_store(model.store, cache_bytes=half)
+    _decode_window(model, store, np.zeros(16000, np.float32), 2)
+    assert 0 < store.cached_bytes() <= half
+    assert store.cached_layers() == {name: wt.nbytes for name, wt in store._full.items()}
+
+
+def test_whisper_batch_rows_are_the_windows_of_the_longest_utterance(small):
+    """Two utterances of up to 45 s decode as four 30 s windows, counted at 45 s of audio."""
+    store = DeviceWeightStore.from_store(small.store)
+    four = W.transcribe_memory(DIMS, store, 4, 45.0)
+    assert small.working_memory(store, 2, 45.0) == four != W.transcribe_memory(DIMS, store, 2, 45.0)
+    assert small.working_memory(store, 3, 30.0) == W.transcribe_memory(DIMS, store, 3, 30.0)
+    assert small.fit_audio == "one 30 s window" and small.fit_audio_seconds == 30.0
+
+
+def test_a_model_without_a_memory_model_is_budgeted_by_its_weights(small):
+    """No phases: the fit counts the weights alone and leaves the working memory to the run."""
+    from qbench.embedded.session import fit_model
+    from qbench.models.working_memory import WorkingMemory
+
+    class NoMemoryModel:
+        store, fit_audio_seconds = small.store, 1.0
+
+        def working_memory(self, store, utterances, audio_seconds):
+            return WorkingMemory()
+
+    device = DeviceProfile(name="big", ram_bytes=2**31, storage_bytes=2**31, part="test")
+    b = fit_model(NoMemoryModel(), device).breakdown
+    assert b.peak_phase == "unknown" and b.working_peak_bytes == 0 and b.phases == {}
+    assert b.total_ram_bytes == b.weights_ram_bytes == small.store.stored_bytes()
 
 
 def test_measured_overrun_stops_the_run(small, monkeypatch):

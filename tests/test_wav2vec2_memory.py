@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 
 from qbench.cli import main
-from qbench.embedded.session import DeviceSession, DoesNotFitError, estimate_memory, fit_model
+from qbench.embedded.device_store import DeviceWeightStore
 from qbench.embedded.devices import DeviceProfile
-from qbench.embedded.memory import DeviceWeightStore, estimate_wav2vec2_memory, measure_peak
-from qbench.models.wav2vec2 import Wav2Vec2, Wav2Vec2Config, weight_infos
+from qbench.embedded.memory import MemoryBreakdown, measure_peak
+from qbench.embedded.session import DeviceSession, DoesNotFitError, estimate_memory, fit_model
+from qbench.models.wav2vec2 import Wav2Vec2, Wav2Vec2Config, logits_memory, weight_infos
 from qbench.quant.apply import quantize_model
 from tests.test_memory_budget import _RTN4
 from tests.test_wav2vec2_parity import FIXTURES, _random_model
@@ -58,7 +59,7 @@ def _measured_and_estimated(model: Wav2Vec2, seconds: float, **store_kwargs):
     store = DeviceWeightStore.from_store(model.store, **store_kwargs)
     audio = _audio(seconds)
     _, peak = measure_peak(lambda: model.with_store(store).logits(audio))
-    estimate = estimate_wav2vec2_memory(model.config, store, audio_seconds=seconds, **store_kwargs)
+    estimate = estimate_memory(model, store, None, 1, seconds)
     # the waveform is part of the working set, though allocated before the measurement
     return peak + audio.nbytes, estimate
 
@@ -100,22 +101,28 @@ def _shapes_only(config: Wav2Vec2Config) -> DeviceWeightStore:
     return DeviceWeightStore(params, weight_infos(config))
 
 
+def _estimate(config: Wav2Vec2Config, store: DeviceWeightStore, seconds: float,
+              device: DeviceProfile | None = None) -> MemoryBreakdown:
+    """The memory model of one utterance of `seconds` on `store`, without a model object."""
+    return MemoryBreakdown.of(logits_memory(config, store, seconds), store, device)
+
+
 @pytest.mark.parametrize("name", [BASE, LARGE])
 def test_estimate_follows_the_utterance_and_the_widths_not_the_depth(models, name):
     full = Wav2Vec2Config.from_hf(json.loads((FIXTURES / name / "config.json").read_text()))
     one = models[name]
     for seconds in (4.0, 20.0, 35.0):
-        deep = estimate_wav2vec2_memory(full, _shapes_only(full), audio_seconds=seconds)
-        shallow = estimate_wav2vec2_memory(one.config, DeviceWeightStore.from_store(one.store), audio_seconds=seconds)
+        deep = _estimate(full, _shapes_only(full), seconds)
+        shallow = _estimate(one.config, DeviceWeightStore.from_store(one.store), seconds)
         assert deep.phases == shallow.phases, seconds
     assert deep.weights_stored_bytes == 4 * sum(i.numel for i in weight_infos(full))
-    short = estimate_wav2vec2_memory(full, _shapes_only(full), audio_seconds=20.0)
+    short = _estimate(full, _shapes_only(full), 20.0)
     assert deep.working_peak_bytes > 1.5 * short.working_peak_bytes  # 35 s: the positional conv grows
 
 
 def test_large_widths_cost_more_than_base():
     base, large = (Wav2Vec2Config.from_hf(json.loads((FIXTURES / n / "config.json").read_text())) for n in (BASE, LARGE))
-    small, big = (estimate_wav2vec2_memory(c, _shapes_only(c), audio_seconds=20.0) for c in (base, large))
+    small, big = (_estimate(c, _shapes_only(c), 20.0) for c in (base, large))
     # d 1024 vs 768, and a layer norm (centred copy and square) after every conv layer
     assert big.phases["attention"] > 1.3 * small.phases["attention"]
     assert big.phases["feature-encoder"] > 1.25 * small.phases["feature-encoder"]
@@ -127,7 +134,7 @@ def test_fit_reports_a_working_peak_for_wav2vec2(models, monkeypatch, capsys):
     device = DeviceProfile(name="big", ram_bytes=2**31, storage_bytes=2**31, part="test")
     report = fit_model(model, device)
     b = report.breakdown
-    expected = estimate_wav2vec2_memory(model.config, DeviceWeightStore.from_store(model.store), device, 35.0)
+    expected = _estimate(model.config, DeviceWeightStore.from_store(model.store), 35.0, device)
     assert b.working_peak_bytes == expected.working_peak_bytes > 50 * 2**20
     assert b.peak_phase == "positional-conv" and b.total_ram_bytes == b.weights_ram_bytes + b.working_peak_bytes
 
@@ -152,7 +159,7 @@ def test_device_session_checks_each_batch_at_its_own_length(models):
     session = DeviceSession(model, device)
     assert session.fits and session.report.breakdown.working_peak_bytes > 0
     session.model.transcribe([_audio(4.0)])
-    expected = estimate_memory(model, session.store, device, 1, 4.0, session.store.cache_bytes).working_peak_bytes
+    expected = estimate_memory(model, session.store, device, 1, 4.0).working_peak_bytes
     measured = session.report.measured_peak_bytes
     assert abs(expected - measured) <= 0.10 * measured, (expected, measured)
     with pytest.raises(DoesNotFitError, match="peak in positional-conv"):

@@ -179,7 +179,7 @@ def test_encoder_output_is_bit_identical_on_any_thread_count(model: W.Whisper) -
 
 def test_stores_with_state_in_linear_encode_one_window_at_a_time(model: W.Whisper, monkeypatch: pytest.MonkeyPatch) -> None:
     from qbench.embedded.compute import ComputeCountingStore
-    from qbench.embedded.memory import DeviceWeightStore
+    from qbench.embedded.device_store import DeviceWeightStore
 
     monkeypatch.setenv("QBENCH_THREADS", "4")
     assert W.encoder_parallelism(model.store, 8) == (4, 1)

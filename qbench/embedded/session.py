@@ -13,81 +13,43 @@ from typing import Any
 import numpy as np
 
 from qbench.embedded.compute import ComputeCountingStore, ComputeReport
+from qbench.embedded.device_store import DEFAULT_BLOCK_BYTES, DeviceWeightStore
 from qbench.embedded.devices import DeviceProfile
-from qbench.embedded.memory import (
-    DEFAULT_BLOCK_BYTES,
-    WAV2VEC2_AUDIO_SECONDS,
-    DeviceWeightStore,
-    FitReport,
-    MemoryBreakdown,
-    check_fit,
-    estimate_wav2vec2_memory,
-    estimate_whisper_memory,
-    measure_peak,
-)
+from qbench.embedded.memory import FitReport, MemoryBreakdown, check_fit, measure_peak
 from qbench.errors import QBenchError
-from qbench.models.wav2vec2 import CHUNK_FRAMES, Wav2Vec2Config
-from qbench.models.weight_store import WeightStore
-
-_WINDOW_SECONDS = 30.0
+from qbench.models.speech_model import SpeechModel
 
 
 class DoesNotFitError(QBenchError, RuntimeError):
     """The model does not fit the device; the message is the one-line verdict with the numbers."""
 
 
-def _is_wav2vec2(model: Any) -> bool:
-    return isinstance(getattr(model, "config", None), Wav2Vec2Config)
+def estimate_memory(model: SpeechModel, store: DeviceWeightStore, device: DeviceProfile | None, utterances: int = 1,
+                    audio_seconds: float | None = None) -> MemoryBreakdown:
+    """The model's memory model for `utterances` utterances of up to `audio_seconds` each
+    (default: what `qbench fit` assumes, `model.fit_audio_seconds`) on `store`, and the weights."""
+    seconds = model.fit_audio_seconds if audio_seconds is None else audio_seconds
+    return MemoryBreakdown.of(model.working_memory(store, utterances, seconds), store, device)
 
 
-def estimate_memory(
-    model: Any, store: WeightStore, device: DeviceProfile | None, batch_windows: int = 1,
-    audio_seconds: float | None = None, cache_bytes: int = 0,
-) -> MemoryBreakdown:
-    """The accountant for `model`; architectures without an analytic model count weights only.
-
-    Whisper: `batch_windows` 30 s windows, of an utterance of `audio_seconds` (default 30).
-    wav2vec2: `batch_windows` utterances of up to `audio_seconds` (default
-    `WAV2VEC2_AUDIO_SECONDS`, 35 s, about the longest LibriSpeech test utterance): they run one
-    at a time, so only the waveforms add up. Without an analytic model the working memory is
-    left to the measurement during the run.
-    """
-    if hasattr(model, "dims") and hasattr(model.dims, "n_audio_ctx"):
-        seconds = _WINDOW_SECONDS if audio_seconds is None else audio_seconds
-        return estimate_whisper_memory(model.dims, store, device, batch_windows, seconds, cache_bytes)
-    if _is_wav2vec2(model):
-        seconds = WAV2VEC2_AUDIO_SECONDS if audio_seconds is None else audio_seconds
-        return estimate_wav2vec2_memory(
-            model.config, store, device, seconds, getattr(store, "block_bytes", DEFAULT_BLOCK_BYTES), cache_bytes,
-            getattr(model, "chunk_frames", CHUNK_FRAMES), batch_utterances=batch_windows)
-    stored = store.stored_bytes()
-    in_ram = 0 if device is not None and device.weights_execute_in_place else stored
-    return MemoryBreakdown(
-        weights_stored_bytes=stored, weights_ram_bytes=in_ram, activations_bytes=0, kv_cache_bytes=0,
-        weight_block_bytes=0, buffers_bytes=0, working_peak_bytes=0, peak_phase="unknown", total_ram_bytes=in_ram,
-    )
+def fit_audio(model: SpeechModel) -> str:
+    """What `fit_model` assumes a batch row is, for a table title ("one 30 s window")."""
+    return model.fit_audio
 
 
-def fit_audio(model: Any) -> str:
-    """What `fit_model` assumes a batch row is, for a table title."""
-    if _is_wav2vec2(model):
-        return f"one {WAV2VEC2_AUDIO_SECONDS:g} s utterance"
-    return f"one {_WINDOW_SECONDS:g} s window"
-
-
-def fit_model(model: Any, device: DeviceProfile, batch_windows: int = 1) -> FitReport:
-    """Whether `model` (as quantized) fits `device` for `fit_audio(model)` per batch row (one
-    30 s window for Whisper, one 35 s utterance for wav2vec2), no audio run."""
+def fit_model(model: SpeechModel, device: DeviceProfile, batch_size: int = 1) -> FitReport:
+    """Whether `model` (as quantized) fits `device` for `batch_size` rows of `fit_audio(model)`,
+    no audio run."""
     store = DeviceWeightStore.from_store(model.store)
-    report = check_fit(estimate_memory(model, store, device, batch_windows), device)
-    report.batch_size = batch_windows
+    report = check_fit(estimate_memory(model, store, device, batch_size), device)
+    report.batch_size = batch_size
     return report
 
 
 class DeviceSession:
     """One run's device: the wrapped model, the fit verdict so far and the compute counter."""
 
-    def __init__(self, model: Any, device: DeviceProfile, batch_size: int = 1, block_bytes: int = DEFAULT_BLOCK_BYTES):
+    def __init__(self, model: SpeechModel, device: DeviceProfile, batch_size: int = 1, block_bytes: int = DEFAULT_BLOCK_BYTES):
         self.device = device
         self.batch_size = batch_size
         self._base = model
@@ -100,7 +62,7 @@ class DeviceSession:
             cache = max(0, (device.ram_bytes - first.breakdown.total_ram_bytes) // 2)
         self.store = DeviceWeightStore.from_store(model.store, cache, block_bytes)
         self.counter = ComputeCountingStore(self.store)
-        self.report: FitReport = check_fit(estimate_memory(model, self.store, device, batch_size, cache_bytes=cache), device)
+        self.report: FitReport = check_fit(estimate_memory(model, self.store, device, batch_size), device)
         self.report.batch_size = batch_size
         self.exceeded = False
         self.model = _BudgetedModel(model.with_store(self.counter), self)
@@ -111,11 +73,7 @@ class DeviceSession:
 
     def _before(self, audios: list[np.ndarray]) -> None:
         seconds = max(len(a) for a in audios) / self._base.sample_rate
-        if _is_wav2vec2(self._base):
-            batch = len(audios)  # utterances, each run alone on its own length
-        else:
-            batch = len(audios) * max(1, int(np.ceil(seconds / _WINDOW_SECONDS)))
-        estimate = estimate_memory(self._base, self.store, self.device, batch, seconds, self.store.cache_bytes)
+        estimate = estimate_memory(self._base, self.store, self.device, len(audios), seconds)
         verdict = check_fit(estimate, self.device, self.report.measured_peak_bytes)
         if not verdict.fits:
             self._fail(verdict)

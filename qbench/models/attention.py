@@ -1,7 +1,8 @@
 """Scaled dot-product attention shared by the numpy models, in float32 and bounded memory.
 
 The models call it through `WeightStore.attention`, naming which attention it is, so that a
-store that counts a run's arithmetic sees the shapes this kernel receives.
+store that counts a run's arithmetic sees the shapes this kernel receives; `score_block_bytes`
+is what its buffers cost, for the models' memory models.
 """
 
 from __future__ import annotations
@@ -69,6 +70,12 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int, causal_o
 
     parallel_map(one_head, [(i, h) for i in range(b) for h in range(n_head)], threads)
     return out.reshape(b, tq, d)
+
+
+def score_block_bytes(tq: int, tk: int) -> int:
+    """Bytes of the float32 `[block, tk]` score buffer one (utterance, head) holds while
+    `attention` works through `tq` queries (each attention thread holds one)."""
+    return 4 * min(QUERY_BLOCK, tq) * tk
 
 
 def split_heads(x: np.ndarray, n_head: int) -> np.ndarray:

@@ -1,7 +1,8 @@
 """What the harness needs from any speech model: one interface for Whisper and wav2vec 2.0.
 
 Quantizers, calibration, memory accounting and the runner only ever talk to this protocol, so
-a new architecture is a new file in `qbench/models/` that satisfies it.
+a new architecture is a new file in `qbench/models/` that satisfies it, its memory model
+(`working_memory`) included.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Protocol
 import numpy as np
 
 from qbench.models.weight_store import WeightInfo, WeightStore
+from qbench.models.working_memory import StreamingStore, WorkingMemory
 
 
 class SpeechModel(Protocol):
@@ -21,6 +23,13 @@ class SpeechModel(Protocol):
     #: the parameters; replace it (`with_store`) to run with quantized or packed weights
     store: WeightStore
     sample_rate: int
+    #: the audio `qbench fit` assumes per batch row when none is at hand, in seconds
+    fit_audio_seconds: float
+
+    @property
+    def fit_audio(self) -> str:
+        """What that batch row is, for a table title: "one 30 s window"."""
+        ...
 
     def quantizable_weights(self) -> list[WeightInfo]:
         """Every weight matrix the quantization policy may touch, in execution order."""
@@ -43,5 +52,15 @@ class SpeechModel(Protocol):
         them as the store returns them. A store that quantizes a layer on first use therefore
         gets GPTQ's sequential calibration (each layer sees the outputs of the already-quantized
         layers before it) from a single pass.
+        """
+        ...
+
+    def working_memory(self, store: StreamingStore, utterances: int, audio_seconds: float) -> WorkingMemory:
+        """What `transcribe` of `utterances` utterances of up to `audio_seconds` each holds at its
+        peak on a device store (`qbench.embedded.device_store.DeviceWeightStore`), phase by
+        phase as the code is written; the weights at rest are the store's and not counted.
+
+        An architecture without a memory model returns `WorkingMemory()` (no phases): its
+        device runs are then checked by the measured peak alone.
         """
         ...

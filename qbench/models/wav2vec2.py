@@ -44,10 +44,11 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from qbench.models.activations import gelu, layer_norm
-from qbench.models.attention import split_heads
+from qbench.models.activations import GELU_SCRATCH_BYTES, gelu, layer_norm
+from qbench.models.attention import QUERY_BLOCK, score_block_bytes, split_heads
 from qbench.models.parallel import compute_threads, parallel_map
 from qbench.models.weight_store import WeightInfo, WeightStore
+from qbench.models.working_memory import F32, MemoryPhase, StreamingStore, WorkingMemory
 
 #: eps of the torch.nn.GroupNorm / LayerNorm in the feature encoder (HF does not pass the
 #: config's layer_norm_eps there)
@@ -55,7 +56,7 @@ CONV_NORM_EPS = 1e-5
 #: Wav2Vec2FeatureExtractor's per-utterance normalisation eps (do_normalize=True)
 INPUT_NORM_EPS = 1e-7
 #: Output frames (20 ms each) per feature-encoder chunk: bounds that stage's memory whatever
-#: the utterance length (`qbench.embedded.memory.estimate_wav2vec2_memory` assumes it too)
+#: the utterance length (`logits_memory` counts with the model's `chunk_frames`)
 CHUNK_FRAMES = 128
 
 
@@ -195,6 +196,10 @@ class Wav2Vec2:
     """wav2vec 2.0 with a CTC head; every weight matmul goes through `self.store.linear`."""
 
     sample_rate: int = 16000
+    #: what `qbench fit` assumes per batch row when no audio is at hand: wav2vec2 has no fixed
+    #: window, its memory grows with the utterance, and 35 s is about the longest LibriSpeech
+    #: test utterance
+    fit_audio_seconds: float = 35.0
 
     def __init__(self, config: Wav2Vec2Config, store: WeightStore, vocab: Sequence[str],
                  name: str = "wav2vec2", chunk_frames: int = CHUNK_FRAMES):
@@ -242,6 +247,15 @@ class Wav2Vec2:
         feats = self._feature_encoder_stacked([x[:, None] for x in xs])
         lengths = [f.shape[0] for f in feats]
         self._encode(np.concatenate(feats, axis=0), lengths)
+
+    @property
+    def fit_audio(self) -> str:
+        return f"one {self.fit_audio_seconds:g} s utterance"
+
+    def working_memory(self, store: StreamingStore, utterances: int, audio_seconds: float) -> WorkingMemory:
+        """`logits_memory` of the longest of `utterances` utterances of up to `audio_seconds`
+        (`transcribe` runs them one at a time: only their waveforms add up)."""
+        return logits_memory(self.config, store, audio_seconds, self.chunk_frames, utterances)
 
     # -- single-utterance inference ----------------------------------------------------------
     def logits(self, audio: np.ndarray) -> np.ndarray:
@@ -424,3 +438,166 @@ def _channel_stats(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mean = y.mean(axis=0)
     var = np.square(y - mean).mean(axis=0)
     return mean, (1.0 / np.sqrt(var + np.float32(CONV_NORM_EPS))).astype(np.float32)
+
+
+# -- memory on a device store -------------------------------------------------------------------
+
+
+def logits_memory(config: Wav2Vec2Config, store: StreamingStore, audio_seconds: float,
+                  chunk_frames: int | None = CHUNK_FRAMES, utterances: int = 1) -> WorkingMemory:
+    """Working memory of `Wav2Vec2.logits` on one utterance of `audio_seconds` on a device store,
+    while the caller holds the waveforms of `utterances` utterances (`transcribe` runs them one
+    at a time, so nothing else adds up).
+
+    Each phase counts what is alive at its own high-water mark in the code above as written,
+    numpy's temporaries included. The feature encoder's memory is bounded by its chunk of
+    `chunk_frames` frames (the model's `chunk_frames`; None: unchunked); everything after it
+    grows with the utterance: the positional conv's im2col columns (`[frames, d / G * K]`,
+    built and then concatenated, so twice) overtake the feature encoder's chunk at about
+    17 s for the base and large configs. On a store without state in `linear` the model runs
+    chunks, positional-conv groups and heads in threads: their memory is counted once per
+    thread (an upper bound: threads need not peak together).
+    """
+    c = config
+    threads = store_threads(store)
+    cached = store.cached_layers()
+    # the cache fills as layers first run, in `weight_infos` order: bytes filled once `name` ran
+    filled, so_far = {}, 0
+    for info in store.weight_infos():
+        so_far += cached.get(info.name, 0)
+        filled[info.name] = so_far
+    Mark = tuple[int, int, int, int]  # (buffers, activations, weight block, cache) at a high-water mark
+
+    def mark(activations: int, after: str | None = None, buffers: int = 0) -> Mark:
+        """Bytes alive when no linear runs, `after` the last layer that ran."""
+        return buffers, activations, 0, filled[after] if after else 0
+
+    def linear(name: str, rows_in: int, output: int) -> Mark:
+        """While layer `name` runs on `rows_in` rows: `output` plus one row block's product and rows."""
+        product, block = store.streamed_linear_bytes(name, rows_in)
+        return 0, output + product, block, filled[name]
+
+    def largest(*marks: Mark) -> Mark:
+        return max(marks, key=sum)
+
+    def plus(m: Mark, buffers: int = 0, activations: int = 0, times: int = 1) -> Mark:
+        """`m` happening in `times` threads at once, on top of shared `buffers` and `activations`."""
+        return buffers + times * m[0], activations + times * m[1], times * m[2], m[3]
+
+    samples = int(round(audio_seconds * Wav2Vec2.sample_rate))
+    t = c.num_frames(samples)
+    audio = F32 * samples * utterances  # the caller's waveforms, alive throughout
+    normalized = F32 * samples  # normalize_audio's copy, alive through the feature encoder
+    phases: dict[str, Mark] = {}
+    if t == 0:  # shorter than one receptive field: `logits` returns before any work
+        phases["normalize"] = mark(0, buffers=audio)
+    else:
+        # x - mean and the quotient (numpy may reuse the first for the second)
+        phases["normalize"] = mark(2 * normalized, buffers=audio)
+
+        # -- feature encoder: every conv layer over one chunk (or, short audio, all of it)
+        chunked = chunk_frames is not None and t > chunk_frames
+        layer_norm = c.feat_extract_norm == "layer"
+        last_conv = f"feature_encoder.conv.{len(c.conv_dim) - 1}"
+
+        def conv_stack(frames: int, first: bool) -> list[Mark]:
+            """The conv layers over the samples of `frames` output frames; `first`: the first
+            chunk, which fills the cache as it goes (later ones find every conv layer there)."""
+            n = (frames - 1) * c.total_stride + c.receptive_field if chunked else samples
+            c_in, x_held, y_held = 1, 0, 0  # the layer's input, and the last conv output besides it
+            marks: list[Mark] = []
+            for l, (c_out, k, s) in enumerate(zip(c.conv_dim, c.conv_kernel, c.conv_stride)):
+                name = f"feature_encoder.conv.{l}"
+                n = (n - k) // s + 1
+                # im2col of the one-channel waveform is a strided view; the stacked pass copies it
+                cols = 0 if chunked and c_in == 1 else F32 * n * c_in * k
+                y = F32 * n * c_out
+                # the input stays bound until the layer's norm is done (the stacked pass's
+                # `del xs` leaves its im2col loop variable), a chunk's previous conv output
+                # until the linear returns
+                marks.append(linear(name, n, x_held + y_held + cols + y))
+                # layer_norm: a centred copy and its square; the unchunked group norm's
+                # statistics: y - mean and its square; the chunked group norm runs in place
+                temps = 2 * y if layer_norm or (l == 0 and not chunked) else 0
+                marks.append(mark(x_held + y + max(temps, (y if layer_norm else 0) + GELU_SCRATCH_BYTES), name))
+                # the output is the next input; with a layer norm, `one_chunk` also keeps the
+                # raw conv output bound (the stacked pass deletes it)
+                x_held, y_held = y, (y if layer_norm and chunked else 0)
+                c_in = c_out
+            if not first:
+                marks = [(*m[:3], filled[last_conv]) for m in marks]
+            return marks
+
+        if chunked:
+            # the first chunk, and the largest later one; chunks run one per thread, writing
+            # into `out` [frames, c_last] allocated before them
+            later = conv_stack(min(chunk_frames, t - chunk_frames), first=False)
+            out = F32 * t * c.conv_dim[-1]
+            in_flight = min(threads, -(-t // chunk_frames))
+            phases["feature-encoder"] = plus(largest(*conv_stack(chunk_frames, first=True), *later),
+                                             audio + normalized, out, in_flight)
+            if c.feat_extract_norm == "group":
+                # `_first_layer_stats`: the first layer's im2col rows (a view) as float64, and
+                # its weight as float32 and float64
+                rows0 = (samples - c.conv_kernel[0]) // c.conv_stride[0] + 1
+                weight0 = (F32 + 8) * c.conv_dim[0] * c.conv_kernel[0]
+                phases["group-norm-stats"] = mark(8 * rows0 * c.conv_kernel[0] + weight0, buffers=audio + normalized)
+        else:
+            phases["feature-encoder"] = plus(largest(*conv_stack(t, first=True)), audio + normalized)
+
+        # -- transformer: `_encode` holds the conv features to its end
+        d, ffn, heads = c.hidden_size, c.intermediate_size, c.num_attention_heads
+        feats = F32 * t * c.conv_dim[-1]
+        td = F32 * t * d
+        # layer_norm of the features: a centred copy and its square
+        phases["feature-projection"] = plus(
+            largest(mark(2 * feats, last_conv), linear("feature_projection.proj", t, feats + td)), audio, feats)
+
+        k_pos, groups = c.num_conv_pos_embeddings, c.num_conv_pos_embedding_groups
+        dg = d // groups
+        t_pad = t + 2 * (k_pos // 2)
+        # per group: the channel-major copy im2col makes for a long kernel, its reshaped
+        # windows, their concatenation (a copy even of one utterance), the group's output
+        windows, cols = F32 * (t_pad - k_pos + 1) * dg * k_pos, F32 * t * dg * k_pos
+        group_marks, ran = [], "feature_projection.proj"
+        for g in range(groups):
+            name = f"encoder.pos_conv.{g}"
+            group_marks += [mark(F32 * dg * t_pad + windows, ran), mark(windows + cols, ran),
+                            linear(name, t, cols + F32 * t * dg)]
+            ran = name
+        # besides x: its padded copy and the output, through the groups and the GELU; then
+        # the encoder's input layer norm (or the first pre-LN block's): a centred copy and its square
+        padded_out = F32 * t_pad * d + td
+        phases["positional-conv"] = plus(largest(
+            plus(largest(*group_marks), activations=padded_out, times=min(threads, groups)),
+            mark(padded_out + threads * GELU_SCRATCH_BYTES, ran), mark(2 * td, ran)), audio, feats + td)
+
+        x = td + (td if c.do_stable_layer_norm else 0) + feats  # x, and its layer norm before a pre-LN block
+        q_block = min(t, QUERY_BLOCK)
+        per_thread = min(threads, heads)
+        # qkv, its split K and V copies, the attention output; inside `attention`: the scaled
+        # q, its own output, and per thread a score block and its [block, head dim] product
+        qkv_kv_out = 3 * td + 2 * td + td
+        scores = per_thread * score_block_bytes(t, t)
+        inside = qkv_kv_out + 2 * td + per_thread * F32 * q_block * (d // heads)
+        hidden = F32 * t * ffn
+        attention_marks, mlp_marks = [], []
+        for i in range(c.num_hidden_layers):
+            p = f"encoder.blocks.{i}"
+            attention_marks += [linear(p + ".attn.qkv", t, 3 * td), mark(inside, p + ".attn.qkv", buffers=scores),
+                                linear(p + ".attn.out", t, qkv_kv_out + td)]
+            mlp_marks += [linear(p + ".mlp.fc1", t, hidden), mark(hidden + threads * GELU_SCRATCH_BYTES, p + ".mlp.fc1"),
+                          linear(p + ".mlp.fc2", t, hidden + td)]
+        if attention_marks:
+            phases["attention"] = plus(largest(*attention_marks), audio, x)
+            phases["mlp"] = plus(largest(*mlp_marks), audio, x)
+
+        # pre-LN: the encoder's final layer norm; then the logits
+        last = f"encoder.blocks.{c.num_hidden_layers - 1}.mlp.fc2" if c.num_hidden_layers else ran
+        final_norm = mark(2 * td if c.do_stable_layer_norm else 0, last)
+        phases["lm-head"] = plus(largest(final_norm, linear("lm_head", t, F32 * t * c.vocab_size)), audio, td + feats)
+
+    return WorkingMemory(phases={
+        name: MemoryPhase(buffers_bytes=buffers, activations_bytes=activations, weight_block_bytes=block, cache_bytes=cache)
+        for name, (buffers, activations, block, cache) in phases.items()
+    })

@@ -23,16 +23,18 @@ checkpoint loader maps to):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
 from qbench.models.activations import gelu, layer_norm
-from qbench.models.attention import split_heads
+from qbench.models.attention import score_block_bytes, split_heads
 from qbench.models.parallel import blas_threads_at_most, compute_threads, parallel_map
 from qbench.models.tokenizer import WhisperVocabulary
 from qbench.models.weight_store import WeightInfo, WeightStore
+from qbench.models.working_memory import F32, MemoryPhase, StreamingStore, WorkingMemory
 
 
 @dataclass(frozen=True)
@@ -408,12 +410,76 @@ def _greedy_loop(
 
 
 # ----------------------------------------------------------------------------------------------
+# Memory on a device store: what transcribing holds at its peak
+# ----------------------------------------------------------------------------------------------
+def transcribe_memory(dims: ModelDimensions, store: StreamingStore, windows: int, audio_seconds: float) -> WorkingMemory:
+    """Working memory of transcribing one utterance of `audio_seconds` as a batch of `windows`
+    30 s windows on a device store (`greedy_decode` on `windows` rows).
+
+    Each phase lists what is alive at its own high-water mark in the code above as written
+    (which temporaries numpy makes there): activations, the decoder's KV caches, one block of
+    dequantized weight, buffers (audio, log-mel, one (utterance, head) attention score block),
+    and what the store's cache holds by the end of the run.
+    """
+    b, t, d = windows, dims.n_audio_ctx, dims.n_audio_state
+    dt, lt, ctx = dims.n_text_state, dims.n_text_layer, dims.n_text_ctx
+    # the encoder runs a few of the batch's windows at once: its activations scale with that,
+    # the decoder's caches with the whole batch
+    calls, attention_threads = encoder_parallelism(store, b)
+    e = min(b, calls * ENCODER_WINDOWS)
+    frames_in = 2 * t
+    samples = int(round(audio_seconds * SAMPLE_RATE))
+    pad = N_SAMPLES
+    mel_frames = (samples + pad) // HOP_LENGTH
+    stft_bins = N_FFT // 2 + 1
+    audio = F32 * samples
+    # the full log-mel (windows are views of it) and the stacked batch of windows
+    mel = F32 * dims.n_mels * mel_frames + F32 * b * frames_in * dims.n_mels
+    buffers = audio + mel
+    td = F32 * e * t * d
+    # one score block per attention thread (a call with several threads) or per call
+    scores = score_block_bytes(t, t) * (calls if calls > 1 else min(attention_threads, dims.n_audio_head))
+    # `greedy_decode` allocates every layer's cross-attention K/V and the self-attention cache
+    # for the whole batch before the encoder runs (tracemalloc counts them whole from then on)
+    kv = 2 * lt * F32 * b * t * dt + 2 * lt * F32 * b * ctx * dt
+    block = store.weight_block_bytes()
+    cached = sum(store.cached_layers().values())
+
+    def product(name: str) -> int:
+        # `x @ rows.T` for one row block of a streamed layer, before it is copied into the output
+        return store.block_product_bytes(name, e * t)
+
+    def phase(buffers: int, activations: int = 0, kv: int = 0, linear_runs: bool = False) -> MemoryPhase:
+        # a weight row block (and its unpacking scratch) exists only while a linear runs
+        return MemoryPhase(buffers_bytes=buffers, activations_bytes=activations, kv_cache_bytes=kv,
+                           weight_block_bytes=block if linear_runs else 0, cache_bytes=cached)
+
+    return WorkingMemory(phases={
+        # STFT: |X|^2 of cos and sin parts alive together with their sum, plus two padded copies
+        "mel": phase(audio + 2 * F32 * (samples + pad) + 3 * F32 * stft_bins * mel_frames),
+        # conv2: conv1's [2t, d] output, its padded copy, the [t, 3d] im2col columns, the output
+        "conv": phase(buffers, 2 * td + 2 * td + 3 * td + td + product("encoder.conv2"), kv, linear_runs=True),
+        # x, fused qkv, split K and V copies, scaled q, output, the score block
+        "encoder-attention": phase(buffers + scores, 8 * td, kv),
+        # fc1: x, the normalised input, the [t, 4d] output being filled (GELU then runs in place)
+        "encoder-mlp": phase(buffers, td * (1 + 1 + 4) + product("encoder.blocks.0.mlp.fc1"), kv, linear_runs=True),
+        # audio features, the previous layer's fused K/V output and the current one's
+        "decoder-start": phase(buffers, td + 2 * (2 * F32 * e * t * dt) + product("decoder.blocks.0.cross_attn.kv"), kv,
+                               linear_runs=True),
+        # finished rows leave the batch in place: the caches do not grow; the logits row
+        "decode": phase(buffers + F32 * b * dims.n_vocab, 0, kv, linear_runs=True),
+    })
+
+
+# ----------------------------------------------------------------------------------------------
 # The model object the harness drives (satisfies qbench.models.speech_model.SpeechModel)
 # ----------------------------------------------------------------------------------------------
 class Whisper:
     """A Whisper checkpoint ready to transcribe: dimensions, parameters (via a store), vocabulary."""
 
     sample_rate = SAMPLE_RATE
+    #: `qbench fit` assumes one 30 s window per batch row: the encoder's input, whatever the audio
+    fit_audio_seconds = float(CHUNK_LENGTH)
 
     def __init__(self, dims: ModelDimensions, store: WeightStore, vocab: WhisperVocabulary, name: str = "whisper",
                  mel_padding: str = "audio"):
@@ -479,6 +545,16 @@ class Whisper:
         for i, ids in zip(owner, decoded):
             per_audio[i].append(ids)
         return per_audio
+
+    @property
+    def fit_audio(self) -> str:
+        return f"one {self.fit_audio_seconds:g} s window"
+
+    def working_memory(self, store: StreamingStore, utterances: int, audio_seconds: float) -> WorkingMemory:
+        """`transcribe_memory` of `utterances` utterances of up to `audio_seconds`: each counted
+        as long as the longest, all their windows decoded together."""
+        windows = utterances * max(1, math.ceil(audio_seconds / CHUNK_LENGTH))
+        return transcribe_memory(self.dims, store, windows, audio_seconds)
 
     def calibration_forward(self, audios: list[np.ndarray]) -> None:
         """Encoder on every calibration window, then the decoder teacher-forced on the model's

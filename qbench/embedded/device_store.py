@@ -1,0 +1,160 @@
+"""The weight store a run on an emulated device uses, and what it says about its own memory.
+
+Packed (or stored-precision) weights are turned into float32 one row block at a time when a
+layer runs and released afterwards, unless the device budget leaves room for a cache of whole
+float matrices (`cache_bytes`). The models' memory models ask this store how it streams
+(`qbench.models.working_memory.StreamingStore`): block sizes, unpacking scratch, which layers
+end up cached.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+from qbench.models.weight_store import WeightInfo, WeightStore
+from qbench.quant.apply import PackedWeightStore
+from qbench.quant.contract import apply_scales
+from qbench.quant.packing import PackedTensor
+
+#: Float32 bytes of one dequantized row block when a layer is streamed. Small enough that the
+#: block and its unpacking temporaries are noise next to the activations, large enough that
+#: the Python loop over blocks costs little.
+DEFAULT_BLOCK_BYTES = 256 * 1024
+F32 = 4
+#: Peak bytes of unpacking temporaries per code while one block is dequantized (`unpack_bits`
+#: shifts codes in uint64 words: 2 x 8 B per code, then int16 and float32 copies).
+_UNPACK_SCRATCH_PER_CODE = {"int": 18, "trit5": 12, "float": 4}
+
+
+class DeviceWeightStore(PackedWeightStore):
+    """Weights at rest as stored (packed or float16); float32 only one row block at a time.
+
+    Unlike `WeightStore`, nothing float is kept between calls unless it fits `cache_bytes`:
+    neither transposed matrices nor upcast norms/biases, so the working set is what a device
+    would hold. Outputs equal the plain store's up to float32 summation order.
+    """
+
+    thread_safe = False  # a device runs one layer at a time; the cache fill is not locked
+
+    def __init__(
+        self,
+        params: Mapping[str, np.ndarray],
+        matrices: Iterable[WeightInfo],
+        packed: Mapping[str, PackedTensor] | None = None,
+        cache_bytes: int = 0,
+        block_bytes: int = DEFAULT_BLOCK_BYTES,
+    ):
+        super().__init__(params, matrices, packed or {}, cache_bytes=cache_bytes)
+        self.block_bytes = int(block_bytes)
+        self._full: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    @classmethod
+    def from_store(cls, store: WeightStore, cache_bytes: int = 0, block_bytes: int = DEFAULT_BLOCK_BYTES) -> DeviceWeightStore:
+        packed = getattr(store, "packed", None) if isinstance(store, PackedWeightStore) else None
+        return cls(store.params, store.weight_infos(), packed, cache_bytes, block_bytes)
+
+    def param(self, name: str) -> np.ndarray:
+        # Upcast on use and drop: a device keeps norms and biases at their stored precision.
+        return np.asarray(self.params[name], dtype=np.float32)
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Float32 rows `[start, stop)` of a layer's `[out, in]` weight, built from storage."""
+        pt = self.packed.get(name)
+        if pt is None:
+            w = self.params[name + ".weight"]
+            return np.asarray(w.reshape(w.shape[0], -1)[start:stop], dtype=np.float32)
+        in_f = pt.shape[1]
+        # PackedTensor reads any flat code range without unpacking the rest of the layer.
+        codes = pt._codes_range(start * in_f, stop * in_f).reshape(stop - start, in_f)
+        scales = pt.scales if pt.scales.shape[0] == 1 else pt.scales[start:stop]
+        zeros = None if pt.zeros is None else (pt.zeros if pt.zeros.shape[0] == 1 else pt.zeros[start:stop])
+        return apply_scales(pt._values(codes), scales, zeros, pt.group_size)
+
+    def block_rows(self, name: str) -> int:
+        """Rows of layer `name` made float32 at a time (all of them for a small layer)."""
+        out_f, in_f = self.infos[name].shape
+        return min(out_f, max(1, self.block_bytes // (in_f * F32)))
+
+    def _cached_t(self, name: str) -> np.ndarray | None:
+        wt = self._full.get(name)
+        if wt is not None:
+            return wt
+        out_f, in_f = self.infos[name].shape
+        nbytes = out_f * in_f * F32
+        # Fill once, never evict: a model's layers are used in a fixed cycle, where an LRU
+        # smaller than the model misses on every access and only adds work.
+        if nbytes == 0 or self._lru_bytes + nbytes > self.cache_bytes:
+            return None
+        wt = np.empty((in_f, out_f), dtype=np.float32)
+        step = self.block_rows(name)
+        for r0 in range(0, out_f, step):
+            r1 = min(out_f, r0 + step)
+            wt[:, r0:r1] = self.rows(name, r0, r1).T
+        self._full[name] = wt
+        self._lru_bytes += nbytes
+        return wt
+
+    def matrix_t(self, name: str) -> np.ndarray:
+        wt = self._cached_t(name)
+        return wt if wt is not None else np.ascontiguousarray(self.rows(name, 0, self.infos[name].shape[0]).T)
+
+    def linear(self, name: str, x: np.ndarray) -> np.ndarray:
+        wt = self._cached_t(name)
+        if wt is not None:
+            y = x @ wt
+        else:
+            out_f = self.infos[name].shape[0]
+            step = self.block_rows(name)
+            y = np.empty((*x.shape[:-1], out_f), dtype=np.float32)
+            for r0 in range(0, out_f, step):
+                r1 = min(out_f, r0 + step)
+                y[..., r0:r1] = x @ self.rows(name, r0, r1).T
+        bias_name = name + ".bias"
+        if bias_name in self.params:
+            y += self.param(bias_name)
+        return y
+
+    def cached_bytes(self) -> int:
+        return self._lru_bytes
+
+    # -- how it streams, for the models' memory models (`qbench.models.working_memory.StreamingStore`)
+    def block_product_bytes(self, name: str, rows_in: int) -> int:
+        """`x @ rows.T` of one row block of layer `name` on `rows_in` input rows."""
+        return F32 * rows_in * self.block_rows(name)
+
+    def streamed_linear_bytes(self, name: str, rows_in: int) -> tuple[int, int]:
+        """`(product, weight rows)` bytes `linear` holds besides its output while layer `name`
+        runs on `rows_in` rows: one row block's `x @ rows.T` and the float rows."""
+        if name in self.cached_layers():
+            return 0, 0  # one GEMM straight into the output
+        product = self.block_product_bytes(name, rows_in)
+        codes = self.block_rows(name) * self.infos[name].shape[1]
+        pt = self.packed.get(name)
+        if pt is None:
+            # float32 at rest: `rows` is a view of the stored weight; other dtypes are upcast
+            return product, 0 if self.params[name + ".weight"].dtype == np.float32 else F32 * codes
+        # the unpacking temporaries are freed before the product is allocated; the rows are not
+        return product, max(F32 * codes, _UNPACK_SCRATCH_PER_CODE[pt.packing] * codes - product)
+
+    def weight_block_bytes(self) -> int:
+        """Float rows plus unpacking scratch of the largest row block any layer is streamed in."""
+        worst = 0
+        for info in self.weight_infos():
+            pt = self.packed.get(info.name)
+            per_code = F32 + _UNPACK_SCRATCH_PER_CODE["float" if pt is None else pt.packing]
+            worst = max(worst, self.block_rows(info.name) * info.shape[1] * per_code)
+        return worst
+
+    def cached_layers(self) -> dict[str, int]:
+        """The layers this store ends up caching, with their float bytes: as `linear` fills the
+        cache, in first-use order, every layer that still fits."""
+        used, cached = 0, {}
+        for info in self.weight_infos():
+            nbytes = info.numel * F32
+            if used + nbytes <= self.cache_bytes:
+                used += nbytes
+                cached[info.name] = nbytes
+        return cached
