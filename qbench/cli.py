@@ -314,9 +314,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
         except DataNotFoundError:
             say("LibriSpeech references not found: checking entries against themselves only")
     n, problems = validate_leaderboards(Path(args.leaderboards), data_dir)
+    # the verdict goes to stdout, one problem a line, so CI logs and scripts can read it
     for problem in problems:
-        say(f"invalid: {problem}", "red")
-    say(f"{n} entries checked, {len(problems)} problem(s)")
+        print(f"invalid: {one_line(problem)}")
+    print(f"{n} entries checked: " + (f"{len(problems)} problem(s)" if problems else "all valid"))
     return 1 if problems else 0
 
 
@@ -328,6 +329,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         progress = RichProgress(quiet=False)
         try:
             report = verify_entry(Path(entry), args.data_dir, progress)
+        except QBenchError as exc:  # an unreadable entry fails alone; the others are still rerun
+            failed += 1
+            say(f"not reproduced {entry}: {one_line(exc)}", "red")
+            continue
         finally:
             progress.close()
         if report.reproduced:

@@ -1,25 +1,70 @@
 """`qbench leaderboard`: render `leaderboards/README.md` and its Pareto charts from the entries.
 
-One table per model and subset, ranked by WER within bit-width classes, with model bytes and
-the device profiles each entry fits; one chart per model and subset of WER against model bytes
-with the Pareto front drawn (matplotlib, SVG written deterministically so the committed files
-only change when the entries do).
+One table per model and subset, ranked by WER (then model bytes) within bit-width classes, with
+the device profiles each entry fits; the speed column is the submitter's own measurement and
+says which machine it came from. One chart per model and subset of WER against model bytes with
+the Pareto front drawn (matplotlib, SVG written deterministically so the committed files only
+change when the entries do).
+
+The page is rendered only from entries `qbench validate` accepts (self-consistency checks), and
+defensively all the same: every text that reaches the page is escaped for markdown and HTML,
+chart text is plain (no mathtext; matplotlib XML-escapes it, and the written SVG is parsed back
+to be sure), and every file is written only after its resolved path is checked to be inside the
+leaderboard folder.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import xml.etree.ElementTree as ElementTree
 from collections import defaultdict
 from pathlib import Path
+from urllib.parse import quote
 
-from qbench.leaderboard.entry import LeaderboardEntry, read_entry
-from qbench.leaderboard.validate import SCHEMA_FILE, entry_files
+from qbench.errors import QBenchError, one_line
+from qbench.leaderboard.entry import EntryMachine, LeaderboardEntry, contained_path
+from qbench.leaderboard.validate import SCHEMA_FILE, check_leaderboards
 
 CLASS_ORDER = ("float", "8 bits", "4 bits", "3 bits", "<=2 bits")
 
 
+class LeaderboardError(QBenchError, ValueError):
+    """The page cannot be rendered: an entry is invalid, or an output would leave the folder."""
+
+
 def load_entries(root: Path) -> list[LeaderboardEntry]:
-    return [read_entry(p) for p in entry_files(root)]
+    """Every entry under `root`, refusing to go on when any of them is invalid."""
+    n, entries, problems = check_leaderboards(root)
+    if problems:
+        raise LeaderboardError(f"{len(problems)} problem(s) in the {n} entries under {root}, the first: {problems[0]}; "
+                               "`qbench validate` lists them all, and the page is rendered only from valid entries")
+    return entries
+
+
+# -- escaping ---------------------------------------------------------------------------------
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]|~$])")
+
+
+def md(text: object) -> str:
+    """`text` as literal markdown inline text (a table cell, a heading, a link text): one line,
+    HTML characters as entities, markdown and math delimiters backslash-escaped, pipes too."""
+    plain = one_line(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", plain)
+
+
+def md_link_target(relative: str) -> str:
+    """A relative path as a link target: every component percent-encoded."""
+    return "/".join(quote(part, safe="") for part in relative.split("/"))
+
+
+def chart_text(text: object) -> str:
+    """Text for a matplotlib label: one line, `$` escaped so it is never read as mathtext."""
+    return one_line(text).replace("$", r"\$")
+
+
+# -- the chart --------------------------------------------------------------------------------
 
 
 def _mib(n: int) -> str:
@@ -63,21 +108,36 @@ def render_chart(entries: list[LeaderboardEntry], path: Path) -> None:
     for cls, marker in zip(CLASS_ORDER, "osD^v"):
         xs = [p for p, e in zip(points, entries) if e.bits_class == cls]
         if xs:
-            ax.scatter([x for x, _ in xs], [y for _, y in xs], marker=marker, label=cls, zorder=3)
+            ax.scatter([x for x, _ in xs], [y for _, y in xs], marker=marker, label=chart_text(cls), zorder=3)
     ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "k--", lw=1, label="Pareto front", zorder=2)
     for (x, y), e in zip(points, entries):
-        ax.annotate(e.label.split("-")[0] if e.quantizer is None else f"{e.quantizer.name} {e.quantizer.mean_bits_per_weight:.1f}b",
-                    (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        text = e.label.split("-")[0] if e.quantizer is None else f"{e.quantizer.name} {e.quantizer.mean_bits_per_weight:.1f}b"
+        ax.annotate(chart_text(text), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
     ax.set_xlabel("model bytes (MiB, packed weights + scales + unquantized tensors)")
     ax.set_ylabel("WER (%)")
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     e0 = entries[0]
-    ax.set_title(f"{e0.model.name} on {e0.dataset.subset} ({e0.dataset.utterance_count} utterances)")
+    ax.set_title(chart_text(f"{e0.model.name} on {e0.dataset.subset} ({e0.dataset.utterance_count} utterances)"))
     fig.tight_layout()
     fig.savefig(path, format="svg", metadata={"Date": None})
     plt.close(fig)
+    try:
+        ElementTree.parse(path)  # matplotlib escapes its text; a chart that is not XML is never kept
+    except ElementTree.ParseError as exc:
+        path.unlink()
+        raise LeaderboardError(f"{path}: the chart came out as malformed SVG ({exc}); not written") from None
+
+
+# -- the page ---------------------------------------------------------------------------------
+
+
+def machine_description(machine: EntryMachine) -> str:
+    threads = f", {machine.threads} threads" if machine.threads else ""
+    blas = f", {machine.blas}" if machine.blas else ""
+    return (f"{machine.processor}, {machine.cpu_count} CPUs{threads}, {machine.memory_bytes / 2**30:.0f} GiB, "
+            f"{machine.platform}, Python {machine.python}, numpy {machine.numpy}{blas}")
 
 
 def render_markdown(entries: list[LeaderboardEntry]) -> str:
@@ -88,9 +148,12 @@ def render_markdown(entries: list[LeaderboardEntry]) -> str:
         "# qbench leaderboards",
         "",
         "Generated by `qbench leaderboard` from the entry files beside this page; do not edit by hand.",
-        "Every entry is checked by `qbench validate` and can be rerun with `qbench verify ENTRY`.",
-        "WER and CER are corpus-level, after the Whisper English normalizer. Model bytes are the real",
-        "buffers: packed codes, scales and zero points, and every unquantized tensor at its stored precision.",
+        "Every entry is checked by `qbench validate` and can be rerun with `qbench verify ENTRY`, which",
+        "recomputes every column but the speed. Entries are ranked by WER, then model bytes, within their",
+        "bit-width class. WER and CER are corpus-level, after the Whisper English normalizer. Model bytes",
+        "are the real buffers: packed codes, scales and zero points, and every unquantized tensor at its",
+        "stored precision. The speed column is measured by each submitter on their own machine (named",
+        "below each table): it is not rechecked and not ranked on.",
         "",
     ]
     for (model, subset), group in sorted(groups.items()):
@@ -98,16 +161,17 @@ def render_markdown(entries: list[LeaderboardEntry]) -> str:
         digest = first.dataset.utterance_ids_sha256  # one utterance set per table (validate checks)
         partial = " (a fixed part of the official subset)" if first.dataset.partial_subset else ""
         lines += [
-            f"## {model} · {subset}",
+            f"## {md(model)} · {md(subset)}",
             "",
-            f"{first.dataset.utterance_count} utterances{partial}, first {first.dataset.limit or 'all'} in sorted id order "
+            f"{first.dataset.utterance_count} utterances{partial}, first {md(first.dataset.limit or 'all')} in sorted id order "
             f"of the shared sample; ids sha256 `{digest[:16]}…`.",
             "",
-            f"![WER against model bytes]({chart_name(model, subset)})",
+            f"![WER against model bytes]({md_link_target(chart_name(model, subset))})",
             "",
-            "| class | rank | quantizer | config | bits/weight | WER % | CER % | model MiB | fits | RTFx | entry |",
+            "| class | rank | quantizer | config | bits/weight | WER % | CER % | model MiB | fits | RTFx (submitter's machine) | entry |",
             "|---|---:|---|---|---:|---:|---:|---:|---|---:|---|",
         ]
+        machines: dict[str, str] = {}  # description -> M1, M2, ... in order of first appearance
         by_class: dict[str, list[LeaderboardEntry]] = defaultdict(list)
         for e in group:
             by_class[e.bits_class].append(e)
@@ -118,8 +182,13 @@ def render_markdown(entries: list[LeaderboardEntry]) -> str:
                 bits = f"{q.mean_bits_per_weight:.2f}" if q else "16"
                 rel = f"{model}/{subset}/{e.label}.json"
                 fits = ", ".join(e.devices_fitted) or "none"
-                lines.append(f"| {cls} | {rank} | {name} | {_config(e)} | {bits} | {100 * e.wer:.2f} | {100 * e.cer:.2f} | "
-                             f"{_mib(e.model_bytes)} | {fits} | {e.rtfx:.1f} | [{e.label}]({rel}) |")
+                s = e.submitted_measurements
+                machine = machines.setdefault(machine_description(s.machine), f"M{len(machines) + 1}")
+                cells = [cls, str(rank), name, _config(e), bits, f"{100 * e.wer:.2f}", f"{100 * e.cer:.2f}",
+                         _mib(e.model_bytes), fits, f"{s.rtfx:.1f} ({machine})"]
+                lines.append("| " + " | ".join(md(c) for c in cells) + f" | [{md(e.label)}]({md_link_target(rel)}) |")
+        lines += ["", "Machines the speed was measured on, by their submitters:", ""]
+        lines += [f"- {md(label)}: {md(description)}" for description, label in machines.items()]
         lines.append("")
     if not groups:
         lines += ["No entries yet.", ""]
@@ -127,14 +196,23 @@ def render_markdown(entries: list[LeaderboardEntry]) -> str:
 
 
 def render_leaderboard(root: Path) -> list[Path]:
-    """Write README.md, the charts and the entry JSON Schema; return the files written."""
+    """Write README.md, the charts and the entry JSON Schema; return the files written.
+
+    Every output path is resolved and refused (`LeaderboardError`) unless inside `root`, so
+    neither a name nor a symbolic link can make it write elsewhere."""
     entries = load_entries(root)
-    written = []
-    (root / SCHEMA_FILE).write_text(json.dumps(LeaderboardEntry.model_json_schema(), indent=1) + "\n")
-    written.append(root / SCHEMA_FILE)
     groups: dict[tuple[str, str], list[LeaderboardEntry]] = defaultdict(list)
     for e in entries:
         groups[(e.model.name, e.dataset.subset)].append(e)
+    outputs = [root / SCHEMA_FILE, root / "README.md"] + [root / chart_name(model, subset) for model, subset in groups]
+    for path in outputs:  # all checked before anything is written
+        try:
+            contained_path(root, path)
+        except QBenchError as exc:
+            raise LeaderboardError(str(exc)) from None
+    written = []
+    (root / SCHEMA_FILE).write_text(json.dumps(LeaderboardEntry.model_json_schema(), indent=1) + "\n")
+    written.append(root / SCHEMA_FILE)
     for (model, subset), group in groups.items():
         path = root / chart_name(model, subset)
         render_chart(group, path)
