@@ -217,9 +217,12 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_plugins(args: argparse.Namespace) -> int:
     import json as _json
 
+    from qbench.embedded.devices import discover_device_profiles
     from qbench.plugin_manager import discover_quantizers
 
     entries, errors = discover_quantizers()
+    # a device-profile hook can fail too; import failures are in both lists, print them once
+    errors += [e for e in discover_device_profiles()[1] if e not in errors]
     if args.show:
         if args.show not in entries:
             raise CliError(f"unknown quantizer {args.show!r}; available: {', '.join(entries) or 'none'}")

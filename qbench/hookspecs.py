@@ -7,7 +7,12 @@ advertised to qbench through an entry point in the `qbench` group, e.g. in its p
     rtn = "qbench_rtn"
 
 qbench's own built-in hook modules are registered through exactly the same hooks, so a
-third-party plugin can do anything a built-in one can.
+third-party plugin can do anything a built-in one can. Every hook's results are collected by
+`qbench.plugin_manager.collect_hook_results`, with the same rules for all of them: a hook that
+raises or returns something else than its docstring says is reported under the plugin's name
+(`qbench plugins` lists it) and every other plugin keeps working; a name registered twice is
+reported naming both plugins, and is kept for qbench's own registration or else used from
+neither.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from qbench.embedded.devices import DeviceProfile
+    from qbench.embedded.profile import DeviceProfile
     from qbench.quant.contract import Quantizer
 
 hookspec = pluggy.HookspecMarker("qbench")
@@ -29,20 +34,24 @@ def qbench_register_quantizers() -> list[type[Quantizer]]:
     """Return the `Quantizer` subclasses this plugin provides.
 
     Each class must set `name` (unique across every installed plugin: two distributions
-    offering the same name are reported as a conflict and neither is usable), `version`,
-    `description`, a pydantic `Config` with `extra="forbid"`, and `needs_calibration`.
-    Keep this hook cheap and side-effect free: it runs whenever qbench lists or looks up
-    quantizers. An exception raised here is reported under the plugin's name and does not
-    prevent other plugins from loading.
+    offering the same name are reported as a conflict and neither is usable) and implement
+    `quantize`. It may set `version` (default: the version of the distribution shipping it),
+    `description`, `needs_calibration` (default False) and `Config`, a `qbench.QuantizerConfig`
+    subclass holding its knobs (default: none); a `Config` that accepts unknown keys is
+    rejected. Keep this hook cheap and side-effect free: it is called once per process, when
+    qbench first lists or looks up quantizers. An exception raised here is reported under the
+    plugin's name and does not prevent other plugins from loading.
     """
 
 
 @hookspec
 def qbench_register_device_profiles() -> list[DeviceProfile]:
-    """Return `qbench.embedded.devices.DeviceProfile`s: embedded targets `qbench run --device` and
-    `qbench fit` can budget for (RAM, storage, whether weights execute in place from flash,
+    """Return `qbench.embedded.profile.DeviceProfile`s: embedded targets `qbench run --device`
+    and `qbench fit` can budget for (RAM, storage, whether weights execute in place from flash,
     and the real part the profile stands for, with a citation).
 
     qbench's own ladder (`qbench/embedded/ladder.py`) is registered through this same hook. A
-    name offered twice is reported as a conflict naming both plugins.
+    name offered twice is reported as a conflict naming both plugins; a name the ladder already
+    has keeps the ladder's profile. An exception raised here, or an element that is not a
+    `DeviceProfile`, is reported under the plugin's name; every other profile stays usable.
     """

@@ -1,10 +1,12 @@
-"""Finding quantizer plugins: one pluggy `PluginManager("qbench")` for the whole process.
+"""Finding plugins: one pluggy `PluginManager("qbench")` for the whole process.
 
-Built-in hook modules and third-party distributions go through the same hooks. Entry points
-(group `qbench`) are loaded one by one rather than with pluggy's
-`load_setuptools_entrypoints`, so that one broken plugin (an import error, a hook that raises,
-a malformed quantizer class) is reported as a `PluginLoadError` under its own name while every
-other plugin keeps working: a benchmark harness must not lose all quantizers to one bad install.
+Built-in hook modules and third-party distributions go through the same hooks, and every hook's
+results are collected by one function, `collect_hook_results` (quantizers here, device profiles
+in `qbench.embedded.devices`). Entry points (group `qbench`) are loaded one by one rather than
+with pluggy's `load_setuptools_entrypoints`, so that one broken plugin (an import error, a hook
+that raises, a malformed quantizer class or device profile) is reported as a `PluginLoadError`
+under its own name while every other plugin keeps working: a benchmark harness must not lose
+all quantizers, or every `qbench run`, to one bad install.
 """
 
 from __future__ import annotations
@@ -12,14 +14,14 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import pluggy
 from pydantic import BaseModel, ConfigDict, Field
 
-from qbench import hookspecs
+from qbench import __version__, hookspecs
 from qbench.errors import QBenchError, describe
 from qbench.quant.contract import Quantizer
 
@@ -39,6 +41,29 @@ class PluginLoadError(BaseModel):
     def __str__(self) -> str:
         where = f" ({self.distribution})" if self.distribution else ""
         return f"plugin '{self.name}'{where}: {self.error}"
+
+
+class PluginOrigin(BaseModel):
+    """The plugin a hook result came from, as `collect_hook_results` hands it to `accept`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    #: entry-point name (or built-in module name) the plugin is registered under
+    plugin: str
+    distribution: str | None = None
+    distribution_version: str | None = None
+    #: registered from `BUILTIN_HOOK_MODULES`: part of qbench itself
+    builtin: bool = False
+
+    def __str__(self) -> str:
+        if not self.distribution:
+            return f"plugin '{self.plugin}'"
+        release = f"{self.distribution} {self.distribution_version}" if self.distribution_version else self.distribution
+        return f"plugin '{self.plugin}' ({release})"
+
+
+class PluginContractError(QBenchError, TypeError):
+    """Something a hook returned breaks that hook's contract; the message says what and why."""
 
 
 class QuantizerEntry(BaseModel):
@@ -66,32 +91,32 @@ class UnknownQuantizerError(QBenchError, LookupError):
 class _Loaded:
     pm: pluggy.PluginManager
     errors: list[PluginLoadError] = field(default_factory=list)
-    #: plugin name -> (distribution name, distribution version)
-    dists: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
+    origins: dict[str, PluginOrigin] = field(default_factory=dict)
+    #: hook name -> (the implementations collected, what `collect_hook_results` made of them)
+    collected: dict[str, tuple[tuple[Any, ...], tuple[dict[str, Any], list[PluginLoadError]]]] = field(default_factory=dict)
 
 
-def _own_distribution() -> tuple[str | None, str | None]:
+def _own_version() -> str:
     try:
-        return PROJECT, importlib.metadata.version(PROJECT)
-    except importlib.metadata.PackageNotFoundError:
-        from qbench import __version__
-
-        return PROJECT, __version__
+        return importlib.metadata.version(PROJECT)
+    except importlib.metadata.PackageNotFoundError:  # running from a checkout that is not installed
+        return __version__
 
 
-def _register(loaded: _Loaded, plugin: object, name: str, dist: tuple[str | None, str | None]) -> None:
+def _register(loaded: _Loaded, plugin: object, origin: PluginOrigin) -> None:
+    name = origin.plugin
     try:
         loaded.pm.register(plugin, name=name)
     except Exception as exc:  # duplicate names, malformed hookimpls
-        loaded.errors.append(PluginLoadError(name=name, distribution=dist[0], error=describe(exc)))
+        loaded.errors.append(PluginLoadError(name=name, distribution=origin.distribution, error=describe(exc)))
         return
     try:
         loaded.pm.check_pending()
     except Exception as exc:  # a `qbench_*` function matching no hookspec: likely a typo
         loaded.pm.unregister(name=name)
-        loaded.errors.append(PluginLoadError(name=name, distribution=dist[0], error=describe(exc)))
+        loaded.errors.append(PluginLoadError(name=name, distribution=origin.distribution, error=describe(exc)))
         return
-    loaded.dists[name] = dist
+    loaded.origins[name] = origin
 
 
 def _entry_points() -> Iterable[importlib.metadata.EntryPoint]:
@@ -109,27 +134,32 @@ def _load() -> _Loaded:
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(hookspecs)
     loaded = _Loaded(pm=pm)
-    own = _own_distribution()
+    own_version = _own_version()
     for module_name in BUILTIN_HOOK_MODULES:
+        origin = PluginOrigin(plugin=module_name, distribution=PROJECT, distribution_version=own_version, builtin=True)
         try:
             module = importlib.import_module(module_name)
         except Exception as exc:
-            loaded.errors.append(PluginLoadError(name=module_name, distribution=own[0], error=describe(exc)))
+            loaded.errors.append(PluginLoadError(name=module_name, distribution=PROJECT, error=describe(exc)))
             continue
-        _register(loaded, module, module_name, own)
+        _register(loaded, module, origin)
     for ep in _entry_points():
-        dist = (ep.dist.metadata["Name"], ep.dist.version) if ep.dist is not None else (None, None)
+        origin = PluginOrigin(
+            plugin=ep.name,
+            distribution=ep.dist.metadata["Name"] if ep.dist is not None else None,
+            distribution_version=ep.dist.version if ep.dist is not None else None,
+        )
         if pm.is_blocked(ep.name) or pm.get_plugin(ep.name) is not None:
             loaded.errors.append(
-                PluginLoadError(name=ep.name, distribution=dist[0], error="another plugin is already registered under this name")
+                PluginLoadError(name=ep.name, distribution=origin.distribution, error="another plugin is already registered under this name")
             )
             continue
         try:
             plugin = ep.load()
         except (Exception, SystemExit) as exc:  # a plugin calling sys.exit on import is still just broken
-            loaded.errors.append(PluginLoadError(name=ep.name, distribution=dist[0], error=f"import failed: {describe(exc)}"))
+            loaded.errors.append(PluginLoadError(name=ep.name, distribution=origin.distribution, error=f"import failed: {describe(exc)}"))
             continue
-        _register(loaded, plugin, ep.name, dist)
+        _register(loaded, plugin, origin)
     return loaded
 
 
@@ -139,28 +169,137 @@ def get_plugin_manager() -> pluggy.PluginManager:
 
 
 def plugin_load_errors() -> list[PluginLoadError]:
-    """Plugins that failed to import or register (hook failures come from `discover_quantizers`)."""
+    """Plugins that failed to import or register (hook failures come from `collect_hook_results`)."""
     return list(_load().errors)
 
 
 def reset_plugin_manager() -> None:
-    """Forget the cached manager so the next call re-scans entry points (tests, long sessions)."""
+    """Forget the cached manager and everything collected through it, so the next call re-scans
+    entry points (tests, long sessions)."""
     _load.cache_clear()
 
 
-def _check_class(cls: object) -> str | None:
-    """Why `cls` is not a usable quantizer class, or None."""
+class _Named(Protocol):
+    name: str
+
+
+Item = TypeVar("Item", bound=_Named)
+
+
+def collect_hook_results(
+    hook_name: str, kind: str, accept: Callable[[object, PluginOrigin], Item]
+) -> tuple[dict[str, Item], list[PluginLoadError]]:
+    """Everything the plugins' `hook_name` implementations returned, by name, and every problem.
+
+    Each implementation returns a list (None counts as empty). `accept(item, origin)` turns each
+    element into what the caller keeps, which has a `name`, or raises `PluginContractError`
+    saying why the element is unusable. One plugin never costs another its results: a hook that
+    raises, one that returns something other than a list, and each element `accept` rejects are
+    reported under that plugin's name, and collection goes on.
+
+    A name returned by two plugins is reported naming both (`kind` says what the name is, e.g.
+    "quantizer" or "device"). If one of them is qbench's own (`BUILTIN_HOOK_MODULES`), that one
+    is kept, so an install cannot silently redefine a board qbench ships; otherwise neither is
+    used, because a result must say unambiguously which code or which board produced it.
+
+    Collected once per process (again only if plugins are registered or unregistered in the
+    meantime) and forgotten by `reset_plugin_manager`. Import and registration failures are
+    not repeated here: they are `plugin_load_errors()`.
+    """
+    loaded = _load()
+    impls = getattr(loaded.pm.hook, hook_name).get_hookimpls()
+    snapshot = tuple((impl.plugin_name, impl.function) for impl in impls)
+    cached = loaded.collected.get(hook_name)
+    if cached is not None and cached[0] == snapshot:
+        entries, errors = cached[1]
+        return dict(entries), list(errors)
+
+    errors: list[PluginLoadError] = []
+    found: dict[str, list[tuple[Item, PluginOrigin]]] = {}
+    for impl in impls:
+        origin = loaded.origins.get(impl.plugin_name) or PluginOrigin(plugin=impl.plugin_name)
+
+        def report(problem: str, origin: PluginOrigin = origin) -> None:
+            errors.append(PluginLoadError(name=origin.plugin, distribution=origin.distribution, error=problem))
+
+        try:
+            returned = impl.function()
+        except (Exception, SystemExit) as exc:
+            report(f"{hook_name} raised {describe(exc)}")
+            continue
+        if returned is None:
+            returned = []
+        if not isinstance(returned, (list, tuple)):
+            report(f"{hook_name} returned a {type(returned).__name__}, not a list")
+            continue
+        for element in returned:
+            try:
+                item = accept(element, origin)
+            except PluginContractError as exc:
+                report(str(exc))
+                continue
+            except Exception as exc:  # an element odd enough to break the check itself
+                report(describe(exc))
+                continue
+            found.setdefault(item.name, []).append((item, origin))
+
+    entries: dict[str, Item] = {}
+    for name, candidates in found.items():
+        if len(candidates) == 1:
+            entries[name] = candidates[0][0]
+            continue
+        owners = " and ".join(str(origin) for _, origin in candidates)
+        builtin = [(item, origin) for item, origin in candidates if origin.builtin]
+        if len(builtin) == 1:
+            entries[name] = builtin[0][0]
+            for _, origin in candidates:
+                if not origin.builtin:
+                    errors.append(PluginLoadError(name=origin.plugin, distribution=origin.distribution,
+                                                  error=f"{kind} name '{name}' is provided by both {owners}; qbench's own is used"))
+            continue
+        last = candidates[-1][1]
+        errors.append(PluginLoadError(name=last.plugin, distribution=last.distribution,
+                                      error=f"{kind} name '{name}' is provided by both {owners}; uninstall one of them"))
+    loaded.collected[hook_name] = (snapshot, (entries, errors))
+    return dict(entries), list(errors)
+
+
+def _quantizer_entry(cls: object, origin: PluginOrigin) -> QuantizerEntry:
+    """The registry entry of a class a plugin registered, or `PluginContractError` saying why not."""
     if not isinstance(cls, type) or not issubclass(cls, Quantizer):
-        return f"{cls!r} is not a subclass of qbench.quant.contract.Quantizer"
-    for attr in ("name", "version"):
-        if not isinstance(getattr(cls, attr, None), str) or not getattr(cls, attr):
-            return f"{cls.__qualname__}.{attr} must be a non-empty string"
-    config = getattr(cls, "Config", None)
+        raise PluginContractError(f"{cls!r} is not a subclass of qbench.Quantizer")
+    name = cls.__qualname__
+    if not isinstance(getattr(cls, "name", None), str) or not cls.name:
+        raise PluginContractError(f"{name}.name must be a non-empty string")
+    # A class without its own version is versioned by the distribution that ships it.
+    version = cls.version if cls.version is not None else origin.distribution_version
+    if version is None:
+        raise PluginContractError(f"{name} sets no version and no distribution ships it: set {name}.version")
+    if not isinstance(version, str) or not version:
+        raise PluginContractError(f"{name}.version must be a non-empty string")
+    config = cls.Config
     if not isinstance(config, type) or not issubclass(config, BaseModel):
-        return f"{cls.__qualname__}.Config must be a pydantic BaseModel subclass"
+        raise PluginContractError(f"{name}.Config must be a pydantic BaseModel subclass")
+    if config.model_config.get("extra") != "forbid":
+        # else a typo in `--set` would silently run the defaults
+        raise PluginContractError(f"{name}.Config must forbid unknown keys: derive it from qbench.QuantizerConfig")
     if getattr(cls, "__abstractmethods__", None):
-        return f"{cls.__qualname__} does not implement {', '.join(sorted(cls.__abstractmethods__))}"
-    return None
+        raise PluginContractError(f"{name} does not implement {', '.join(sorted(cls.__abstractmethods__))}")
+    try:
+        schema = config.model_json_schema()
+    except Exception as exc:
+        raise PluginContractError(f"{name}.Config has no JSON schema: {describe(exc)}") from exc
+    return QuantizerEntry(
+        name=cls.name,
+        version=version,
+        description=(getattr(cls, "description", "") or "").strip(),
+        needs_calibration=bool(cls.needs_calibration),
+        plugin=origin.plugin,
+        distribution=origin.distribution,
+        distribution_version=origin.distribution_version,
+        config_schema=schema,
+        cls=cls,
+    )
 
 
 def discover_quantizers() -> tuple[dict[str, QuantizerEntry], list[PluginLoadError]]:
@@ -168,59 +307,10 @@ def discover_quantizers() -> tuple[dict[str, QuantizerEntry], list[PluginLoadErr
 
     Problems include plugins that failed to import, hooks that raised, classes breaking the
     contract, and names offered by two distributions (then neither is usable, because a result
-    must say unambiguously which code produced it).
+    must say unambiguously which code produced it; see `collect_hook_results`).
     """
-    loaded = _load()
-    errors = list(loaded.errors)
-    found: dict[str, list[QuantizerEntry]] = {}
-    for impl in loaded.pm.hook.qbench_register_quantizers.get_hookimpls():
-        plugin_name = impl.plugin_name
-        dist_name, dist_version = loaded.dists.get(plugin_name, (None, None))
-        try:
-            classes = list(impl.function() or [])
-        except Exception as exc:
-            errors.append(
-                PluginLoadError(name=plugin_name, distribution=dist_name, error=f"qbench_register_quantizers raised {describe(exc)}")
-            )
-            continue
-        for cls in classes:
-            problem = _check_class(cls)
-            if problem is None:
-                try:
-                    schema = cls.Config.model_json_schema()
-                except Exception as exc:
-                    problem = f"{cls.__qualname__}.Config has no JSON schema: {describe(exc)}"
-            if problem is not None:
-                errors.append(PluginLoadError(name=plugin_name, distribution=dist_name, error=problem))
-                continue
-            entry = QuantizerEntry(
-                name=cls.name,
-                version=cls.version,
-                description=(getattr(cls, "description", "") or "").strip(),
-                needs_calibration=bool(cls.needs_calibration),
-                plugin=plugin_name,
-                distribution=dist_name,
-                distribution_version=dist_version,
-                config_schema=schema,
-                cls=cls,
-            )
-            found.setdefault(cls.name, []).append(entry)
-    entries: dict[str, QuantizerEntry] = {}
-    for name, candidates in found.items():
-        if len(candidates) == 1:
-            entries[name] = candidates[0]
-            continue
-        owners = " and ".join(
-            f"{c.distribution or c.plugin} {c.distribution_version or ''}".strip() for c in candidates
-        )
-        errors.append(
-            PluginLoadError(
-                name=candidates[-1].plugin,
-                distribution=candidates[-1].distribution,
-                error=f"quantizer name '{name}' is provided by both {owners}; uninstall one of them",
-            )
-        )
-    return dict(sorted(entries.items())), errors
+    entries, errors = collect_hook_results("qbench_register_quantizers", "quantizer", _quantizer_entry)
+    return dict(sorted(entries.items())), plugin_load_errors() + errors
 
 
 def get_quantizer(name: str) -> type[Quantizer]:

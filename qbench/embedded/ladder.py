@@ -13,7 +13,7 @@ few bits the weights have; `qbench fit` shows this per device.
 
 from __future__ import annotations
 
-from qbench.embedded.devices import DeviceProfile
+from qbench.embedded.profile import DeviceProfile
 from qbench.hookspecs import hookimpl
 
 KiB = 1024
