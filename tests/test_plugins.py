@@ -203,3 +203,146 @@ def test_pip_installed_plugin_is_discovered(tmp_path: Path) -> None:
             [sys.executable, "-m", "pip", "uninstall", "-y", "--quiet", dist], capture_output=True, text=True, timeout=120
         )
     assert "throwaway" not in run_discovery()["entries"]
+
+
+SHORT_QUANTIZER_MODULE = '''
+import numpy as np
+from qbench import QuantizedTensor, Quantizer, hookimpl
+
+
+class Sign(Quantizer):
+    name = "sign"
+
+    def quantize(self, weight, stats):
+        return QuantizedTensor(codes=np.sign(weight).astype(np.int8), code_bits=2, scales=[[1.0]], signed=True)
+
+
+@hookimpl
+def qbench_register_quantizers():
+    return [Sign]
+'''
+
+LOOSE_CONFIG_MODULE = '''
+from pydantic import BaseModel, ConfigDict
+from qbench import QuantizerConfig, hookimpl
+from qbench.quant.contract import Quantizer
+
+
+class Loose(Quantizer):
+    name = "loose"
+    version = "1.0"
+
+    class Config(BaseModel):  # forgot extra="forbid": a typo in --set would run the defaults
+        bits: int = 4
+
+    def quantize(self, weight, stats):
+        raise NotImplementedError
+
+
+class Relaxed(Loose):
+    name = "relaxed"
+
+    class Config(QuantizerConfig):
+        model_config = ConfigDict(extra="ignore")
+
+
+@hookimpl
+def qbench_register_quantizers():
+    return [Loose, Relaxed]
+'''
+
+
+def test_the_short_form_takes_its_version_from_the_distribution_and_has_no_knobs(tmp_path: Path) -> None:
+    fake_distribution(tmp_path, "qbench-sign", "2.5.1", {"sign": "sign_q"}, {"sign_q": SHORT_QUANTIZER_MODULE})
+    fake_distribution(tmp_path, "qbench-loose", "0.1", {"loose": "loose_q"}, {"loose_q": LOOSE_CONFIG_MODULE})
+    result = run_discovery(tmp_path)
+    sign = result["entries"]["sign"]
+    assert sign["version"] == "2.5.1" == sign["distribution_version"]
+    assert sign["needs_calibration"] is False and sign["description"] == ""
+    assert sign["config_schema"]["properties"] == {} and sign["config_schema"]["additionalProperties"] is False
+    assert "loose" not in result["entries"] and "relaxed" not in result["entries"]
+    loose = [e["error"] for e in result["errors"] if e["name"] == "loose"]
+    assert loose == ["Loose.Config must forbid unknown keys: derive it from qbench.QuantizerConfig",
+                     "Relaxed.Config must forbid unknown keys: derive it from qbench.QuantizerConfig"]
+
+
+def test_a_class_without_version_needs_a_distribution(fresh_plugins: None) -> None:
+    from qbench import Quantizer, hookimpl
+
+    class NoVersion(Quantizer):
+        name = "no-version"
+
+        def quantize(self, weight, stats):
+            raise NotImplementedError
+
+    class Registers:
+        @hookimpl
+        def qbench_register_quantizers(self):
+            return [NoVersion]
+
+    get_plugin_manager().register(Registers(), name="direct")
+    entries, errors = discover_quantizers()
+    assert "no-version" not in entries
+    (err,) = [e for e in errors if e.name == "direct"]
+    assert "NoVersion sets no version and no distribution ships it" in err.error
+
+
+def test_the_quantizer_report_records_the_distribution_version_as_the_version() -> None:
+    """qbench-rtn no longer sets `version`: results still record 0.1.0, its distribution's."""
+    import numpy as np
+
+    qbench_rtn = pytest.importorskip("qbench_rtn")
+    from qbench.models.weight_store import WeightInfo, WeightStore
+    from qbench.quant.apply import quantize_model
+
+    class OneLayer:
+        name = "one-layer"
+        store = WeightStore({"l.weight": np.ones((4, 8), np.float32)}, [WeightInfo("l", (4, 8), "linear")])
+
+        def quantizable_weights(self):
+            return list(self.store.weight_infos())
+
+        def with_store(self, store):
+            return self
+
+    assert "version" not in vars(qbench_rtn.RTNQuantizer)
+    entry = discover_quantizers()[0]["rtn"]
+    _, report = quantize_model(OneLayer(), qbench_rtn.RTNQuantizer())
+    assert report.quantizer_version == entry.version == entry.distribution_version == report.distribution_version
+
+
+BROKEN_BOARDS_MODULE = '''
+from qbench import hookimpl
+
+
+@hookimpl
+def qbench_register_device_profiles():
+    raise OSError("boards.json not found")
+'''
+
+DEVICE_COMMANDS = """
+import json
+from qbench.embedded.devices import discover_device_profiles, get_device_profile, get_device_profiles
+from qbench.plugin_manager import discover_quantizers
+profiles, errors = discover_device_profiles()
+print(json.dumps({"profiles": list(get_device_profiles()), "esp32": get_device_profile("esp32-s3").part,
+                  "errors": [e.model_dump() for e in errors], "quantizers": list(discover_quantizers()[0])}))
+"""
+
+
+def test_a_broken_third_party_device_plugin_breaks_no_command(tmp_path: Path) -> None:
+    fake_distribution(tmp_path, "qbench-boards", "0.3", {"boards": "boards_dev"}, {"boards_dev": BROKEN_BOARDS_MODULE})
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    proc = subprocess.run([sys.executable, "-c", DEVICE_COMMANDS], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "esp32-s3" in result["profiles"] and "pi-zero-2w" in result["profiles"]
+    assert result["esp32"].startswith("Espressif")
+    assert result["errors"] == [{"name": "boards", "distribution": "qbench-boards",
+                                 "error": "qbench_register_device_profiles raised OSError: boards.json not found"}]
+    if importlib.util.find_spec("qbench_rtn") is not None:
+        assert "rtn" in result["quantizers"]
+
+    listing = subprocess.run([sys.executable, "-m", "qbench.cli", "plugins"], capture_output=True, text=True, env=env, timeout=120)
+    assert listing.returncode == 0, listing.stderr
+    assert "plugin 'boards' (qbench-boards): qbench_register_device_profiles raised OSError" in " ".join(listing.stderr.split())

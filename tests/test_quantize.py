@@ -14,7 +14,7 @@ from qbench.quant.apply import (
     parse_settings,
     quantize_model,
 )
-from qbench.quant.contract import EmptyConfig, LayerStats, QuantizedTensor, Quantizer
+from qbench.quant.contract import LayerStats, QuantizedTensor, Quantizer
 from qbench.models.weight_store import WeightInfo, WeightStore
 
 # -- a tiny model satisfying the SpeechModel protocol ---------------------------------------
@@ -76,7 +76,6 @@ class Coarse(Quantizer):
     version = "1.0"
     description = "test quantizer"
     needs_calibration = False
-    Config = EmptyConfig
 
     def __init__(self, config=None):
         super().__init__(config)

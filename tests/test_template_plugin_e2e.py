@@ -3,6 +3,7 @@ found through its `qbench` entry point and run by `qbench run --plugin` end to e
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import shutil
@@ -18,6 +19,14 @@ TEMPLATE = Path(__file__).resolve().parents[1] / "plugins" / "template"
 def test_template_is_a_complete_plugin_in_under_50_lines():
     files = [TEMPLATE / "pyproject.toml", *sorted((TEMPLATE / "qbench_example").glob("*.py"))]
     assert sum(len(f.read_text().splitlines()) for f in files) < 50
+
+
+def test_template_uses_only_the_public_api():
+    """A stranger copies the template: it must show `from qbench import ...`, not qbench's insides."""
+    tree = ast.parse((TEMPLATE / "qbench_example" / "__init__.py").read_text())
+    modules = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    modules |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert {m for m in modules if m.split(".")[0] == "qbench"} == {"qbench"}
 
 
 @pytest.mark.skipif(importlib.util.find_spec("pip") is None, reason="needs pip")
@@ -42,6 +51,7 @@ def test_pip_installed_template_runs_through_qbench_run(tiny_en, data_dir, tmp_p
     result = json.loads(out.read_text())
     q = result["quantization"]
     assert (q["quantizer"], q["distribution"], q["distribution_version"]) == ("int8-tensor", "qbench-example", "0.1.0")
+    assert q["quantizer_version"] == "0.1.0"  # the class sets none: its distribution's version
     assert q["config"] == {"clip": 0.9}
     assert result["status"] == "complete" and result["metrics"]["utterances"] == 2
     # int8 codes + one float16 scale per tensor

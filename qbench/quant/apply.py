@@ -423,7 +423,8 @@ def quantize_model(
     entry = entry_for_class(type(quantizer))
     report = QuantizationReport(
         quantizer=_plugin_name(quantizer),
-        quantizer_version=getattr(quantizer, "version", "unknown"),
+        # a class without its own `version` is versioned by its distribution, as discovery recorded
+        quantizer_version=entry.version if entry else getattr(quantizer, "version", None) or "unknown",
         distribution=entry.distribution if entry else None,
         distribution_version=entry.distribution_version if entry else None,
         config=quantizer.config.model_dump(mode="json"),

@@ -188,24 +188,35 @@ def dequantize(qt: QuantizedTensor) -> np.ndarray:
     return apply_scales(values, qt.scales, qt.zeros, qt.group_size)
 
 
+class QuantizerConfig(BaseModel):
+    """Base of a quantizer's knobs (`qbench run --set key=value`), each with a default and
+    validation. Unknown keys are errors, so a typo in `--set` fails instead of silently running
+    the defaults; discovery rejects a `Config` that relaxes this."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 class Quantizer(ABC):
     """Base class of every quantizer plugin.
 
-    Subclasses set the class attributes and implement `quantize`. `Config` is a pydantic model
-    of the quantizer's knobs, each with a default and validation; it must forbid unknown keys so
-    a typo in `--set` fails instead of silently running the defaults.
+    Subclasses set `name` and implement `quantize`; the other class attributes have defaults.
+    A quantizer with knobs declares them as a nested `class Config(QuantizerConfig)` and
+    annotates `config: Config`, so `self.config` is typed as its own knobs.
     """
 
     #: unique registry name, used as `qbench run --plugin NAME`
     name: ClassVar[str]
-    #: version of the algorithm/implementation, recorded in every result
-    version: ClassVar[str]
+    #: version of the algorithm/implementation, recorded in every result; None = the version
+    #: of the distribution whose plugin registers the class
+    version: ClassVar[str | None] = None
     #: one line for `qbench plugins`
     description: ClassVar[str] = ""
-    #: the knobs; `model_config = ConfigDict(extra="forbid")`
-    Config: ClassVar[type[BaseModel]]
+    #: the knobs; the default has none
+    Config: ClassVar[type[BaseModel]] = QuantizerConfig
     #: True if `quantize` needs `LayerStats` (the harness then runs calibration audio)
     needs_calibration: ClassVar[bool] = False
+
+    config: BaseModel
 
     def __init__(self, config: BaseModel | dict[str, Any] | None = None):
         if config is None:
@@ -219,9 +230,3 @@ class Quantizer(ABC):
     @abstractmethod
     def quantize(self, weight: np.ndarray, stats: LayerStats | None) -> QuantizedTensor:
         """Quantize one float32 weight `[out, in]`; `stats` is None unless `needs_calibration`."""
-
-
-class EmptyConfig(BaseModel):
-    """A `Config` for quantizers without knobs."""
-
-    model_config = ConfigDict(extra="forbid")

@@ -12,9 +12,9 @@ Follows the reference implementation (IST-DASLab/gptq, `GPTQ.fasterquant`):
 5. blocks of `block_size` columns: within a block, per-column rank-1 error updates; after the
    block, one lazy batch update of all later columns.
 
-Grid: the same uniform grid as the `rtn` plugin (restricted symmetric `-(2^(b-1)-1)..2^(b-1)-1`,
-or asymmetric with an integer zero point), so GPTQ and RTN at the same settings differ only in
-how codes are chosen. With groups, each group's scale is computed when the sweep reaches the
+Grid: qbench's shared uniform grid (`qbench.uniform_grid`, which the `rtn` plugin also uses:
+restricted symmetric `-(2^(b-1)-1)..2^(b-1)-1`, or asymmetric with an integer zero point), so
+GPTQ and RTN at the same settings differ only in how codes are chosen. With groups, each group's scale is computed when the sweep reaches the
 group's first column, from the weights as updated so far (the reference reads a possibly
 stale copy when a group starts inside a block; here the pending updates are applied first).
 With `act_order` and groups, the static-groups variant is used: all group scales are computed
@@ -25,37 +25,9 @@ groups and the codes are simply un-permuted afterwards.
 from __future__ import annotations
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from qbench.hookspecs import hookimpl
-from qbench.quant.contract import LayerStats, QuantizedTensor, Quantizer
-
-__version__ = "0.1.0"
-
-
-def grid(w: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Per-row `(scale, zero)` for `w` `[rows, cols]` (identical to qbench-rtn's grid)."""
-    if symmetric:
-        scale = np.abs(w).max(axis=1) / ((1 << (bits - 1)) - 1)
-        scale[scale == 0] = 1.0
-        return scale, None
-    maxq = (1 << bits) - 1
-    lo = np.minimum(w.min(axis=1), 0.0)
-    hi = np.maximum(w.max(axis=1), 0.0)
-    scale = (hi - lo) / maxq
-    scale[scale == 0] = 1.0
-    return scale, np.clip(np.rint(-lo / scale), 0, maxq)
-
-
-def quantize_column(w: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Codes of one column `w` `[rows]` and the values they dequantize to."""
-    q = np.rint(w / scale)
-    if zero is None:
-        qmax = (1 << (bits - 1)) - 1
-        codes = np.clip(q, -qmax, qmax)
-        return codes, codes * scale
-    codes = np.clip(q + zero, 0, (1 << bits) - 1)
-    return codes, (codes - zero) * scale
+from qbench import LayerStats, QuantizedTensor, Quantizer, QuantizerConfig, grid_codes, grid_values, hookimpl, uniform_grid
 
 
 def inverse_hessian_factor(h: np.ndarray) -> np.ndarray:
@@ -69,13 +41,10 @@ def inverse_hessian_factor(h: np.ndarray) -> np.ndarray:
 
 class GPTQQuantizer(Quantizer):
     name = "gptq"
-    version = __version__
     description = "GPTQ: Hessian-aware column-by-column quantization with error feedback (needs calibration)"
     needs_calibration = True
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
+    class Config(QuantizerConfig):
         bits: int = Field(4, ge=2, le=8, description="bits per weight code")
         group_size: int | None = Field(
             128, ge=1, description="input columns sharing one scale; null = one scale per output channel"
@@ -106,21 +75,18 @@ class GPTQQuantizer(Quantizer):
 
         g = cfg.group_size if cfg.group_size is not None and cfg.group_size < in_f else None
         n_groups = 1 if g is None else -(-in_f // g)
-        scales = np.ones((out_f, n_groups))
-        zeros = None if symmetric else np.zeros((out_f, n_groups))
         static = g is None or cfg.static_groups or cfg.act_order
+        if static:
+            scales, zeros = uniform_grid(W, bits, symmetric, g)
+        else:  # each group's grid is fitted when the sweep reaches it
+            scales = np.ones((out_f, n_groups))
+            zeros = None if symmetric else np.zeros((out_f, n_groups))
 
         def set_group(j: int, cols: np.ndarray) -> None:
-            scale, zero = grid(cols, bits, symmetric)
-            scales[:, j] = scale
+            scale, zero = uniform_grid(cols, bits, symmetric)
+            scales[:, j] = scale[:, 0]
             if zeros is not None:
-                zeros[:, j] = zero
-
-        if g is None:
-            set_group(0, W)
-        elif static:
-            for j in range(n_groups):
-                set_group(j, W[:, j * g : (j + 1) * g])
+                zeros[:, j] = zero[:, 0]
 
         if cfg.act_order:
             perm = np.argsort(-np.diag(H), kind="stable")
@@ -154,9 +120,10 @@ class GPTQQuantizer(Quantizer):
                     set_group(col // g, current)
                 j = 0 if g is None else int(perm[col]) // g
                 w = W1[:, i]
-                c, q = quantize_column(w, scales[:, j], None if zeros is None else zeros[:, j], bits)
+                zero = None if zeros is None else zeros[:, j]
+                c = grid_codes(w, scales[:, j], zero, bits)
                 codes[:, col] = c
-                err = (w - q) / Hinv1[i, i]
+                err = (w - grid_values(c, scales[:, j], zero)) / Hinv1[i, i]
                 W1[:, i:] -= np.outer(err, Hinv1[i, i:])
                 Err1[:, i] = err
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]

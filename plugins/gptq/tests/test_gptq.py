@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 qbench_gptq = pytest.importorskip("qbench_gptq", reason="pip install -e plugins/gptq")
+from qbench import LayerStats, dequantize, expand_groups, grid_codes, grid_values, uniform_grid  # noqa: E402
 from qbench.quant.apply import layer_stats  # noqa: E402
-from qbench.quant.contract import LayerStats, dequantize  # noqa: E402
 
 GPTQ = qbench_gptq.GPTQQuantizer
 OUT, IN, ROWS = 64, 192, 1024
@@ -27,14 +27,10 @@ def output_error(w: np.ndarray, wq: np.ndarray, x: np.ndarray) -> float:
 
 def rtn(w: np.ndarray, bits: int, group_size: int | None, symmetric: bool) -> np.ndarray:
     """Plain round-to-nearest on the same grid, for the comparison."""
-    g = group_size or w.shape[1]
-    out = np.empty_like(w, dtype=np.float64)
-    for j in range(0, w.shape[1], g):
-        cols = w[:, j : j + g].astype(np.float64)
-        scale, zero = qbench_gptq.grid(cols, bits, symmetric)
-        for c in range(cols.shape[1]):
-            out[:, j + c] = qbench_gptq.quantize_column(cols[:, c], scale, zero, bits)[1]
-    return out.astype(np.float32)
+    w64 = w.astype(np.float64)
+    scales, zeros = uniform_grid(w64, bits, symmetric, group_size)
+    scale, zero = expand_groups(scales, group_size, w.shape[1]), expand_groups(zeros, group_size, w.shape[1])
+    return grid_values(grid_codes(w64, scale, zero, bits), scale, zero).astype(np.float32)
 
 
 @pytest.mark.parametrize(

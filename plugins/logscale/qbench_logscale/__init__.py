@@ -18,12 +18,9 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from qbench.hookspecs import hookimpl
-from qbench.quant.contract import LayerStats, QuantizedTensor, Quantizer
-
-__version__ = "0.1.0"
+from qbench import LayerStats, QuantizedTensor, Quantizer, QuantizerConfig, expand_groups, group_reduce, hookimpl
 
 
 def codebook(bits: int, zero_code: bool) -> np.ndarray:
@@ -38,13 +35,9 @@ def codebook(bits: int, zero_code: bool) -> np.ndarray:
 
 class LogScaleQuantizer(Quantizer):
     name = "logscale"
-    version = __version__
     description = "Power-of-two weights: sign + exponent relative to the row/group max"
-    needs_calibration = False
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
+    class Config(QuantizerConfig):
         bits: int = Field(4, ge=2, le=8, description="bits per code: 1 sign bit + (bits-1) exponent bits")
         granularity: Literal["channel", "group"] = Field("channel", description="what one max scale covers")
         group_size: int = Field(128, ge=1, description="input columns per scale when granularity='group'")
@@ -57,7 +50,7 @@ class LogScaleQuantizer(Quantizer):
         bits = cfg.bits
         half = 1 << (bits - 1)
         w = weight.astype(np.float64)
-        out_f, in_f = w.shape
+        in_f = w.shape[1]
         absw = np.abs(w)
         group_size: int | None = None
         if cfg.granularity == "channel" or cfg.group_size >= in_f:
@@ -65,11 +58,8 @@ class LogScaleQuantizer(Quantizer):
             per_col = m
         else:
             group_size = cfg.group_size
-            col_group = np.arange(in_f) // group_size
-            n_groups = int(col_group[-1]) + 1
-            m = np.zeros((out_f, n_groups))
-            np.maximum.at(m.T, col_group, absw.T)
-            per_col = m[:, col_group]
+            m = group_reduce(absw, group_size, np.max)
+            per_col = expand_groups(m, group_size, in_f)
         e_max = half - 2 if cfg.zero_code else half - 1
         safe_m = np.where(per_col > 0, per_col, 1.0)
         ratio = absw / safe_m

@@ -4,7 +4,7 @@ import pytest
 qbench_logscale = pytest.importorskip("qbench_logscale", reason="pip install -e plugins/logscale")
 from qbench.quant.packing import pack_quantized  # noqa: E402
 from qbench.plugin_manager import get_quantizer  # noqa: E402
-from qbench.quant.contract import dequantize  # noqa: E402
+from qbench import dequantize  # noqa: E402
 
 LogScale = qbench_logscale.LogScaleQuantizer
 
@@ -50,3 +50,21 @@ def test_group_granularity_and_packed_size() -> None:
     assert pt.code_nbytes == 73728
     assert pt.nbytes == 73728 + 384 * 3 * 2 + 16 * 4
     np.testing.assert_allclose(pt.dequantize(), dequantize(qt), rtol=1e-3)
+
+
+def test_group_scales_are_those_of_0_1_0() -> None:
+    """The group maxima now come from `qbench.group_reduce`; 0.1.0 reduced with `np.maximum.at`.
+    Both are exact, so scales and codes must match bit for bit (partial last group included)."""
+    w = np.random.default_rng(3).standard_t(3, size=(20, 300)).astype(np.float32)
+    w[4, 256:] = 0.0  # an all-zero (partial) group
+    absw = np.abs(w.astype(np.float64))
+    col_group = np.arange(300) // 128
+    m = np.zeros((20, 3))
+    np.maximum.at(m.T, col_group, absw.T)
+    qt = LogScale(LogScale.Config(granularity="group", group_size=128, bits=3)).quantize(w, None)
+    np.testing.assert_array_equal(qt.scales, m.astype(np.float32))
+    safe = np.where(m[:, col_group] > 0, m[:, col_group], 1.0)
+    with np.errstate(divide="ignore"):
+        e = np.clip(np.rint(-np.log2(absw / safe)), 0, 2).astype(np.int16)
+    e[absw / safe < 2.0**-3] = 3
+    np.testing.assert_array_equal(qt.codes, ((w < 0) * 4 + e).astype(np.uint8))

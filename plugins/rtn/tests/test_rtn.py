@@ -7,7 +7,7 @@ qbench_rtn = pytest.importorskip("qbench_rtn", reason="pip install -e plugins/rt
 from qbench.quant.packing import pack_quantized  # noqa: E402
 from qbench.plugin_manager import get_quantizer  # noqa: E402
 from qbench.quant.apply import parse_settings  # noqa: E402
-from qbench.quant.contract import dequantize  # noqa: E402
+from qbench import dequantize  # noqa: E402
 
 RTN = qbench_rtn.RTNQuantizer
 

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from qbench.hookspecs import hookimpl
-from qbench.quant.contract import LayerStats, QuantizedTensor, Quantizer
+from qbench import LayerStats, QuantizedTensor, Quantizer, QuantizerConfig, hookimpl
 
 
 class Int8TensorQuantizer(Quantizer):
     name = "int8-tensor"
-    version = "0.1.0"
     description = "int8, one symmetric scale per tensor"
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    class Config(QuantizerConfig):
         clip: float = Field(1.0, gt=0, le=1, description="fraction of max|w| mapped to 127")
+
+    config: Config  # typed as this quantizer's own knobs
 
     def quantize(self, weight: np.ndarray, stats: LayerStats | None) -> QuantizedTensor:
         scale = max(float(np.abs(weight).max()) * self.config.clip / 127, 1e-12)

@@ -15,23 +15,16 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from qbench.hookspecs import hookimpl
-from qbench.quant.contract import LayerStats, QuantizedTensor, Quantizer
-
-__version__ = "0.1.0"
+from qbench import LayerStats, QuantizedTensor, Quantizer, QuantizerConfig, hookimpl
 
 
 class TernaryQuantizer(Quantizer):
     name = "ternary"
-    version = __version__
     description = "BitNet b1.58 absmean ternary {-1,0,1} x gamma, 1.6 bits/weight packed"
-    needs_calibration = False
 
-    class Config(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
+    class Config(QuantizerConfig):
         granularity: Literal["tensor", "channel", "group"] = Field(
             "tensor", description="what one gamma covers (BitNet: the whole tensor)"
         )

@@ -6,7 +6,7 @@ import pytest
 qbench_ternary = pytest.importorskip("qbench_ternary", reason="pip install -e plugins/ternary")
 from qbench.quant.packing import pack_quantized  # noqa: E402
 from qbench.plugin_manager import get_quantizer  # noqa: E402
-from qbench.quant.contract import dequantize  # noqa: E402
+from qbench import dequantize  # noqa: E402
 
 Ternary = qbench_ternary.TernaryQuantizer
 
