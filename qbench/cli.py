@@ -285,24 +285,17 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def quantize_for_fit(model, args: argparse.Namespace):
-    """Quantize without audio. A calibrated quantizer's size is estimated with RTN at the same
-    `bits` and `group_size`: packed size depends on the code width and scale layout, not on how
-    calibration chose the codes (exact for GPTQ-style uniform grids)."""
+    """Quantize without audio, with any installed quantizer (a calibrated one runs on neutral
+    statistics: exact sizes, uncalibrated codes; see `quantize_without_audio`)."""
     from qbench.plugin_manager import get_quantizer
-    from qbench.quant.apply import QuantizationPolicy, parse_settings, quantize_model
+    from qbench.quant.apply import QuantizationPolicy, parse_settings, quantize_without_audio
 
     cls = get_quantizer(args.plugin)
     config = parse_settings(args.set or [], cls.Config, plugin=args.plugin)
-    note = None
-    if cls.needs_calibration:
-        rtn = get_quantizer("rtn")
-        keys = {k: v for k, v in config.model_dump().items() if k in ("bits", "group_size")}
-        config, cls = rtn.Config(**keys), rtn
-        note = f"'{args.plugin}' needs calibration audio; sizes estimated with rtn {keys}"
     policy = QuantizationPolicy(quantize_embeddings=args.quantize_embeddings)
-    model, report = quantize_model(model, cls(config), policy)
+    model, report = quantize_without_audio(model, cls(config), policy)
     record = report.model_dump(mode="json", exclude={"layers"})
-    record["estimated_with"] = note
+    record["estimated_with"] = report.calibration_note
     return model, record
 
 

@@ -355,6 +355,9 @@ class QuantizationReport(BaseModel):
     policy: QuantizationPolicy
     needs_calibration: bool
     n_calibration_audios: int = 0
+    #: set when a calibrated quantizer ran without audio (`quantize_without_audio`): the sizes
+    #: are exact, the codes are not the ones a calibrated run would choose
+    calibration_note: str | None = None
     scale_dtype: str
     layers: list[LayerReport]
     #: quantizable weights the policy left in float
@@ -378,12 +381,14 @@ def quantize_model(
     progress: Progress | None = None,
     scale_dtype: np.dtype | type = np.float16,
     cache_bytes: int = 0,
+    without_audio: bool = False,
 ) -> tuple[SpeechModel, QuantizationReport]:
     """Quantize the model's selected weights with `quantizer`; return the packed model and report.
 
     Quantizers that need calibration get one `calibration_forward` over `calibration_audios`
     (sequential, see `CalibratingQuantizingStore`); others are applied matrix by matrix with
-    no audio. Plugin failures surface as `PluginError` naming the plugin and layer.
+    no audio, and so are calibrated ones with `without_audio` (see `quantize_without_audio`).
+    Plugin failures surface as `PluginError` naming the plugin and layer.
     """
     policy = policy or QuantizationPolicy()
     store = model.store
@@ -396,7 +401,7 @@ def quantize_model(
     scale_dtype = np.dtype(scale_dtype)
     n_audios = 0
 
-    if quantizer.needs_calibration:
+    if quantizer.needs_calibration and not without_audio:
         if not calibration_audios:
             raise QuantizationError(f"quantizer '{_plugin_name(quantizer)}' needs calibration audio")
         n_audios = len(calibration_audios)
@@ -410,7 +415,8 @@ def quantize_model(
     else:
         packed, reports = {}, []
         for i, info in enumerate(selected):
-            pt, _, report = _quantize_layer(quantizer, info, store.matrix(info.name), None, scale_dtype)
+            stats = neutral_layer_stats(info.shape[1]) if quantizer.needs_calibration else None
+            pt, _, report = _quantize_layer(quantizer, info, store.matrix(info.name), stats, scale_dtype)
             packed[info.name] = pt
             reports.append(report)
             if progress is not None:
@@ -440,4 +446,36 @@ def quantize_model(
         mean_bits_per_weight=8.0 * packed_bytes / n_quant if n_quant else 0.0,
         seconds=time.perf_counter() - t0,
     )
+    if quantizer.needs_calibration and without_audio:
+        report.calibration_note = (
+            f"'{_plugin_name(quantizer)}' needs calibration audio and got none: it ran on neutral statistics "
+            "(x^T x = I), so the sizes are exact but the codes are not what a calibrated run chooses"
+        )
     return model.with_store(new_store), report
+
+
+def neutral_layer_stats(in_features: int) -> LayerStats:
+    """Calibration statistics that favour no input direction: `x^T x = I` over one row.
+
+    GPTQ's Hessian is then a multiple of the identity, so it has no error to feed back and
+    rounds to nearest on its usual grid: same code widths and scale layout, no calibration.
+    """
+    return LayerStats(xtx=np.eye(in_features), n_rows=1)
+
+
+def quantize_without_audio(
+    model: SpeechModel,
+    quantizer: Quantizer,
+    policy: QuantizationPolicy | None = None,
+    progress: Progress | None = None,
+    scale_dtype: np.dtype | type = np.float16,
+) -> tuple[SpeechModel, QuantizationReport]:
+    """Quantize with any quantizer and no audio at all, to size the result (`qbench fit`).
+
+    A quantizer that needs calibration gets `neutral_layer_stats` for every layer instead. What
+    a packed layer costs depends on the code widths and the scale layout, which a quantizer
+    such as GPTQ derives from its settings alone, not on which codes calibration picks: then
+    `model_bytes` and every layer's `packed_bytes` are those of a calibrated run. The codes,
+    and so the accuracy, are not, which the report's `calibration_note` says.
+    """
+    return quantize_model(model, quantizer, policy, None, progress, scale_dtype, without_audio=True)
