@@ -148,3 +148,25 @@ def test_chunked_packing_matches_across_chunk_boundaries(bits: int, monkeypatch:
     np.testing.assert_array_equal(unpack_bits(reference, bits, codes.size), codes)
     pt = pack_quantized(QuantizedTensor(codes=codes.reshape(17, 59), code_bits=bits, scales=[[1.0]]))
     np.testing.assert_array_equal(pt.dequantize_rows(np.array([16, 3])), codes.reshape(17, 59)[[16, 3]])
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1e-6, 3e-5])
+def test_scale_underflow_in_float16_is_an_error(scale: float) -> None:
+    # 1e-9 would be stored as 0; 1e-6 and 3e-5 as subnormals rounded by up to several percent
+    qt = QuantizedTensor(codes=np.array([[1, -2, 0, 3]]), code_bits=4, scales=[[scale]], signed=True)
+    with pytest.raises(ValueError, match=rf"scales underflow float16 \(1 nonzero scale\(s\) .*min \|scale\| {scale:.3g}"):
+        pack_quantized(qt)
+    assert pack_quantized(qt, scale_dtype=np.float32).scales[0, 0] == np.float32(scale)
+
+
+def test_scales_that_lose_nothing_are_stored() -> None:
+    exact_subnormal = 2.0**-20  # representable in float16 exactly
+    qt = QuantizedTensor(codes=np.array([[1, -2, 0, 3]]), code_bits=4, scales=[[exact_subnormal]], signed=True)
+    assert pack_quantized(qt).scales[0, 0] == exact_subnormal
+    # an all-zero row given an epsilon scale (as the template plugin does): nothing it scales changes
+    qt = QuantizedTensor(codes=np.array([[0, 0, 0, 0], [1, 2, 3, 4]]), code_bits=4, scales=[[1e-12], [0.5]], signed=True)
+    np.testing.assert_array_equal(pack_quantized(qt).dequantize(), [[0, 0, 0, 0], [0.5, 1, 1.5, 2]])
+    # but a zero point makes the "zero" codes nonzero values: then the lost scale matters
+    qt = QuantizedTensor(codes=np.zeros((1, 4), int), code_bits=4, scales=[[1e-12]], zeros=np.full((1, 1), 8.0))
+    with pytest.raises(ValueError, match="underflow"):
+        pack_quantized(qt)

@@ -268,6 +268,29 @@ def _stored_zeros(zeros: np.ndarray | None, scale_dtype: np.dtype) -> np.ndarray
     return zeros.astype(scale_dtype)
 
 
+def _check_underflow(qt: QuantizedTensor, stored: np.ndarray, zeros: np.ndarray | None) -> None:
+    """A nonzero scale stored as 0, or as a subnormal with more than the dtype's normal rounding
+    error (half an ulp), silently changes the weights it scales; an error like an overflow.
+
+    A lossy scale whose group holds only zero values (`code - zero == 0`, e.g. an all-zero row
+    that a plugin gave an epsilon scale) changes nothing and is let through.
+    """
+    wanted = np.asarray(qt.scales, dtype=np.float64)
+    half_ulp = np.finfo(stored.dtype).eps / 2
+    lossy = (wanted != 0) & (np.abs(stored.astype(np.float64) - wanted) > half_ulp * np.abs(wanted))
+    if not lossy.any():
+        return
+    values = qt.codebook[qt.codes] if qt.codebook is not None else qt.codes.astype(np.float32)
+    # dequantize with 1 for each lossy scale and 0 elsewhere: nonzero where a lossy scale is used
+    touched = apply_scales(values, lossy.astype(np.float32), zeros, qt.group_size)
+    if not np.any(touched):
+        return
+    tiny = float(np.finfo(stored.dtype).tiny)
+    smallest = float(np.abs(wanted[lossy]).min())
+    raise ValueError(f"scales underflow {stored.dtype.name} ({int(lossy.sum())} nonzero scale(s) below its smallest normal "
+                     f"{tiny:.3g}, min |scale| {smallest:.3g}, would be stored as 0 or lose precision)")
+
+
 def pack_quantized(qt: QuantizedTensor, scale_dtype: np.dtype | type = np.float16) -> PackedTensor:
     """Store a validated `QuantizedTensor`: pack its codes, cast its scales to `scale_dtype`."""
     scale_dtype = np.dtype(scale_dtype)
@@ -278,11 +301,12 @@ def pack_quantized(qt: QuantizedTensor, scale_dtype: np.dtype | type = np.float1
     else:
         offset = 1 << (qt.code_bits - 1) if qt.signed else 0
         buf = pack_bits(qt.codes.astype(np.int16) + offset, qt.code_bits)
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", under="ignore"):
         scales = qt.scales.astype(scale_dtype)
     if not np.all(np.isfinite(scales)):
         raise ValueError(f"scales overflow {scale_dtype.name} (max |scale| {float(np.abs(qt.scales).max()):.3g})")
     zeros = _stored_zeros(qt.zeros, scale_dtype)
+    _check_underflow(qt, scales, zeros)
     if zeros is not None and not np.all(np.isfinite(zeros.astype(np.float32))):
         raise ValueError(f"zero points overflow {scale_dtype.name}")
     codebook = None if qt.codebook is None else qt.codebook.astype(np.float32)
