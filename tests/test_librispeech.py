@@ -483,3 +483,31 @@ def test_http_error(tmp_path: Path, server_factory) -> None:
 def test_download_rejects_unknown_subset(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="test-clean"):
         download_subset("train-clean-100", tmp_path, progress=False)
+
+
+def test_non_utf8_transcript_names_the_file_and_line(tmp_path: Path) -> None:
+    _make_chapter(tmp_path, "dev-clean", "1", "2", {"1-2-0000": "X"})
+    trans = tmp_path / "LibriSpeech/dev-clean/1/2/1-2.trans.txt"
+    trans.write_bytes(b"1-2-0000 X\n1-2-0001 CAF\xe9\n")  # latin-1, not UTF-8
+    with pytest.raises(ls.DataError) as exc:
+        list_utterances(tmp_path, "dev-clean")
+    msg = str(exc.value)
+    assert msg.startswith(f"{trans}:2: not UTF-8") and "0xe9" in msg and "\n" not in msg
+
+
+def test_skipped_files_are_counted_with_one_example(tmp_path: Path) -> None:
+    _make_chapter(tmp_path, "test-other", "22", "100", {"22-100-0000": "A", "22-100-0001": "NO FLAC", "22-100-0002": "NOR"},
+                  flacs=["22-100-0000", "22-100-0008", "22-100-0009"])
+    utts = list_utterances(tmp_path, "test-other")
+    assert [u.id for u in utts] == ["22-100-0000"]
+    chapter = tmp_path / "LibriSpeech/test-other/22/100"
+    assert utts.skipped.audio_without_transcript == (chapter / "22-100-0008.flac", chapter / "22-100-0009.flac")
+    assert [uid for uid, _ in utts.skipped.transcripts_without_audio] == ["22-100-0001", "22-100-0002"]
+    assert utts.skipped.warning == (
+        f"skipped 2 flac file(s) without a transcript line (e.g. {chapter / '22-100-0008.flac'}) and 2 transcript "
+        f"line(s) without a flac file (e.g. 22-100-0001 in {chapter / '22-100.trans.txt'})")
+    assert list_utterances(tmp_path, "test-other", limit=1).skipped == utts.skipped
+
+
+def test_the_shared_sample_skips_nothing(test_clean: list[Utterance]) -> None:
+    assert test_clean.skipped.warning is None

@@ -30,7 +30,9 @@ __all__ = [
     "DataNotFoundError",
     "DownloadError",
     "STANDARD_SUBSETS",
+    "SkippedFiles",
     "Utterance",
+    "UtteranceList",
     "default_cache_dir",
     "download_subset",
     "find_data_dir",
@@ -133,6 +135,35 @@ class Utterance:
         return info.frames / info.samplerate
 
 
+@dataclass(frozen=True)
+class SkippedFiles:
+    """Files of a subset `list_utterances` left out because the other half of the pair is missing."""
+
+    audio_without_transcript: tuple[Path, ...] = ()
+    transcripts_without_audio: tuple[tuple[str, Path], ...] = ()  # (utterance id, its trans.txt)
+
+    @property
+    def warning(self) -> str | None:
+        """One line naming how many were skipped, with one example of each kind; None if none."""
+        parts = []
+        if self.audio_without_transcript:
+            parts.append(f"{len(self.audio_without_transcript)} flac file(s) without a transcript line "
+                         f"(e.g. {self.audio_without_transcript[0]})")
+        if self.transcripts_without_audio:
+            uid, trans = self.transcripts_without_audio[0]
+            parts.append(f"{len(self.transcripts_without_audio)} transcript line(s) without a flac file "
+                         f"(e.g. {uid} in {trans})")
+        return "skipped " + " and ".join(parts) if parts else None
+
+
+class UtteranceList(list):
+    """`list_utterances`' answer: the utterances, plus what was skipped to get them (`.skipped`)."""
+
+    def __init__(self, utterances: Iterable[Utterance] = (), skipped: SkippedFiles | None = None):
+        super().__init__(utterances)
+        self.skipped = skipped if skipped is not None else SkippedFiles()
+
+
 # -- locating the data -----------------------------------------------------------------------
 
 
@@ -224,12 +255,13 @@ def find_data_dir(explicit: str | os.PathLike[str] | None, subset: str | None = 
 
 def list_utterances(
     data_dir: str | os.PathLike[str], subset: str, limit: int | None = None
-) -> list[Utterance]:
+) -> UtteranceList:
     """Utterances of `subset` that have both a transcript line and a flac, sorted by id.
 
     The order is plain string order of the ids, so `limit=N` always means the same N files.
     A transcript line whose flac is absent is skipped (partial subsets are normal); a flac
-    with no transcript line is never listed.
+    with no transcript line is never listed. Both are counted in `.skipped`, whose one-line
+    `.warning` a run prints and records: a silently smaller test set is a different benchmark.
     """
     _check_subset(subset)
     if limit is not None and limit < 1:
@@ -245,30 +277,46 @@ def list_utterances(
         )
 
     utts: dict[str, Utterance] = {}
+    seen: set[str] = set()
+    without_audio: list[tuple[str, Path]] = []
     for trans in sorted(subset_dir.glob("*/*/*.trans.txt")):
         chapter_prefix = trans.name[: -len(".trans.txt")] + "-"
-        with trans.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                utt_id, _, text = line.partition(" ")
-                text = text.strip()
-                # A malformed line means a damaged corpus; scoring it would be silently wrong.
-                if not _UTT_ID.match(utt_id) or not utt_id.startswith(chapter_prefix) or not text:
-                    raise DataError(f"{trans}:{lineno}: malformed transcript line {line[:60]!r}")
-                if utt_id in utts:
-                    raise DataError(f"{trans}:{lineno}: duplicate utterance id {utt_id}")
-                flac = trans.parent / f"{utt_id}.flac"
-                if flac.is_file():
-                    utts[utt_id] = Utterance(id=utt_id, subset=subset, path=flac, transcript=text)
+        for lineno, line in _transcript_lines(trans):
+            line = line.strip()
+            if not line:
+                continue
+            utt_id, _, text = line.partition(" ")
+            text = text.strip()
+            # A malformed line means a damaged corpus; scoring it would be silently wrong.
+            if not _UTT_ID.match(utt_id) or not utt_id.startswith(chapter_prefix) or not text:
+                raise DataError(f"{trans}:{lineno}: malformed transcript line {line[:60]!r}")
+            if utt_id in seen:
+                raise DataError(f"{trans}:{lineno}: duplicate utterance id {utt_id}")
+            seen.add(utt_id)
+            flac = trans.parent / f"{utt_id}.flac"
+            if flac.is_file():
+                utts[utt_id] = Utterance(id=utt_id, subset=subset, path=flac, transcript=text)
+            else:
+                without_audio.append((utt_id, trans))
+    without_transcript = tuple(sorted(f for f in subset_dir.glob("*/*/*.flac") if f.stem not in utts))
+    skipped = SkippedFiles(audio_without_transcript=without_transcript, transcripts_without_audio=tuple(without_audio))
     if not utts:
         raise DataNotFoundError(
             f"subset {subset} at {subset_dir} has no utterance with both a transcript line and a "
             f"flac; run `qbench download {subset}`"
         )
     ordered = [utts[k] for k in sorted(utts)]
-    return ordered if limit is None else ordered[:limit]
+    return UtteranceList(ordered if limit is None else ordered[:limit], skipped)
+
+
+def _transcript_lines(trans: Path) -> Iterable[tuple[int, str]]:
+    """(line number, text) of a trans.txt; a line that is not UTF-8 is an error naming the file,
+    the line and the offending byte (a codec message alone names no file)."""
+    for lineno, raw in enumerate(trans.read_bytes().split(b"\n"), 1):
+        try:
+            yield lineno, raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{trans}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})") from None
 
 
 def utterance_digest(ids: Iterable[str]) -> str:
