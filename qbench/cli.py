@@ -134,18 +134,36 @@ def spec_from_args(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from qbench.evaluate import RunFailed
+    import signal
+    import threading
+
+    from qbench.evaluate import RunFailed, RunInterrupted
     from qbench.run import run_benchmark
+
+    def stop(signum: int, _frame) -> None:
+        # SIGTERM (a scheduler, `kill`) ends the run as Ctrl-C does: the result file records
+        # `interrupted` and the journal stays for the next run to resume from
+        raise RunInterrupted(signum)
 
     spec = spec_from_args(args)
     progress = RichProgress(args.quiet)
+    stopping = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    previous = {signum: signal.signal(signum, stop) for signum in stopping}
     try:
-        result = run_benchmark(spec, progress)
+        result = run_benchmark(spec, progress, force=args.force)
     except RunFailed as exc:
         done = len(exc.result.utterances)
         raise CliError(f"{exc} ({done} utterances finished are saved in {spec.output_path})") from None
+    except RunInterrupted as exc:
+        progress.close()
+        saved = (f"{len(exc.result.utterances)} utterances are saved in {spec.output_path} (status interrupted); "
+                 "run the same command again to resume") if exc.result is not None else "nothing was transcribed yet"
+        say(f"interrupted by {exc.args[0]}: {saved}", "red")
+        return 128 + exc.signum
     finally:
         progress.close()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if result.device is not None and not result.device["fits"]:
         say(result.error, "red")
         say(f"result written to {spec.output_path} (device.fits = false)")
@@ -397,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--calibration-ids", metavar="FILE",
                      help="exactly these calibration utterances (one id a line, or a leaderboard entry's)")
     run.add_argument("--output", "-o", help="result JSON path (default results/<model>__<subset>__<label>.json)")
+    run.add_argument("--force", action="store_true", help="start afresh even if the output holds a result (of this "
+                     "run or another): the old file is kept aside as <name>.<UTC time>.json")
     run.add_argument("--threads", type=int, help="threads to run on (default: QBENCH_THREADS, else every CPU); "
                      "results are the same on any count")
     run.add_argument("--quiet", "-q", action="store_true")

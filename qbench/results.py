@@ -1,8 +1,10 @@
 """The result file of a `qbench run`: a pydantic model written as JSON, per-utterance included.
 
 A run writes its file after every batch (atomically), so a crash, a bad audio file or a
-failing plugin never loses what was already computed: the file then says `status: failed` and
-why, and holds every utterance finished before the failure.
+failing plugin never loses what was already computed: the file then says `status: failed` (or
+`interrupted`, after SIGINT/SIGTERM) and why, and holds every utterance finished before. The
+run's journal (`qbench.journal`) holds the same utterances line by line, so the next run of
+the same spec resumes; `identity` says which spec a file belongs to.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class DatasetRef(BaseModel):
 
 class UtteranceResult(BaseModel):
     id: str
+    audio_sha256: str | None = Field(None, description="sha256 of the decoded float32 samples (little-endian bytes)")
     duration: float
     reference: str
     hypothesis: str
@@ -84,6 +87,14 @@ class UtteranceResult(BaseModel):
     words: int
     char_errors: int
     chars: int
+
+
+class UnscoredUtterance(BaseModel):
+    """An utterance left out of scoring, and why (its reference has no words to count errors against)."""
+
+    id: str
+    reference: str
+    reason: str
 
 
 class Metrics(BaseModel):
@@ -102,8 +113,9 @@ class RunResult(BaseModel):
     schema_version: int = 1
     qbench_version: str = __version__
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    status: Literal["running", "complete", "failed"] = "running"
+    status: Literal["running", "complete", "failed", "interrupted"] = "running"
     error: str | None = None
+    identity: str | None = Field(None, description="RunSpec.identity(): digest of the settings that decide the result")
     model: ModelRef
     dataset: DatasetRef
     quantization: dict[str, Any] | None = None
@@ -113,7 +125,15 @@ class RunResult(BaseModel):
     hypotheses_sha256: str | None = None
     devices_fitted: list[str] | None = Field(None, description="device profiles the model fits, by the accountant (complete runs)")
     machine: MachineInfo
+    warnings: list[str] = Field([], description="what the run noticed about its input (skipped files, unscored "
+                                                "utterances, journaled audio that changed), one line each")
+    unscored: list[UnscoredUtterance] = []
+    resumed_utterances: int = Field(0, description="utterances taken from the journal of an earlier, unfinished run")
     utterances: list[UtteranceResult] = []
+
+    @classmethod
+    def read(cls, path: str | Path) -> RunResult:
+        return cls.model_validate_json(Path(path).read_text(encoding="utf-8"))
 
     def write(self, path: str | Path) -> Path:
         """Write atomically (temp file + rename) so a reader never sees half a file."""
@@ -125,6 +145,12 @@ class RunResult(BaseModel):
             f.write("\n")
         os.replace(tmp, path)
         return path
+
+
+def audio_digest(audio: np.ndarray) -> str:
+    """sha256 of decoded samples as little-endian float32 bytes: "the same utterance" means the
+    same audio, whatever file format or path it came from."""
+    return hashlib.sha256(np.ascontiguousarray(audio, dtype="<f4").tobytes()).hexdigest()
 
 
 def hypotheses_digest(pairs: Iterable[tuple[str, str]]) -> str:

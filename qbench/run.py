@@ -13,10 +13,11 @@ the run (`qbench.models.parallel.using_threads`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -37,7 +38,8 @@ from qbench.embedded.devices import (
 )
 from qbench.embedded.session import DeviceSession, fit_model
 from qbench.errors import QBenchError
-from qbench.evaluate import RunFailed, evaluate
+from qbench.evaluate import RunFailed, evaluate, split_unscorable, unscored_warning
+from qbench.journal import JournalHeader, RunJournal, claim_output, journal_path
 from qbench.leaderboard.entry import LeaderboardEntry
 from qbench.models.parallel import using_threads
 from qbench.models.speech_model import SpeechModel
@@ -95,6 +97,33 @@ class RunSpec(BaseModel):
         if self.batch_size is not None:
             return self.batch_size
         return WORKSTATION_BATCH_SIZE if self.device == NO_DEVICE else 1
+
+    #: Fields that do not decide the result: where it is written, how many threads compute it
+    #: (results are the same on any count), where the audio and weights are read from (the
+    #: audio is pinned per utterance by its digest, the weights by their sha256). Every other
+    #: field, including one added later, counts toward `identity()` until it is listed here.
+    NOT_IDENTITY: ClassVar[frozenset[str]] = frozenset({"output", "threads", "data_dir", "weights"})
+
+    def identity_fields(self) -> dict[str, Any]:
+        """The settings that decide the result, as JSON values, each in one canonical form: the
+        effective batch size, id sets sorted (a limit is ignored when ids are given, as
+        `select_utterances` and `load_calibration` do), no calibration settings for the float baseline."""
+        fields = self.model_dump(mode="json", exclude=set(self.NOT_IDENTITY))
+        fields["batch_size"] = self.effective_batch_size
+        if self.utterance_ids is not None:
+            fields["utterance_ids"], fields["limit"] = sorted(set(self.utterance_ids)), None
+        if self.calibration_ids is not None:
+            fields["calibration_ids"], fields["calibration_limit"] = sorted(set(self.calibration_ids)), None
+        if self.plugin is None:
+            for key in ("calibration_subset", "calibration_limit", "calibration_ids"):
+                fields.pop(key)
+        return fields
+
+    def identity(self) -> str:
+        """sha256 of `identity_fields()`: two specs with the same identity give the same result
+        on the same weights and audio, so a rerun may resume or reuse the other's work."""
+        canonical = json.dumps(self.identity_fields(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     @classmethod
     def from_entry(cls, entry: LeaderboardEntry, data_dir: str | None = None, output: str | None = None) -> RunSpec:
@@ -191,14 +220,32 @@ def devices_fitted(model: SpeechModel) -> list[str]:
     return sorted(name for name, device in get_device_profiles().items() if fit_model(model, device).fits)
 
 
-def run_benchmark(spec: RunSpec, progress: RunProgress | None = None) -> RunResult:
-    """Carry out `spec`: load, quantize, transcribe and score, writing the result file as it goes.
+def weights_sha256(spec: RunSpec) -> str:
+    """The sha256 `load_model` will record for the spec's weights, without loading them."""
+    from qbench.checkpoints.loader import _main_file  # the file load_model hashes
+    from qbench.checkpoints.registry import get_card, resolve_weights
+    from qbench.data.downloading import sha256_of
+
+    path, _ = resolve_weights(get_card(spec.model), spec.weights)
+    return sha256_of(_main_file(path))
+
+
+def run_benchmark(spec: RunSpec, progress: RunProgress | None = None, force: bool = False) -> RunResult:
+    """Carry out `spec`: load, quantize, transcribe and score, writing the result file and its
+    journal as it goes.
 
     Returns the result, also when the model does not fit the device (`status: failed`,
     `device.fits: false`); raises `RunFailed` (holding every utterance finished, which is also
-    on disk) when transcription stops on bad input.
+    on disk) when transcription stops on bad input. Files already at the output decide the
+    start (`qbench.journal.claim_output`): this spec's complete result is returned as it is,
+    an unfinished one is resumed, another run's is refused unless `force` keeps it aside.
     """
     progress = progress or SilentProgress()
+    prior = claim_output(spec.output_path, spec.identity(), lambda: weights_sha256(spec), force, progress.note)
+    if prior.complete is not None:
+        progress.note(f"{spec.output_path} already holds this run's complete result: not recomputed "
+                      "(pass --force to run it again)")
+        return prior.complete
     with using_threads(spec.threads):
         data_dir = find_data_dir(spec.data_dir, spec.subset)
         present = list_utterances(data_dir, spec.subset)
@@ -212,6 +259,14 @@ def run_benchmark(spec: RunSpec, progress: RunProgress | None = None) -> RunResu
         session = None
         if spec.device != NO_DEVICE:
             session = DeviceSession(model, get_device_profile(spec.device), batch_size)
+        warnings = [present.skipped.warning] if present.skipped.warning else []
+        utterances, unscored = split_unscorable(utterances)
+        if unscored:
+            warnings.append(unscored_warning(unscored))
+        if not utterances:
+            raise RunSpecError(f"none of the selected utterances has a reference with words to score ({warnings[-1]})")
+        for warning in warnings:
+            progress.note(f"warning: {warning}")
         result = RunResult(
             model=ModelRef(name=loaded.card.name, architecture=loaded.card.architecture, format=loaded.format,
                            path=str(loaded.path), sha256=loaded.sha256, parameters=loaded.card.parameters),
@@ -219,23 +274,36 @@ def run_benchmark(spec: RunSpec, progress: RunProgress | None = None) -> RunResu
                                utterance_count=len(utterances), utterance_ids_sha256=utterance_digest(u.id for u in utterances),
                                partial_subset=len(present) < OFFICIAL_COUNTS.get(spec.subset, 0)),
             quantization=quantization, calibration=calibration, machine=MachineInfo.current(),
-            device=session.record() if session else None,
+            device=session.record() if session else None, identity=spec.identity(), warnings=warnings, unscored=unscored,
         )
         output = spec.output_path
         if session is not None and not session.fits:
             return _does_not_fit(session, result, output)
+        header = JournalHeader(identity=result.identity, model_sha256=loaded.sha256, created_at=result.created_at,
+                               spec=spec.identity_fields())
+        journal = RunJournal.start(journal_path(output), header, prior.records.values())
+        resumable = sum(u.id in prior.records for u in utterances)
+        if resumable:
+            progress.note(f"resuming from {journal.path}: {resumable} of {len(utterances)} utterances were transcribed before")
+
+        def finish(result: RunResult) -> None:
+            # what is known only at the end goes in before the file says complete, so a rerun
+            # that finds a complete result finds all of it
+            result.devices_fitted = devices_fitted(model)
+            if session is not None:
+                result.device = session.record()
+
         progress.transcribing(f"{spec.model} {spec.label} {spec.subset}", len(utterances))
         try:
             evaluate(session.model if session else model, utterances, result, output, batch_size=batch_size,
-                     on_batch=lambda n, _wall: progress.transcribed(n))
+                     on_batch=lambda n, _wall: progress.transcribed(n), journal=journal, finish=finish)
         except RunFailed as exc:
             if session is not None and session.exceeded:
                 return _does_not_fit(session, exc.result, output)
             raise
-        result.devices_fitted = devices_fitted(model)
-        if session is not None:
-            result.device = session.record()
-        result.write(output)
+        finally:
+            journal.close()  # on failure or interruption it stays, for the next run to resume from
+        journal.discard()  # the result file now holds every utterance
         return result
 
 

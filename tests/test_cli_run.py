@@ -90,3 +90,18 @@ def test_threads_change_no_transcript(tiny_en, data_dir, tmp_path, monkeypatch):
     assert runs["1"]["machine"]["threads"] == 1 and runs["3"]["machine"]["threads"] == 3
     assert runs["1"]["hypotheses_sha256"] == runs["3"]["hypotheses_sha256"]
     assert main(["run", "--limit", "1", "--threads", "0", "-q"]) == 2
+
+
+def test_errors_stay_on_one_line_when_piped_at_80_columns(tmp_path):
+    """rich wraps at the console width (80 when piped, or $COLUMNS): an error must not be wrapped."""
+    import os
+    import subprocess
+    import sys
+
+    absent = tmp_path / ("a-folder-name-long-enough-to-pass-eighty-columns-" * 3) / "absent"
+    env = {**os.environ, "COLUMNS": "80", "TERM": "dumb"}
+    proc = subprocess.run([sys.executable, "-m", "qbench.cli", "run", "--weights", str(absent), "--limit", "1", "-q"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(absent) in lines[0] and len(lines[0]) > 160

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from pydantic import ValidationError
 from qbench.cli import main
 from qbench.leaderboard.entry import read_entry
 from qbench.models import parallel
-from qbench.run import RunSpec, RunSpecError, run_benchmark, select_utterances
+from qbench.results import RunResult
+from qbench.run import RunSpec, RunSpecError, SilentProgress, run_benchmark, select_utterances
 
 LEADERBOARD = Path(__file__).resolve().parent.parent / "leaderboards" / "whisper-tiny.en" / "test-clean"
 
@@ -98,3 +100,51 @@ def test_thread_counts_are_scoped_per_thread_and_reach_workers():
     with pytest.raises(parallel.ThreadCountError):
         with parallel.using_threads(0):
             pass
+
+
+def test_identity_is_the_settings_that_decide_the_result():
+    base = RunSpec(limit=3, device="none")
+    # where it is written, how many threads, where data and weights are read from: same run
+    for same in (dict(output="elsewhere.json"), dict(threads=2), dict(data_dir="/d"), dict(weights="/w.bin"),
+                 dict(batch_size=8), dict(calibration_limit=5)):  # 8 is the default batch; fp runs do not calibrate
+        assert RunSpec(limit=3, device="none", **same).identity() == base.identity(), same
+    different = [dict(model="wav2vec2-base-960h"), dict(subset="test-other"), dict(limit=4), dict(device="pi-zero-2w"),
+                 dict(batch_size=2), dict(plugin="rtn"), dict(plugin="rtn", config={"bits": 4}),
+                 dict(plugin="rtn", policy={"quantize_embeddings": True})]
+    identities = {RunSpec(**{"limit": 3, "device": "none", **d}).identity() for d in different}
+    assert len(identities | {base.identity()}) == len(different) + 1
+    calibrated = dict(plugin="gptq", device="none")
+    assert RunSpec(**calibrated, calibration_limit=5).identity() != RunSpec(**calibrated).identity()
+    # an id set is a set: order and repeats do not matter, and a limit beside it is ignored
+    assert RunSpec(utterance_ids=("b", "a", "a")).identity() == RunSpec(utterance_ids=("a", "b"), limit=1).identity()
+    assert RunSpec(utterance_ids=("a", "b")).identity() != RunSpec(utterance_ids=("a",)).identity()
+
+
+def test_skipped_files_and_unscorable_references_are_warned_and_recorded(tiny_en, data_dir, tmp_path, monkeypatch):
+    """A flac without a transcript line, a transcript line without a flac and a reference the
+    normalizer empties ("HMM"): the run says so once each and records it; only real references are scored."""
+    from qbench.data.librispeech import list_utterances
+    from qbench.models.whisper import Whisper
+
+    utts = list_utterances(data_dir, "test-clean", limit=2)  # both of chapter 1089-134686
+    chapter = tmp_path / "LibriSpeech" / "test-clean" / "1089" / "134686"
+    chapter.mkdir(parents=True)
+    files = [Path(shutil.copy(u.path, chapter / u.path.name)) for u in utts]
+    shutil.copy(files[0], chapter / "1089-134686-0900.flac")  # a filler-only utterance
+    shutil.copy(files[0], chapter / "1089-134686-0901.flac")  # audio nobody transcribed
+    (chapter / "1089-134686.trans.txt").write_text("".join(f"{u.id} {u.transcript}\n" for u in utts)
+                                                   + "1089-134686-0900 HMM\n1089-134686-0902 A LINE WHOSE FLAC IS GONE\n")
+    monkeypatch.setattr(Whisper, "transcribe", lambda self, audios: ["a hypothesis"] * len(audios))
+    notes: list[str] = []
+    progress = SilentProgress()
+    progress.note = notes.append
+    result = run_benchmark(RunSpec(data_dir=str(tmp_path), device="none", output=str(tmp_path / "r.json")), progress)
+    assert [u.id for u in result.utterances] == [f.stem for f in files]
+    assert result.dataset.utterance_count == 2
+    assert [u.id for u in result.unscored] == ["1089-134686-0900"]
+    skipped, unscored = result.warnings
+    assert "1 flac file(s) without a transcript line (e.g. " in skipped and "0901.flac" in skipped
+    assert "1 transcript line(s) without a flac file (e.g. 1089-134686-0902 in " in skipped
+    assert "1 utterance(s) not scored" in unscored and "1089-134686-0900 'HMM'" in unscored
+    assert [n for n in notes if n.startswith("warning: ")] == [f"warning: {skipped}", f"warning: {unscored}"]
+    assert RunResult.read(tmp_path / "r.json").warnings == result.warnings
