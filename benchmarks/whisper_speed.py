@@ -81,7 +81,8 @@ def _numpy_model(spec: dict[str, Any]):  # -> (SpeechModel, extra info)
     info: dict[str, Any] = {"weights": str(loaded.path)}
     if "plugin" in spec:
         from qbench.plugin_manager import get_quantizer
-        from qbench.quant.apply import parse_settings, quantize_model
+        from qbench.quant.apply import quantize_model
+        from qbench.quant.settings import parse_settings
 
         cls = get_quantizer(spec["plugin"])
         quantizer = cls(parse_settings(spec["settings"], cls.Config, spec["plugin"]))
@@ -102,8 +103,8 @@ def run_worker(system: str, limit: int, threads: int, batch_size: int, data_dir:
 
     from qbench.data.audio import load_audio
     from qbench.data.librispeech import find_data_dir, list_utterances
-    from qbench.evaluate import score_utterance
     from qbench.data.scoring import ErrorCounts, corpus_rate
+    from qbench.evaluate import score_utterance
 
     spec = SYSTEMS[system]
     threadpool_limits(threads)
@@ -113,8 +114,8 @@ def run_worker(system: str, limit: int, threads: int, batch_size: int, data_dir:
     result: dict[str, Any] = {"system": system, "engine": spec["engine"]}
 
     if spec["engine"] == "ct2":
-        from qbench.peers.faster_whisper import FasterWhisper
         from qbench.checkpoints.registry import get_card, resolve_weights
+        from qbench.peers.faster_whisper import FasterWhisper
 
         path = resolve_weights(get_card(MODEL))[0]  # the directory load_model reads
         threads = spec.get("threads", threads)

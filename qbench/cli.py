@@ -109,15 +109,13 @@ def spec_from_args(args: argparse.Namespace):
     """The `RunSpec` the `qbench run` arguments describe."""
     from pydantic import ValidationError
 
-    from qbench.plugin_manager import get_quantizer
-    from qbench.quant.apply import QuantizationPolicy, parse_settings
+    from qbench.quant.apply import QuantizationPolicy
+    from qbench.quant.settings import parse_setting_values
     from qbench.run import RunSpec, spec_error
 
-    config: dict = {}
-    if args.plugin:
-        cls = get_quantizer(args.plugin)
-        config = parse_settings(args.set or [], cls.Config, plugin=args.plugin).model_dump(mode="json", exclude_unset=True)
-    elif args.set:
+    # values only: the plugin's own process checks them against its Config
+    config = parse_setting_values(args.set or [], args.plugin or "?")
+    if config and not args.plugin:
         raise CliError("--set configures a quantizer: give --plugin NAME too")
     try:
         return RunSpec(
@@ -127,6 +125,7 @@ def spec_from_args(args: argparse.Namespace):
             policy=QuantizationPolicy(quantize_embeddings=args.quantize_embeddings),
             calibration_subset=args.calibration_subset, calibration_limit=args.calibration_limit,
             calibration_ids=read_ids(args.calibration_ids, "calibration") if args.calibration_ids else None,
+            artifact=getattr(args, "artifact", None), plugin_timeout=args.plugin_timeout,
             threads=args.threads, batch_size=args.batch_size, output=args.output,
         )
     except ValidationError as exc:
@@ -174,6 +173,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     say(f"result written to {spec.output_path}")
     if args.submit:
         submit_entry(result, Path(args.leaderboards))
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from qbench.run import quantize_to_artifact
+
+    spec = spec_from_args(args)
+    target = Path(args.artifact_output) if args.artifact_output else Path("results") / f"{spec.model}__{spec.label}.safetensors"
+    progress = RichProgress(args.quiet)
+    try:
+        path, record = quantize_to_artifact(spec, target, progress)
+    finally:
+        progress.close()
+    say(f"{record['quantizer']} {record['quantizer_version']}: {record['mean_bits_per_weight']:.2f} bits per quantized "
+        f"weight, model {_fmt_bytes(record['model_bytes'])}; `qbench run --artifact {path}` evaluates it")
     return 0
 
 
@@ -306,7 +320,8 @@ def quantize_for_fit(model, args: argparse.Namespace):
     """Quantize without audio, with any installed quantizer (a calibrated one runs on neutral
     statistics: exact sizes, uncalibrated codes; see `quantize_without_audio`)."""
     from qbench.plugin_manager import get_quantizer
-    from qbench.quant.apply import QuantizationPolicy, parse_settings, quantize_without_audio
+    from qbench.quant.apply import QuantizationPolicy, quantize_without_audio
+    from qbench.quant.settings import parse_settings
 
     cls = get_quantizer(args.plugin)
     config = parse_settings(args.set or [], cls.Config, plugin=args.plugin)
@@ -417,12 +432,34 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", "-o", help="result JSON path (default results/<model>__<subset>__<label>.json)")
     run.add_argument("--force", action="store_true", help="start afresh even if the output holds a result (of this "
                      "run or another): the old file is kept aside as <name>.<UTC time>.json")
+    run.add_argument("--artifact", metavar="FILE", help="evaluate a quantized-model artifact (qbench quantize) "
+                     "instead of quantizing with --plugin")
+    run.add_argument("--plugin-timeout", type=float, metavar="SECONDS",
+                     help="seconds the plugin's process may take per layer before it is killed (default 600)")
     run.add_argument("--threads", type=int, help="threads to run on (default: QBENCH_THREADS, else every CPU); "
                      "results are the same on any count")
     run.add_argument("--quiet", "-q", action="store_true")
     run.add_argument("--submit", action="store_true", help="also write a leaderboard entry into --leaderboards")
     run.add_argument("--leaderboards", default="leaderboards", help="leaderboard root for --submit")
     run.set_defaults(func=cmd_run)
+
+    quantize = sub.add_parser("quantize", help="quantize a model with a plugin (in its own process) into an artifact file")
+    quantize.add_argument("--model", default="whisper-tiny.en")
+    quantize.add_argument("--weights")
+    quantize.add_argument("--plugin", required=True, help="quantizer name (qbench plugins)")
+    quantize.add_argument("--set", action="append", metavar="KEY=VALUE", help="quantizer config, repeatable")
+    quantize.add_argument("--quantize-embeddings", action="store_true")
+    quantize.add_argument("--data-dir", help="folder holding LibriSpeech/ with the calibration subset")
+    quantize.add_argument("--calibration-subset", default="dev-clean")
+    quantize.add_argument("--calibration-limit", type=int, default=None)
+    quantize.add_argument("--calibration-ids", metavar="FILE")
+    quantize.add_argument("--plugin-timeout", type=float, metavar="SECONDS")
+    quantize.add_argument("--threads", type=int)
+    quantize.add_argument("--output", "-o", dest="artifact_output",
+                          help="artifact path (default results/<model>__<plugin>_<settings>.safetensors)")
+    quantize.add_argument("--quiet", "-q", action="store_true")
+    quantize.set_defaults(func=cmd_quantize, subset="test-clean", limit=None, utterance_ids=None, device="none",
+                          batch_size=None, output=None, artifact=None)
 
     fit = sub.add_parser("fit", help="which device profiles a (quantized) model fits, without running audio")
     fit.add_argument("--model", default="whisper-tiny.en")

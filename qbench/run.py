@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from qbench.checkpoints.loader import load_model
 from qbench.data.calibration import load_calibration
@@ -33,9 +33,9 @@ from qbench.data.librispeech import (
 from qbench.embedded.devices import (
     DEFAULT_DEVICE,
     NO_DEVICE,
-    get_device_profile,
-    get_device_profiles,
+    UnknownDeviceError,
 )
+from qbench.embedded.profile import DeviceProfile
 from qbench.embedded.session import DeviceSession, fit_model
 from qbench.errors import QBenchError
 from qbench.evaluate import RunFailed, evaluate, split_unscorable, unscored_warning
@@ -43,8 +43,14 @@ from qbench.journal import JournalHeader, RunJournal, claim_output, journal_path
 from qbench.leaderboard.entry import LeaderboardEntry
 from qbench.models.parallel import using_threads
 from qbench.models.speech_model import SpeechModel
-from qbench.plugin_manager import get_quantizer
-from qbench.quant.apply import QuantizationPolicy, SettingsError, quantize_model
+from qbench.quant.apply import (
+    QuantizationPolicy,
+    QuantizerIdentity,
+    packed_model_report,
+    quantize_model,
+)
+from qbench.quant.artifact import build_manifest, read_artifact, write_artifact
+from qbench.quant.plugin_process import PluginProcess, device_profiles_from_plugins
 from qbench.results import DatasetRef, MachineInfo, ModelRef, RunResult
 
 #: Utterances per batch without a device (a workstation run); on a device the default is 1,
@@ -74,6 +80,8 @@ class RunSpec(BaseModel):
     calibration_subset: str = "dev-clean"
     calibration_limit: int | None = Field(None, ge=1)
     calibration_ids: tuple[str, ...] | None = None
+    artifact: str | None = Field(None, description="evaluate this quantized-model artifact (from qbench quantize)")
+    plugin_timeout: float | None = Field(None, gt=0, description="seconds the plugin may take per layer")
     threads: int | None = Field(None, ge=1, description="None: QBENCH_THREADS, else every CPU")
     batch_size: int | None = Field(None, ge=1, description=f"None: 1 on a device, {WORKSTATION_BATCH_SIZE} without")
     output: str | None = Field(None, description="result file; None: results/<model>__<subset>__<label>.json")
@@ -81,6 +89,8 @@ class RunSpec(BaseModel):
     @property
     def label(self) -> str:
         """`fp`, or the plugin and its settings, for the default result file name."""
+        if self.artifact is not None:
+            return Path(self.artifact).stem
         if self.plugin is None:
             return "fp"
         settings = "".join(f"_{k}{v if isinstance(v, str) else json.dumps(v)}" for k, v in sorted(self.config.items()))
@@ -93,6 +103,19 @@ class RunSpec(BaseModel):
         return Path("results") / f"{self.model}__{self.subset}__{self.label}.json"
 
     @property
+    def artifact_path(self) -> Path:
+        """Where a run that quantizes writes its quantized model: beside the result file."""
+        return self.output_path.with_suffix(".safetensors")
+
+    @model_validator(mode="after")
+    def _one_source_of_quantization(self) -> RunSpec:
+        if self.plugin is not None and self.artifact is not None:
+            raise ValueError("give a plugin to quantize with or an artifact to evaluate, not both")
+        if self.config and self.plugin is None:
+            raise ValueError("config configures a plugin: give plugin too")
+        return self
+
+    @property
     def effective_batch_size(self) -> int:
         if self.batch_size is not None:
             return self.batch_size
@@ -102,7 +125,7 @@ class RunSpec(BaseModel):
     #: (results are the same on any count), where the audio and weights are read from (the
     #: audio is pinned per utterance by its digest, the weights by their sha256). Every other
     #: field, including one added later, counts toward `identity()` until it is listed here.
-    NOT_IDENTITY: ClassVar[frozenset[str]] = frozenset({"output", "threads", "data_dir", "weights"})
+    NOT_IDENTITY: ClassVar[frozenset[str]] = frozenset({"output", "threads", "data_dir", "weights", "plugin_timeout"})
 
     def identity_fields(self) -> dict[str, Any]:
         """The settings that decide the result, as JSON values, each in one canonical form: the
@@ -192,32 +215,79 @@ def select_utterances(present: Sequence[Utterance], limit: int | None, ids: Sequ
 
 
 def quantize_for_run(
-    model: SpeechModel, spec: RunSpec, data_dir: Path, eval_ids: set[str], progress: RunProgress
+    model: SpeechModel, model_sha256: str, spec: RunSpec, data_dir: Path, eval_ids: set[str], progress: RunProgress,
+    artifact_path: Path | None = None,
 ) -> tuple[SpeechModel, dict[str, Any], dict[str, Any] | None]:
-    """The model quantized by `spec.plugin`, its report and (calibrated plugins) the calibration
-    record; calibration audio is disjoint from `eval_ids`."""
-    cls = get_quantizer(spec.plugin)
-    try:
-        config = cls.Config.model_validate(spec.config)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err.get("loc", ())) or "config"
-        raise SettingsError(f"plugin '{spec.plugin}': bad value for '{key}': {err['msg']}") from None
-    quantizer = cls(config)
-    audios = calibration = None
-    if quantizer.needs_calibration:
-        audios, record = load_calibration(data_dir, spec.calibration_subset, spec.calibration_limit, eval_ids,
-                                          list(spec.calibration_ids) if spec.calibration_ids is not None else None)
-        calibration = record.model_dump()
-        progress.note(f"calibrating {spec.plugin} on {record.utterance_count} {record.subset} utterances "
-                      f"({record.audio_seconds:.0f} s)")
-    model, report = quantize_model(model, quantizer, spec.policy, audios, progress=progress.quantizing)
-    return model, report.model_dump(mode="json"), calibration
+    """The model quantized by `spec.plugin` in the plugin's own process, written as an artifact
+    beside the result file; returns the packed model, the quantization record (with the
+    artifact's digest and path) and, for calibrated plugins, the calibration record.
+    Calibration audio is disjoint from `eval_ids`."""
+    with PluginProcess(spec.plugin, spec.config, spec.plugin_timeout) as quantizer:
+        audios = calibration = None
+        if quantizer.needs_calibration:
+            ids = list(spec.calibration_ids) if spec.calibration_ids is not None else None
+            audios, record = load_calibration(data_dir, spec.calibration_subset, spec.calibration_limit, eval_ids, ids)
+            calibration = record.model_dump()
+            progress.note(f"calibrating {spec.plugin} on {record.utterance_count} {record.subset} utterances "
+                          f"({record.audio_seconds:.0f} s)")
+        model, report = quantize_model(model, quantizer, spec.policy, audios, progress=progress.quantizing)
+    identity = QuantizerIdentity(name=report.quantizer, version=report.quantizer_version, distribution=report.distribution,
+                                 distribution_version=report.distribution_version, config=report.config,
+                                 needs_calibration=report.needs_calibration)
+    packed = model.store.packed
+    manifest = build_manifest(spec.model, model_sha256, identity, spec.policy, report.scale_dtype, packed, calibration)
+    path = write_artifact(artifact_path or spec.artifact_path, manifest, packed)
+    progress.note(f"quantized model written to {path} (digest {manifest.digest[:12]})")
+    record = report.model_dump(mode="json") | {"artifact_sha256": manifest.digest, "artifact_path": str(path)}
+    return model, record, calibration
 
 
-def devices_fitted(model: SpeechModel) -> list[str]:
-    """Device profiles the model fits, by the same accounting `qbench fit` uses."""
-    return sorted(name for name, device in get_device_profiles().items() if fit_model(model, device).fits)
+def model_from_artifact(
+    model: SpeechModel, model_sha256: str, spec: RunSpec, eval_ids: set[str]
+) -> tuple[SpeechModel, dict[str, Any], dict[str, Any] | None]:
+    """The float `model` with the packed layers of `spec.artifact` swapped in (no plugin code
+    runs), and the same records `quantize_for_run` gives."""
+    manifest, packed = read_artifact(Path(spec.artifact))
+    if manifest.model != spec.model or manifest.model_sha256 != model_sha256:
+        raise RunSpecError(f"{spec.artifact}: quantizes {manifest.model} (weights sha256 {manifest.model_sha256[:12]}…), "
+                           f"not the {spec.model} loaded here (sha256 {model_sha256[:12]}…)")
+    calibration = None
+    if manifest.calibration is not None:
+        overlap = sorted(eval_ids.intersection(manifest.calibration.utterance_ids))
+        if overlap:
+            raise RunSpecError(f"{spec.artifact}: calibrated on {len(overlap)} of the utterances to score (e.g. {overlap[0]})")
+        calibration = manifest.calibration.model_dump()
+    store, report = packed_model_report(model, manifest.quantizer, manifest.policy, packed, scale_dtype=manifest.scale_dtype)
+    record = report.model_dump(mode="json") | {"artifact_sha256": manifest.digest, "artifact_path": str(spec.artifact)}
+    return model.with_store(store), record, calibration
+
+
+def quantize_to_artifact(spec: RunSpec, artifact_path: Path | None = None,
+                         progress: RunProgress | None = None) -> tuple[Path, dict[str, Any]]:
+    """`qbench quantize`: the quantize half of `run_benchmark` alone. Returns the artifact's path
+    and the quantization record. The evaluation utterances are not known yet: a run of the
+    artifact checks that its calibration set is disjoint from them."""
+    progress = progress or SilentProgress()
+    if spec.plugin is None:
+        raise RunSpecError("qbench quantize needs a plugin")
+    with using_threads(spec.threads):
+        loaded = load_model(spec.model, spec.weights)
+        data_dir = find_data_dir(spec.data_dir, spec.calibration_subset)
+        _, record, _ = quantize_for_run(loaded.model, loaded.sha256, spec, data_dir, set(), progress, artifact_path)
+    return Path(record["artifact_path"]), record
+
+
+def devices_fitted(model: SpeechModel, profiles: dict[str, DeviceProfile]) -> list[str]:
+    """Device profiles the model fits, by the same accounting `qbench fit` uses, on one thread
+    (a count the accountant's per-thread buffers would otherwise take from this machine)."""
+    with using_threads(1):
+        return sorted(name for name, device in profiles.items() if fit_model(model, device).fits)
+
+
+def device_profile(profiles: dict[str, DeviceProfile], name: str) -> DeviceProfile:
+    if name not in profiles:
+        raise UnknownDeviceError(f"unknown device '{name}'; registered: {', '.join(profiles) or 'none'}")
+    return profiles[name]
 
 
 def weights_sha256(spec: RunSpec) -> str:
@@ -253,12 +323,17 @@ def run_benchmark(spec: RunSpec, progress: RunProgress | None = None, force: boo
         loaded = load_model(spec.model, spec.weights)
         model = loaded.model
         quantization = calibration = None
+        eval_ids = {u.id for u in utterances}
         if spec.plugin is not None:
-            model, quantization, calibration = quantize_for_run(model, spec, data_dir, {u.id for u in utterances}, progress)
+            model, quantization, calibration = quantize_for_run(model, loaded.sha256, spec, data_dir, eval_ids, progress)
+        elif spec.artifact is not None:
+            model, quantization, calibration = model_from_artifact(model, loaded.sha256, spec, eval_ids)
         batch_size = spec.effective_batch_size
         session = None
+        # third-party device profiles are plugin code: collected in a plugin process, as data
+        profiles, _ = device_profiles_from_plugins(spec.plugin_timeout)
         if spec.device != NO_DEVICE:
-            session = DeviceSession(model, get_device_profile(spec.device), batch_size)
+            session = DeviceSession(model, device_profile(profiles, spec.device), batch_size)
         warnings = [present.skipped.warning] if present.skipped.warning else []
         utterances, unscored = split_unscorable(utterances)
         if unscored:
@@ -289,7 +364,7 @@ def run_benchmark(spec: RunSpec, progress: RunProgress | None = None, force: boo
         def finish(result: RunResult) -> None:
             # what is known only at the end goes in before the file says complete, so a rerun
             # that finds a complete result finds all of it
-            result.devices_fitted = devices_fitted(model)
+            result.devices_fitted = devices_fitted(model, profiles)
             if session is not None:
                 result.device = session.record()
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import http.server
+import os
 import re
+import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,3 +103,23 @@ def server_factory(no_proxy: None) -> Iterator:
     yield make
     for s in servers:
         s.close()
+
+
+@pytest.fixture
+def install_plugin(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """`install_plugin(dist, module_source, entry_point=..., version=...)`: a minimal installed
+    distribution (*.dist-info with METADATA and entry_points.txt) in a fresh folder put on
+    PYTHONPATH, which the plugin processes qbench starts (and fresh interpreters) discover."""
+    site = tmp_path_factory.mktemp("site")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p))
+
+    def install(dist: str, source: str, entry_point: str | None = None, version: str = "1.0") -> Path:
+        module = dist.replace("-", "_")
+        info = site / f"{module}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+        (info / "entry_points.txt").write_text(f"[qbench]\n{entry_point or dist} = {module}\n")
+        (site / f"{module}.py").write_text(textwrap.dedent(source))
+        return site
+
+    return install

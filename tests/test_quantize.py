@@ -4,18 +4,17 @@ import numpy as np
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-from qbench.quant.packing import PackedTensor
+from qbench.models.weight_store import WeightInfo, WeightStore
 from qbench.quant.apply import (
     CalibratingQuantizingStore,
     PackedWeightStore,
     PluginError,
     QuantizationPolicy,
-    SettingsError,
-    parse_settings,
     quantize_model,
 )
 from qbench.quant.contract import LayerStats, QuantizedTensor, Quantizer
-from qbench.models.weight_store import WeightInfo, WeightStore
+from qbench.quant.packing import PackedTensor
+from qbench.quant.settings import SettingsError, parse_settings
 
 # -- a tiny model satisfying the SpeechModel protocol ---------------------------------------
 

@@ -9,15 +9,14 @@ model, and measuring what it cost (bytes, bits per weight, reconstruction error)
 from __future__ import annotations
 
 import fnmatch
-import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from qbench.errors import QBenchError, describe, one_line
 from qbench.models.speech_model import SpeechModel
@@ -25,6 +24,7 @@ from qbench.models.weight_store import WeightInfo, WeightStore
 from qbench.plugin_manager import entry_for_class
 from qbench.quant.contract import LayerStats, QuantizedTensor, Quantizer
 from qbench.quant.packing import PackedTensor, pack_quantized
+from qbench.quant.plugin_process import PluginProcess, PluginProcessError
 
 #: `progress(layer_name, done, total)`, called after each layer is quantized.
 Progress = Callable[[str, int, int], None]
@@ -45,10 +45,6 @@ class QuantizationError(QBenchError, ValueError):
 
 class CalibrationPassError(QBenchError, RuntimeError):
     """The model's calibration pass did not reach every layer it was to quantize (a model bug)."""
-
-
-class SettingsError(QBenchError, ValueError):
-    """A `--set key=value` that the plugin's Config does not accept."""
 
 
 # -- which weights --------------------------------------------------------------------------
@@ -82,50 +78,6 @@ class QuantizationPolicy(BaseModel):
     def select(self, weight_infos: Iterable[WeightInfo]) -> list[WeightInfo]:
         """The weights to quantize, in the given (execution) order."""
         return [info for info in weight_infos if self.wants(info)]
-
-
-# -- plugin settings ------------------------------------------------------------------------
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def parse_settings(settings: Sequence[str], config_cls: type[ConfigT], plugin: str | None = None) -> ConfigT:
-    """Build a plugin Config from `["bits=4", "group_size=null", "symmetric=false"]`.
-
-    Values are parsed as JSON when they are valid JSON (numbers, true/false, null, lists), else
-    taken as strings. Any problem raises a one-line `SettingsError` naming the key and plugin.
-    """
-    plugin = plugin or config_cls.__qualname__.split(".")[0]
-    known = list(config_cls.model_fields)
-    raw: dict[str, str] = {}
-    values: dict[str, Any] = {}
-    for item in settings:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise SettingsError(f"plugin '{plugin}': setting {item!r} is not of the form key=value")
-        if key not in config_cls.model_fields:
-            raise SettingsError(
-                f"plugin '{plugin}': unknown setting '{key}' (known: {', '.join(known) or 'none'})"
-            )
-        if key in values:
-            raise SettingsError(f"plugin '{plugin}': setting '{key}' given twice")
-        raw[key] = text
-        values[key] = _parse_value(text.strip())
-    try:
-        return config_cls.model_validate(values)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err.get("loc", ())) or "settings"
-        key = str(err["loc"][0]) if err.get("loc") else None
-        got = f" (got {raw[key]!r})" if key in raw else ""
-        msg = " ".join(str(err.get("msg", exc)).split())
-        raise SettingsError(f"plugin '{plugin}': bad value for '{loc}': {msg}{got}") from None
 
 
 # -- one layer ------------------------------------------------------------------------------
@@ -168,6 +120,8 @@ def _quantize_layer(
     try:
         # The plugin gets a copy: one that edits its input in place must not corrupt the model.
         qt = quantizer.quantize(weight.copy(), stats)
+    except PluginProcessError as exc:  # already worded: exited, timed out, raised X
+        raise PluginError(f"{where}: {one_line(exc)}") from None
     except Exception as exc:
         raise PluginError(f"{where}: {describe(exc)}") from exc
     if not isinstance(qt, QuantizedTensor):
@@ -180,10 +134,16 @@ def _quantize_layer(
     deq = packed.dequantize()
     if not np.all(np.isfinite(deq)):
         raise PluginError(f"{where}: dequantized weight contains NaN or inf")
+    return packed, deq, layer_report(info, weight, packed, deq)
+
+
+def layer_report(info: WeightInfo, weight: np.ndarray, packed: PackedTensor, deq: np.ndarray | None = None) -> LayerReport:
+    """Size and reconstruction error of one packed layer against its float weight."""
+    deq = packed.dequantize() if deq is None else deq
     norm = float(np.linalg.norm(weight))
     diff = float(np.linalg.norm(weight - deq))
     rel = diff / norm if norm > 0 else (0.0 if diff == 0 else float("inf"))
-    report = LayerReport(
+    return LayerReport(
         name=info.name,
         kind=info.kind,
         shape=info.shape,
@@ -194,7 +154,6 @@ def _quantize_layer(
         bits_per_weight=packed.bits_per_weight,
         rel_error=rel,
     )
-    return packed, deq, report
 
 
 # -- stores ---------------------------------------------------------------------------------
@@ -373,6 +332,62 @@ class QuantizationReport(BaseModel):
     seconds: float
 
 
+class QuantizerIdentity(BaseModel):
+    """Which code quantized a model, with which settings: what results, entries and artifacts record."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    version: str
+    distribution: str | None = None
+    distribution_version: str | None = None
+    config: dict[str, Any]
+    needs_calibration: bool
+
+
+def packed_model_report(
+    model: SpeechModel,
+    identity: QuantizerIdentity,
+    policy: QuantizationPolicy,
+    packed: Mapping[str, PackedTensor],
+    reports: list[LayerReport] | None = None,
+    scale_dtype: np.dtype | type = np.float16,
+    n_calibration_audios: int = 0,
+    cache_bytes: int = 0,
+) -> tuple[PackedWeightStore, QuantizationReport]:
+    """The store of `model` (float) with `packed` layers swapped in, and its report. `reports`
+    are the layers' reports when just quantized; without them (an artifact read back) they are
+    computed again from the float weights."""
+    store = model.store
+    infos = {info.name: info for info in model.quantizable_weights()}
+    selected = [infos[name] for name in packed]
+    if reports is None:
+        reports = [layer_report(info, store.matrix(info.name), packed[info.name]) for info in selected]
+    new_store = PackedWeightStore(store.params, store.weight_infos(), packed, cache_bytes=cache_bytes)
+    n_params = sum(int(np.asarray(p).size) for p in store.params.values())
+    n_quant = sum(info.numel for info in selected)
+    packed_bytes = sum(pt.nbytes for pt in packed.values())
+    report = QuantizationReport(
+        quantizer=identity.name,
+        quantizer_version=identity.version,
+        distribution=identity.distribution,
+        distribution_version=identity.distribution_version,
+        config=identity.config,
+        policy=policy,
+        needs_calibration=identity.needs_calibration,
+        n_calibration_audios=n_calibration_audios,
+        scale_dtype=np.dtype(scale_dtype).name,
+        layers=reports,
+        skipped=[name for name in infos if name not in packed],
+        float_model_bytes=store.stored_bytes(),
+        model_bytes=new_store.stored_bytes(),
+        quantized_fraction=n_quant / n_params if n_params else 0.0,
+        mean_bits_per_weight=8.0 * packed_bytes / n_quant if n_quant else 0.0,
+        seconds=0.0,
+    )
+    return new_store, report
+
+
 def quantize_model(
     model: SpeechModel,
     quantizer: Quantizer,
@@ -397,7 +412,6 @@ def quantize_model(
     t0 = time.perf_counter()
     all_infos = model.quantizable_weights()
     selected = policy.select(all_infos)
-    skipped = [info.name for info in all_infos if not policy.wants(info)]
     scale_dtype = np.dtype(scale_dtype)
     n_audios = 0
 
@@ -422,30 +436,22 @@ def quantize_model(
             if progress is not None:
                 progress(info.name, i + 1, len(selected))
 
-    new_store = PackedWeightStore(store.params, store.weight_infos(), packed, cache_bytes=cache_bytes)
-    n_params = sum(int(np.asarray(p).size) for p in store.params.values())
-    n_quant = sum(info.numel for info in selected)
-    packed_bytes = sum(pt.nbytes for pt in packed.values())
-    entry = entry_for_class(type(quantizer))
-    report = QuantizationReport(
-        quantizer=_plugin_name(quantizer),
+    if isinstance(quantizer, PluginProcess):
+        # the plugin's own process said which distribution it is; nothing is imported here
+        distribution, distribution_version = quantizer.distribution, quantizer.distribution_version
+        version = quantizer.version
+    else:
+        entry = entry_for_class(type(quantizer))
+        distribution, distribution_version = (entry.distribution, entry.distribution_version) if entry else (None, None)
         # a class without its own `version` is versioned by its distribution, as discovery recorded
-        quantizer_version=entry.version if entry else getattr(quantizer, "version", None) or "unknown",
-        distribution=entry.distribution if entry else None,
-        distribution_version=entry.distribution_version if entry else None,
-        config=quantizer.config.model_dump(mode="json"),
-        policy=policy,
+        version = entry.version if entry else getattr(quantizer, "version", None) or "unknown"
+    identity = QuantizerIdentity(
+        name=_plugin_name(quantizer), version=version, distribution=distribution,
+        distribution_version=distribution_version, config=quantizer.config.model_dump(mode="json"),
         needs_calibration=bool(quantizer.needs_calibration),
-        n_calibration_audios=n_audios,
-        scale_dtype=scale_dtype.name,
-        layers=reports,
-        skipped=skipped,
-        float_model_bytes=store.stored_bytes(),
-        model_bytes=new_store.stored_bytes(),
-        quantized_fraction=n_quant / n_params if n_params else 0.0,
-        mean_bits_per_weight=8.0 * packed_bytes / n_quant if n_quant else 0.0,
-        seconds=time.perf_counter() - t0,
     )
+    new_store, report = packed_model_report(model, identity, policy, packed, reports, scale_dtype, n_audios, cache_bytes)
+    report.seconds = time.perf_counter() - t0
     if quantizer.needs_calibration and without_audio:
         report.calibration_note = (
             f"'{_plugin_name(quantizer)}' needs calibration audio and got none: it ran on neutral statistics "

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 qbench_rtn = pytest.importorskip("qbench_rtn", reason="pip install -e plugins/rtn")
-from qbench.quant.packing import pack_quantized  # noqa: E402
-from qbench.plugin_manager import get_quantizer  # noqa: E402
-from qbench.quant.apply import parse_settings  # noqa: E402
 from qbench import dequantize  # noqa: E402
+from qbench.plugin_manager import get_quantizer  # noqa: E402
+from qbench.quant.packing import pack_quantized  # noqa: E402
+from qbench.quant.settings import parse_settings  # noqa: E402
 
 RTN = qbench_rtn.RTNQuantizer
 
