@@ -74,14 +74,58 @@ def download_model(card: ModelCard, kind: str | None = None, cache_dir: Path | N
         if kind is not None and source.kind != kind:
             continue
         if source.kind == "huggingface":
-            return _from_hub(source, progress)
+            return _from_hub(source, progress, card)
         if source.kind == "url":
             return _from_url(card, source, cache_dir, progress)
     raise WeightsNotFoundError(f"{card.name} has no source qbench downloads{f' of kind {kind}' if kind else ''}: "
                                f"{how_to_get(card)}")
 
 
-def _from_hub(source: WeightSource, progress: bool) -> Path:
+def _size(n: int | None) -> str:
+    if n is None:
+        return "size not pinned"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB" if n >= 1024 else f"{n} bytes"
+
+
+def files_needed_text(source: WeightSource) -> str:
+    """The card's files as an offline user must fetch them: names and sizes, fallbacks last."""
+    preferred = [f"{f.path} ({_size(f.size)})" for f in source.files if f.fallback_for is None]
+    fallbacks = [f"{f.path} ({_size(f.size)}) instead of {f.fallback_for}" for f in source.files if f.fallback_for]
+    return ", ".join(preferred) + (f" (or {', '.join(fallbacks)})" if fallbacks else "")
+
+
+def unreachable_cause(exc: BaseException) -> BaseException | None:
+    """The connection failure behind a hub error when the Hub could not be reached (no
+    network, DNS, a proxy, a timeout), else None (a refusal: a missing repo or revision,
+    authentication). The hub wraps the connection error (httpx's or requests') in a
+    LocalEntryNotFoundError when nothing is cached; the deepest such error is the plainest."""
+    found, seen = None, exc
+    while seen is not None:
+        name = type(seen).__name__
+        if isinstance(seen, (ConnectionError, TimeoutError)) or any(
+                word in name for word in ("Connect", "Timeout", "LocalEntryNotFound", "Offline", "NetworkError")):
+            found = seen
+        seen = seen.__cause__ or seen.__context__
+    return found
+
+
+def hub_cache_folder(source: WeightSource) -> Path:
+    """Where huggingface_hub keeps the repo's snapshots: where `resolve_weights` looks."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE) / f"models--{(source.repo_id or '').replace('/', '--')}"
+
+
+def offline_message(card: ModelCard, source: WeightSource, cause: BaseException) -> str:
+    """One line for a Hub that cannot be reached: what is missing, how big, where it goes."""
+    return (f"cannot reach the Hugging Face Hub for {source.repo_id}@{source.revision} ({type(cause).__name__}: "
+            f"{' '.join(str(cause).split())[:120]}). {card.name} needs {files_needed_text(source)}. Where there is network, "
+            f"`qbench download-model {card.name}` puts them in {hub_cache_folder(source)}, where `qbench run --model "
+            f"{card.name}` finds them; without it, copy those files from https://huggingface.co/{source.repo_id} into one "
+            f"folder and pass it as `--weights DIR`")
+
+
+def _from_hub(source: WeightSource, progress: bool, card: ModelCard | None = None) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError as exc:
@@ -94,6 +138,9 @@ def _from_hub(source: WeightSource, progress: bool) -> Path:
         try:
             return Path(snapshot_download(repo_id=source.repo_id, revision=source.revision, allow_patterns=patterns))
         except Exception as exc:  # noqa: BLE001 - the hub's many network/auth errors become one line
+            cause = unreachable_cause(exc)
+            if card is not None and cause is not None:
+                raise DownloadError(offline_message(card, source, cause)) from exc
             raise DownloadError(f"cannot download {source.repo_id}@{source.revision}: "
                                 f"{' '.join(str(exc).split())[:300]}") from exc
 
@@ -115,7 +162,9 @@ def _from_url(card: ModelCard, source: WeightSource, cache_dir: Path | None, pro
     part = target.with_name(target.name + ".part")
     size = source.files[0].size if source.files else None
     fetch_resumable(source.url, part, size, target.name, progress,
-                    offline_hint=f"download it elsewhere and pass --weights, or: {how_to_get(card)}")
+                    offline_hint=f"{card.name} needs {target.name} ({_size(size)}): download it elsewhere and put it at "
+                                 f"{target}, where `qbench run --model {card.name}` finds it, or pass the file as "
+                                 f"`--weights FILE`; or: {how_to_get(card)}")
     try:
         check_source_files(source, part)
     except ChecksumError:
