@@ -150,13 +150,21 @@ def test_chunked_packing_matches_across_chunk_boundaries(bits: int, monkeypatch:
     np.testing.assert_array_equal(pt.dequantize_rows(np.array([16, 3])), codes.reshape(17, 59)[[16, 3]])
 
 
-@pytest.mark.parametrize("scale", [1e-9, 1e-6, 3e-5])
+@pytest.mark.parametrize("scale", [1e-9, 2e-8])
 def test_scale_underflow_in_float16_is_an_error(scale: float) -> None:
-    # 1e-9 would be stored as 0; 1e-6 and 3e-5 as subnormals rounded by up to several percent
+    # below half float16's smallest subnormal (6e-8): stored as 0, the weights would vanish
     qt = QuantizedTensor(codes=np.array([[1, -2, 0, 3]]), code_bits=4, scales=[[scale]], signed=True)
-    with pytest.raises(ValueError, match=rf"scales underflow float16 \(1 nonzero scale\(s\) .*min \|scale\| {scale:.3g}"):
+    with pytest.raises(ValueError, match=rf"scales underflow float16 \(1 nonzero scale\(s\) would be stored as 0, min \|scale\| {scale:.3g}"):
         pack_quantized(qt)
     assert pack_quantized(qt, scale_dtype=np.float32).scales[0, 0] == np.float32(scale)
+
+
+@pytest.mark.parametrize("scale", [2.0**-20, 1e-6, 5.32e-6, 3e-5])
+def test_subnormal_scales_are_stored(scale: float) -> None:
+    # 8-bit RTN of a near-zero group gives such scales; a subnormal keeps them nonzero
+    qt = QuantizedTensor(codes=np.array([[1, -2, 0, 3]]), code_bits=4, scales=[[scale]], signed=True)
+    stored = float(pack_quantized(qt).scales[0, 0])
+    assert stored != 0 and abs(stored - scale) <= float(np.finfo(np.float16).smallest_subnormal) / 2
 
 
 def test_scales_that_lose_nothing_are_stored() -> None:

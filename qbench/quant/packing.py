@@ -269,26 +269,26 @@ def _stored_zeros(zeros: np.ndarray | None, scale_dtype: np.dtype) -> np.ndarray
 
 
 def _check_underflow(qt: QuantizedTensor, stored: np.ndarray, zeros: np.ndarray | None) -> None:
-    """A nonzero scale stored as 0, or as a subnormal with more than the dtype's normal rounding
-    error (half an ulp), silently changes the weights it scales; an error like an overflow.
+    """A nonzero scale stored as 0 silently deletes the weights it scales: an error, like an
+    overflow. A subnormal is kept: it loses relative precision, but it scales weights that
+    small (8-bit RTN of a near-zero group of conv weights gives 5e-6), and refusing it would
+    refuse ordinary models.
 
-    A lossy scale whose group holds only zero values (`code - zero == 0`, e.g. an all-zero row
-    that a plugin gave an epsilon scale) changes nothing and is let through.
+    A scale flushed to 0 whose group holds only zero values (`code - zero == 0`, e.g. an
+    all-zero row that a plugin gave an epsilon scale) changes nothing and is let through.
     """
     wanted = np.asarray(qt.scales, dtype=np.float64)
-    half_ulp = np.finfo(stored.dtype).eps / 2
-    lossy = (wanted != 0) & (np.abs(stored.astype(np.float64) - wanted) > half_ulp * np.abs(wanted))
-    if not lossy.any():
+    flushed = (wanted != 0) & (stored == 0)
+    if not flushed.any():
         return
     values = qt.codebook[qt.codes] if qt.codebook is not None else qt.codes.astype(np.float32)
-    # dequantize with 1 for each lossy scale and 0 elsewhere: nonzero where a lossy scale is used
-    touched = apply_scales(values, lossy.astype(np.float32), zeros, qt.group_size)
+    # dequantize with 1 for each flushed scale and 0 elsewhere: nonzero where one is used
+    touched = apply_scales(values, flushed.astype(np.float32), zeros, qt.group_size)
     if not np.any(touched):
         return
-    tiny = float(np.finfo(stored.dtype).tiny)
-    smallest = float(np.abs(wanted[lossy]).min())
-    raise ValueError(f"scales underflow {stored.dtype.name} ({int(lossy.sum())} nonzero scale(s) below its smallest normal "
-                     f"{tiny:.3g}, min |scale| {smallest:.3g}, would be stored as 0 or lose precision)")
+    smallest = float(np.abs(wanted[flushed]).min())
+    raise ValueError(f"scales underflow {stored.dtype.name} ({int(flushed.sum())} nonzero scale(s) would be stored as 0, "
+                     f"min |scale| {smallest:.3g}; its smallest subnormal is {float(np.finfo(stored.dtype).smallest_subnormal):.3g})")
 
 
 def pack_quantized(qt: QuantizedTensor, scale_dtype: np.dtype | type = np.float16) -> PackedTensor:
