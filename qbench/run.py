@@ -41,7 +41,7 @@ from qbench.errors import QBenchError
 from qbench.evaluate import RunFailed, evaluate, split_unscorable, unscored_warning
 from qbench.journal import JournalHeader, RunJournal, claim_output, journal_path
 from qbench.leaderboard.entry import LeaderboardEntry
-from qbench.models.parallel import using_threads
+from qbench.models.parallel import compute_threads, using_threads
 from qbench.models.speech_model import SpeechModel
 from qbench.quant.apply import (
     QuantizationPolicy,
@@ -80,6 +80,8 @@ class RunSpec(BaseModel):
     calibration_subset: str = "dev-clean"
     calibration_limit: int | None = Field(None, ge=1)
     calibration_ids: tuple[str, ...] | None = None
+    calibration_data_dir: str | None = Field(None, description="folder holding LibriSpeech/ with the calibration subset "
+                                                               "(None: data_dir's place, found for that subset)")
     artifact: str | None = Field(None, description="evaluate this quantized-model artifact (from qbench quantize)")
     plugin_timeout: float | None = Field(None, gt=0, description="seconds the plugin may take per layer")
     threads: int | None = Field(None, ge=1, description="None: QBENCH_THREADS, else every CPU")
@@ -123,9 +125,11 @@ class RunSpec(BaseModel):
 
     #: Fields that do not decide the result: where it is written, how many threads compute it
     #: (results are the same on any count), where the audio and weights are read from (the
-    #: audio is pinned per utterance by its digest, the weights by their sha256). Every other
-    #: field, including one added later, counts toward `identity()` until it is listed here.
-    NOT_IDENTITY: ClassVar[frozenset[str]] = frozenset({"output", "threads", "data_dir", "weights", "plugin_timeout"})
+    #: audio is pinned per utterance by its digest, the weights by their sha256; the calibration
+    #: audio by its ids, which count). Every other field, including one added later, counts
+    #: toward `identity()` until it is listed here.
+    NOT_IDENTITY: ClassVar[frozenset[str]] = frozenset({"output", "threads", "data_dir", "calibration_data_dir", "weights",
+                                                        "plugin_timeout"})
 
     def identity_fields(self) -> dict[str, Any]:
         """The settings that decide the result, as JSON values, each in one canonical form: the
@@ -221,15 +225,19 @@ def quantize_for_run(
     """The model quantized by `spec.plugin` in the plugin's own process, written as an artifact
     beside the result file; returns the packed model, the quantization record (with the
     artifact's digest and path) and, for calibrated plugins, the calibration record.
-    Calibration audio is disjoint from `eval_ids`."""
+    Calibration audio is disjoint from `eval_ids`, and read from `spec.calibration_data_dir`
+    when given (else from `data_dir`)."""
+    calibration_dir = data_dir
     with PluginProcess(spec.plugin, spec.config, spec.plugin_timeout) as quantizer:
         audios = calibration = None
         if quantizer.needs_calibration:
             ids = list(spec.calibration_ids) if spec.calibration_ids is not None else None
-            audios, record = load_calibration(data_dir, spec.calibration_subset, spec.calibration_limit, eval_ids, ids)
+            if spec.calibration_data_dir is not None:
+                calibration_dir = find_data_dir(spec.calibration_data_dir, spec.calibration_subset)
+            audios, record = load_calibration(calibration_dir, spec.calibration_subset, spec.calibration_limit, eval_ids, ids)
             calibration = record.model_dump()
             progress.note(f"calibrating {spec.plugin} on {record.utterance_count} {record.subset} utterances "
-                          f"({record.audio_seconds:.0f} s)")
+                          f"({record.audio_seconds:.0f} s) from {calibration_dir / 'LibriSpeech' / record.subset}")
         model, report = quantize_model(model, quantizer, spec.policy, audios, progress=progress.quantizing)
     identity = QuantizerIdentity(name=report.quantizer, version=report.quantizer_version, distribution=report.distribution,
                                  distribution_version=report.distribution_version, config=report.config,
@@ -239,6 +247,10 @@ def quantize_for_run(
     path = write_artifact(artifact_path or spec.artifact_path, manifest, packed)
     progress.note(f"quantized model written to {path} (digest {manifest.digest[:12]})")
     record = report.model_dump(mode="json") | {"artifact_sha256": manifest.digest, "artifact_path": str(path)}
+    if calibration is not None:
+        # where the audio was read from is recorded in the result, not in the artifact: the
+        # artifact's digest must not depend on a path (the ids pin the audio)
+        calibration = calibration | {"data_dir": str(calibration_dir)}
     return model, record, calibration
 
 
@@ -272,7 +284,8 @@ def quantize_to_artifact(spec: RunSpec, artifact_path: Path | None = None,
         raise RunSpecError("qbench quantize needs a plugin")
     with using_threads(spec.threads):
         loaded = load_model(spec.model, spec.weights)
-        data_dir = find_data_dir(spec.data_dir, spec.calibration_subset)
+        # only calibration audio is read here: its own folder when given
+        data_dir = find_data_dir(spec.calibration_data_dir or spec.data_dir, spec.calibration_subset)
         _, record, _ = quantize_for_run(loaded.model, loaded.sha256, spec, data_dir, set(), progress, artifact_path)
     return Path(record["artifact_path"]), record
 
@@ -300,6 +313,16 @@ def weights_sha256(spec: RunSpec) -> str:
     return sha256_of(_main_file(path))
 
 
+def setup_note(data_dir: Path, subset: str, selected: int, present: int, weights: Path, sha256: str,
+               device: DeviceProfile | None) -> str:
+    """The one line a run starts with: what it reads and where it runs (called inside the run's
+    `using_threads`, so the thread count is the run's)."""
+    of = f"{selected} of {present}" if selected != present else f"{selected}"
+    where = f"device {device.name} ({device.ram_bytes / 2**20:g} MiB RAM)" if device is not None else "no device budget"
+    return (f"data {data_dir / 'LibriSpeech' / subset} ({of} utterances) · weights {weights} (sha256 {sha256[:12]}) · "
+            f"{compute_threads()} threads · {where}")
+
+
 def run_benchmark(spec: RunSpec, progress: RunProgress | None = None, force: bool = False) -> RunResult:
     """Carry out `spec`: load, quantize, transcribe and score, writing the result file and its
     journal as it goes.
@@ -322,6 +345,12 @@ def run_benchmark(spec: RunSpec, progress: RunProgress | None = None, force: boo
         utterances = select_utterances(present, spec.limit, spec.utterance_ids)
         loaded = load_model(spec.model, spec.weights)
         model = loaded.model
+        # third-party device profiles are plugin code: collected in a plugin process, as data;
+        # before quantizing, so the note below can say the device (and an unknown one stops
+        # the run before minutes of work)
+        profiles, _ = device_profiles_from_plugins(spec.plugin_timeout)
+        device = device_profile(profiles, spec.device) if spec.device != NO_DEVICE else None
+        progress.note(setup_note(data_dir, spec.subset, len(utterances), len(present), loaded.path, loaded.sha256, device))
         quantization = calibration = None
         eval_ids = {u.id for u in utterances}
         if spec.plugin is not None:
@@ -330,10 +359,8 @@ def run_benchmark(spec: RunSpec, progress: RunProgress | None = None, force: boo
             model, quantization, calibration = model_from_artifact(model, loaded.sha256, spec, eval_ids)
         batch_size = spec.effective_batch_size
         session = None
-        # third-party device profiles are plugin code: collected in a plugin process, as data
-        profiles, _ = device_profiles_from_plugins(spec.plugin_timeout)
-        if spec.device != NO_DEVICE:
-            session = DeviceSession(model, device_profile(profiles, spec.device), batch_size)
+        if device is not None:
+            session = DeviceSession(model, device, batch_size)
         warnings = [present.skipped.warning] if present.skipped.warning else []
         utterances, unscored = split_unscorable(utterances)
         if unscored:
