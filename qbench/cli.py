@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
+from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -16,6 +21,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from qbench import __version__
 from qbench.errors import QBenchError, one_line
@@ -44,6 +50,70 @@ def _fmt_bytes(n: int | None) -> str:
     return str(n)
 
 
+def _mib(n: int | None) -> str:
+    """Bytes as MiB for a table column whose header carries the unit (a value without a space
+    never wraps)."""
+    return "-" if n is None else f"{n / 2**20:.1f}"
+
+
+Cell = str | Text
+
+
+def show_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Cell]], notes: Sequence[str] = (),
+               left_columns: int = 0, prose_columns: Sequence[int] = ()) -> None:
+    """A table on stdout that never cuts a value, at any width and when piped (80 columns).
+
+    Headers may wrap between words; values never wrap, fold or end in an ellipsis. Rich's own
+    shrinking cuts values once headers are narrow enough, so the widths are chosen here: every
+    column gets its longest value (and longest header word), the room left goes to the headers,
+    and when even the narrowest layout is wider than the console, each row is printed as
+    `header  value` lines instead. Every cell is plain text, never markup. `notes` follow as
+    plain text (footnotes that say what a figure is). Values in `prose_columns` (descriptions)
+    may wrap between words, as headers do."""
+    cells = [[c if isinstance(c, Text) else Text(str(c)) for c in row] for row in rows]
+    heads = [Text(h) for h in headers]
+
+    def least(text: str, wraps: bool) -> int:  # the narrowest a cell can be without cutting a word
+        return max((len(w) for w in text.split()), default=0) if wraps else len(text)
+
+    needed = [max([least(h.plain, True)] + [least(row[i].plain, i in prose_columns) for row in cells] + [1])
+              for i, h in enumerate(heads)]
+    natural = [max([len(h.plain)] + [len(row[i].plain) for row in cells]) for i, h in enumerate(heads)]
+
+    def table(widths: list[int]) -> Table:
+        # a rule under the header and two spaces between columns: what 80 columns have room for
+        t = Table(title=Text(title), expand=False, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
+                  pad_edge=False, collapse_padding=True)
+        for i, (head, width) in enumerate(zip(heads, widths)):
+            t.add_column(head, justify="left" if i < left_columns else "right", width=width, no_wrap=False,
+                         overflow="fold")
+        for row in cells:
+            t.add_row(*row)
+        return t
+
+    narrow = table(needed)
+    # measured unclamped (a measurement is capped at the width it is given)
+    room = out.width - Measurement.get(out, out.options.update_width(10_000), narrow).maximum
+    if room >= 0:
+        widths = list(needed)
+        for i in sorted(range(len(widths)), key=lambda i: natural[i] - needed[i]):  # least to gain first
+            grow = min(natural[i] - widths[i], room)
+            widths[i] += grow
+            room -= grow
+        out.print(table(widths))
+    else:
+        # one `header  value` line per cell, never wrapped by rich (a terminal folds what is
+        # wider than it; a pipe gets the line whole)
+        out.print(Text(title, style="italic"), soft_wrap=True)
+        key_width = max(len(h.plain) for h in heads)
+        for row in cells:
+            for head, cell in zip(heads, row):
+                out.print(Text.assemble(head.plain.ljust(key_width + 2), cell), soft_wrap=True)
+            out.print()
+    for note in notes:
+        out.print(Text(note))
+
+
 # ------------------------------------------------------------------------------------------------
 # qbench run
 # ------------------------------------------------------------------------------------------------
@@ -69,14 +139,15 @@ class RichProgress:
 
     def quantizing(self, layer: str, done: int, total: int) -> None:
         if self._phase != "quantizing":
-            columns = (TextColumn("[bold]quantizing[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
+            # layer and run names are shown as they are, never read as markup
+            columns = (TextColumn("quantizing {task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                        TimeElapsedColumn())
             self._start("quantizing", columns, layer, total)
         self._bar.update(self._task, completed=done, description=layer)
 
     def transcribing(self, description: str, total: int) -> None:
-        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn())
+        columns = (TextColumn("{task.description}", markup=False, style="bold"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TimeRemainingColumn())
         self._start("transcribing", columns, description, total)
 
     def transcribed(self, n: int) -> None:
@@ -87,6 +158,18 @@ class RichProgress:
         if self._bar is not None:
             self._bar.stop()
         self._bar, self._phase = None, None
+
+
+class RerunProgress(RichProgress):
+    """`qbench verify`'s progress: the rerun's scratch files (a temporary folder the entry's
+    rerun writes its result and artifact to, then deletes) are not the user's to look at, so
+    notes naming them are left out."""
+
+    _SCRATCH = re.compile(re.escape(tempfile.gettempdir()) + r"/tmp[A-Za-z0-9_]{8}/")
+
+    def note(self, message: str) -> None:
+        if not self._SCRATCH.search(message):
+            super().note(message)
 
 
 def read_ids(path: str, which: str) -> list[str]:
@@ -125,6 +208,7 @@ def spec_from_args(args: argparse.Namespace):
             policy=QuantizationPolicy(quantize_embeddings=args.quantize_embeddings),
             calibration_subset=args.calibration_subset, calibration_limit=args.calibration_limit,
             calibration_ids=read_ids(args.calibration_ids, "calibration") if args.calibration_ids else None,
+            calibration_data_dir=args.calibration_data_dir,
             artifact=getattr(args, "artifact", None), plugin_timeout=args.plugin_timeout,
             threads=args.threads, batch_size=args.batch_size, output=args.output,
         )
@@ -191,6 +275,74 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def committed_utterances(root: Path, model: str, subset: str) -> tuple[list[str], Path] | None:
+    """The utterance ids the committed entries of `model` on `subset` scored, and the entry
+    they come from: the first that parses in `qbench validate`'s order (`entry_files`), the
+    one validate compares every other entry of the table with. None: no entry yet."""
+    from qbench.leaderboard.validate import check_entry, entry_files
+
+    table = root / model / subset
+    for path in entry_files(root):
+        if path.parent == table:
+            entry, _ = check_entry(path, root)
+            if entry is not None:
+                return [u.id for u in entry.utterances], path
+    return None
+
+
+def plan_submission(spec, root: Path, progress: RichProgress):
+    """The spec a `--submit` run goes ahead with, checked before any work: an entry is
+    compared only with entries on the same utterances, so with no --limit/--utterance-ids the
+    run scores the committed entries' utterances, and a run on other ones is refused now
+    rather than after it has run (`qbench validate` would reject its entry)."""
+    from qbench.data.librispeech import find_data_dir, list_utterances
+    from qbench.run import select_utterances
+
+    committed = committed_utterances(root, spec.model, spec.subset)
+    if committed is None:
+        return spec
+    ids, source = committed
+    if spec.utterance_ids is None and spec.limit is None:
+        progress.note(f"--submit: scoring the {len(ids)} utterances of the committed entries ({source}), "
+                      "so the new entry is compared with them")
+        return spec.model_copy(update={"utterance_ids": tuple(ids)})
+    if spec.utterance_ids is not None:
+        wanted = set(spec.utterance_ids)
+    else:
+        data_dir = find_data_dir(spec.data_dir, spec.subset)
+        wanted = {u.id for u in select_utterances(list_utterances(data_dir, spec.subset), spec.limit, None)}
+    if wanted != set(ids):
+        how = f"--limit {spec.limit}" if spec.utterance_ids is None else "--utterance-ids"
+        raise CliError(f"--submit: this run ({how}) would score {len(wanted)} utterances, other than the {len(ids)} of the "
+                       f"committed entries ({source}), and `qbench validate` rejects an entry on other utterances; "
+                       f"nothing was run (leave out {how.split()[0]} to score theirs)")
+    return spec
+
+
+def submission_problems(entry, root: Path, data_dir: Path | None) -> list[str]:
+    """What `qbench validate` would report about `entry` once written under `root`, found with
+    validate's own checks on a scratch copy of its table (the committed entries of its model
+    and subset, with `entry` in its place): the entry alone (against the references too, when
+    `data_dir` has them), then across the table. Paths are given as they would be under `root`."""
+    import shutil
+
+    from qbench.leaderboard.entry import write_entry
+    from qbench.leaderboard.validate import check_entry, check_leaderboards
+
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        target = write_entry(scratch, entry)
+        table = root / entry.model.name / entry.dataset.subset
+        for path in sorted(table.glob("*.json")) if table.is_dir() else []:
+            if path.name != target.name and path.is_file() and not path.is_symlink():
+                shutil.copyfile(path, target.parent / path.name)
+        _, problems = check_entry(target, scratch, data_dir)
+        if not problems:
+            _, _, across = check_leaderboards(scratch)
+            problems = [p for p in across if str(target) in p]
+    return [p.replace(str(scratch), str(root)) for p in problems]
+
+
 def submit_entry(result, root: Path) -> Path:
     """Write the run's leaderboard entry."""
     from qbench.leaderboard.entry import entry_from_result, write_entry
@@ -200,27 +352,44 @@ def submit_entry(result, root: Path) -> Path:
     return path
 
 
+#: The memory words `fit`, `run` and the leaderboard page share (README "Memory" says the same).
+#: weights: every stored parameter buffer (packed codes, scales, unquantized tensors), in flash
+#: or RAM; weights in RAM: 0 where the device executes them in place; working peak: what the
+#: model allocates at its peak; total RAM: weights in RAM + working peak, what the verdict uses.
+VERDICT_NOTE = ("* the fit verdict: total RAM = weights in RAM + working peak must be at most the device's RAM, "
+                "and the weights at most its storage")
+
+
 def print_device_summary(device: dict) -> None:
     """The device part of a result: the fit verdict, the memory it rests on, the compute."""
     b, profile, c = device["breakdown"], device["profile"], device["compute"]
-    table = Table(title=f"on {profile['name']} ({profile['part']})")
-    for col in ("fits", "weights stored", "weights in RAM", "peak est.", "peak measured", "RAM", "MACs", "bit ops", "wall s"):
-        table.add_column(col, justify="right")
-    table.add_row("yes" if device["fits"] else "no", _fmt_bytes(b["weights_stored_bytes"]), _fmt_bytes(b["weights_ram_bytes"]),
-                  _fmt_bytes(b["working_peak_bytes"]), _fmt_bytes(device.get("measured_peak_bytes")),
-                  _fmt_bytes(profile["ram_bytes"]), f"{c['total_macs'] / 1e9:.2f} G", f"{c['total_bit_ops'] / 1e12:.2f} T",
-                  f"{c['wall_seconds']:.1f}")
-    out.print(table)
+    measured = device.get("measured_peak_bytes")
+    # the verdict takes the larger of the two working peaks (qbench.embedded.memory.check_fit)
+    total = b["weights_ram_bytes"] + max(b["working_peak_bytes"], measured or 0)
+    show_table(
+        f"memory on {profile['name']} ({profile['part']}), batch {device.get('batch_size') or 1}",
+        ["weights MiB", "weights in RAM MiB", "working peak estimated MiB", "working peak measured MiB",
+         "total RAM* MiB", "device RAM MiB", "fits"],
+        [[_mib(b["weights_stored_bytes"]), _mib(b["weights_ram_bytes"]), _mib(b["working_peak_bytes"]), _mib(measured),
+          _mib(total), _mib(profile["ram_bytes"]), "yes" if device["fits"] else "no"]],
+        notes=[f"{VERDICT_NOTE}; during a run the working peak is the larger of the estimate (the model's memory model, "
+               f"here with {_mib(b.get('cache_bytes', 0))} MiB of whole layers cached in float because the RAM leaves "
+               "room, which `qbench fit` does not count) and the measurement (tracemalloc, per batch)."],
+    )
+    show_table("compute on the device", ["MACs G", "bit ops T", "wall s"],
+               [[f"{c['total_macs'] / 1e9:.2f}", f"{c['total_bit_ops'] / 1e12:.2f}", f"{c['wall_seconds']:.1f}"]])
 
 
 def print_summary(result) -> None:
     m = result.metrics
-    table = Table(title=f"{result.model.name} on {result.dataset.subset}")
-    for col in ("WER", "CER", "utterances", "audio s", "wall s", "RTF", "RTFx", "model bytes", "peak RSS"):
-        table.add_column(col, justify="right")
-    table.add_row(f"{100 * m.wer:.2f} %", f"{100 * m.cer:.2f} %", str(m.utterances), f"{m.audio_seconds:.1f}",
-                  f"{m.wall_seconds:.1f}", f"{m.rtf:.3f}", f"{m.rtfx:.1f}", _fmt_bytes(m.model_bytes), _fmt_bytes(m.peak_rss_bytes))
-    out.print(table)
+    show_table(
+        f"{result.model.name} on {result.dataset.subset}",
+        ["WER %", "CER %", "utterances", "audio s", "wall s", "RTFx", "weights MiB", "peak RSS MiB"],
+        [[f"{100 * m.wer:.2f}", f"{100 * m.cer:.2f}", str(m.utterances), f"{m.audio_seconds:.1f}", f"{m.wall_seconds:.1f}",
+          f"{m.rtfx:.1f}", _mib(m.model_bytes), _mib(m.peak_rss_bytes)]],
+        notes=["peak RSS is the whole process (Python, numpy, libraries, the float weights before packing), "
+               "not a device figure; RTFx = audio s / wall s."],
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -233,16 +402,14 @@ def cmd_models(args: argparse.Namespace) -> int:
         resolve_weights,
     )
 
-    table = Table(title="registered models")
-    for col in ("name", "architecture", "parameters", "weights here"):
-        table.add_column(col)
+    rows = []
     for name, card in list_models().items():
         try:
             where = str(resolve_weights(card)[0])
         except WeightsNotFoundError:
             where = "-"
-        table.add_row(name, card.architecture, f"{card.parameters:,}", where)
-    out.print(table)
+        rows.append([name, card.architecture, f"{card.parameters:,}", where])
+    show_table("registered models", ["name", "architecture", "parameters", "weights here"], rows, left_columns=4)
     return 0
 
 
@@ -259,26 +426,26 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         if args.show not in entries:
             raise CliError(f"unknown quantizer {args.show!r}; available: {', '.join(entries) or 'none'}")
         e = entries[args.show]
-        out.print(f"[bold]{e.name}[/bold] {e.version} from {e.distribution or e.plugin} {e.distribution_version or ''}")
-        out.print(e.description)
-        table = Table(title="config (qbench run --set KEY=VALUE)")
-        for col in ("key", "type", "default", "description"):
-            table.add_column(col)
+        # plugin-supplied text is printed as it is, never read as markup
+        out.print(Text(f"{e.name} {e.version} from {e.distribution or e.plugin} {e.distribution_version or ''}".strip(),
+                       style="bold"))
+        out.print(Text(e.description))
+        rows = []
         for key, prop in e.config_schema.get("properties", {}).items():
             kind = prop.get("type") or " | ".join(p.get("type", "?") for p in prop.get("anyOf", []))
             if "enum" in prop:
                 kind = " | ".join(map(str, prop["enum"]))
-            table.add_row(key, str(kind), _json.dumps(prop.get("default")), prop.get("description", ""))
-        out.print(table)
+            rows.append([key, str(kind), _json.dumps(prop.get("default")), prop.get("description", "")])
+        show_table("config (qbench run --plugin NAME --set KEY=VALUE ...)", ["key", "type", "default", "description"], rows,
+                   left_columns=4, prose_columns=(1, 3))
         return 0
-    table = Table(title="quantizer plugins")
-    for col in ("name", "version", "distribution", "calibration", "config keys", "description"):
-        table.add_column(col)
+    rows = []
     for e in entries.values():
         dist = f"{e.distribution} {e.distribution_version}" if e.distribution else e.plugin
-        table.add_row(e.name, e.version, dist, "yes" if e.needs_calibration else "no",
-                      ", ".join(e.config_schema.get("properties", {})), e.description)
-    out.print(table)
+        rows.append([e.name, e.version, dist, "yes" if e.needs_calibration else "no",
+                     ", ".join(e.config_schema.get("properties", {})), e.description])
+    show_table("quantizer plugins", ["name", "version", "distribution", "calibrated", "config keys", "description"], rows,
+               left_columns=6, prose_columns=(2, 4, 5))
     for err in errors:
         say(f"plugin error: {err}", "red")
     return 0
@@ -302,15 +469,21 @@ def cmd_fit(args: argparse.Namespace) -> int:
         print(_json.dumps({"model": args.model, "quantization": quantization,
                            "devices": [r.model_dump(mode="json") for r in reports]}, indent=2))
         return 0
-    table = Table(title=f"{args.model} {args.plugin or 'as stored'} {' '.join(args.set or [])}: {fit_audio(model)}, batch 1")
-    for col in ("device", "RAM", "storage", "XIP", "weights", "in RAM", "working peak", "total RAM", "fits"):
-        table.add_column(col, justify="left" if col == "device" else "right", no_wrap=col == "device")
+    rows = []
     for r in reports:
         b, p = r.breakdown, r.profile
-        table.add_row(p.name, _fmt_bytes(p.ram_bytes), _fmt_bytes(p.storage_bytes), "yes" if p.weights_execute_in_place else "no",
-                      _fmt_bytes(b.weights_stored_bytes), _fmt_bytes(b.weights_ram_bytes), _fmt_bytes(b.working_peak_bytes),
-                      _fmt_bytes(b.total_ram_bytes), "[green]fits[/green]" if r.fits else "[red]no[/red]")
-    out.print(table)
+        rows.append([p.name, _mib(p.ram_bytes), _mib(p.storage_bytes), "yes" if p.weights_execute_in_place else "no",
+                     _mib(b.weights_stored_bytes), _mib(b.weights_ram_bytes), _mib(b.working_peak_bytes),
+                     _mib(b.total_ram_bytes), Text("yes", style="green") if r.fits else Text("no", style="red")])
+    show_table(
+        f"{args.model} {args.plugin or 'as stored'} {' '.join(args.set or [])}: {fit_audio(model)}, batch 1",
+        ["device", "device RAM MiB", "storage MiB", "XIP", "weights MiB", "weights in RAM MiB", "working peak MiB",
+         "total RAM* MiB", "fits"],
+        rows, left_columns=1,
+        notes=[f"{VERDICT_NOTE}. XIP devices execute the weights in place from flash, so none are in RAM. The working "
+               f"peak is the model's memory model for {fit_audio(model)}; `qbench run` also measures it and may cache "
+               "whole layers where RAM is left, so its working peak is larger."],
+    )
     if quantization and quantization.get("estimated_with"):
         say(f"note: {quantization['estimated_with']}")
     return 0
@@ -355,7 +528,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     failed = 0
     for entry in args.entries:
-        progress = RichProgress(quiet=False)
+        say(f"verifying {entry}: rerunning it as it was made")
+        progress = RerunProgress(quiet=False)
         try:
             report = verify_entry(Path(entry), args.data_dir, progress)
         except QBenchError as exc:  # an unreadable entry fails alone; the others are still rerun
@@ -429,6 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--calibration-limit", type=int, default=None)
     run.add_argument("--calibration-ids", metavar="FILE",
                      help="exactly these calibration utterances (one id a line, or a leaderboard entry's)")
+    run.add_argument("--calibration-data-dir", metavar="DIR",
+                     help="folder holding LibriSpeech/ with the calibration subset, when it is not beside the "
+                          "evaluation audio (default: where --data-dir's search finds it)")
     run.add_argument("--output", "-o", help="result JSON path (default results/<model>__<subset>__<label>.json)")
     run.add_argument("--force", action="store_true", help="start afresh even if the output holds a result (of this "
                      "run or another): the old file is kept aside as <name>.<UTC time>.json")
@@ -453,6 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--calibration-subset", default="dev-clean")
     quantize.add_argument("--calibration-limit", type=int, default=None)
     quantize.add_argument("--calibration-ids", metavar="FILE")
+    quantize.add_argument("--calibration-data-dir", metavar="DIR", help="folder holding LibriSpeech/ with the calibration "
+                          "subset (default: --data-dir)")
     quantize.add_argument("--plugin-timeout", type=float, metavar="SECONDS")
     quantize.add_argument("--threads", type=int)
     quantize.add_argument("--output", "-o", dest="artifact_output",
