@@ -230,6 +230,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     spec = spec_from_args(args)
     progress = RichProgress(args.quiet)
+    if args.submit:
+        spec = plan_submission(spec, Path(args.leaderboards), progress)
     stopping = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
     previous = {signum: signal.signal(signum, stop) for signum in stopping}
     try:
@@ -249,7 +251,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             signal.signal(signum, handler)
     if result.device is not None and not result.device["fits"]:
         say(result.error, "red")
-        say(f"result written to {spec.output_path} (device.fits = false)")
+        say(f"result written to {spec.output_path} (device.fits = false)"
+            + ("; no leaderboard entry: an entry is a run that fits its device" if args.submit else ""))
         return 3
     print_summary(result)
     if result.device is not None:
@@ -344,11 +347,17 @@ def submission_problems(entry, root: Path, data_dir: Path | None) -> list[str]:
 
 
 def submit_entry(result, root: Path) -> Path:
-    """Write the run's leaderboard entry."""
+    """Write the run's leaderboard entry, unless `qbench validate` would reject it."""
     from qbench.leaderboard.entry import entry_from_result, write_entry
 
-    path = write_entry(root, entry_from_result(result, result.devices_fitted or []))
-    say(f"leaderboard entry written to {path}; run `qbench leaderboard` and open a pull request")
+    entry = entry_from_result(result, result.devices_fitted or [])
+    problems = submission_problems(entry, root, Path(result.dataset.data_dir))
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CliError(f"--submit: no entry written, `qbench validate` would reject it: {problems[0]}{more}")
+    path = write_entry(root, entry)
+    say(f"leaderboard entry written to {path} (checked as `qbench validate` checks it); "
+        "run `qbench leaderboard` and open a pull request")
     return path
 
 
