@@ -6,7 +6,7 @@ see `plugins/template` and CONTRIBUTING.md. Importing it costs numpy, pydantic a
 
 __version__ = "0.1.0"
 
-from qbench.hookspecs import hookimpl
+from qbench.hook_markers import hookimpl
 from qbench.quant.contract import (
     LayerStats,
     QuantizedTensor,

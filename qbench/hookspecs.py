@@ -19,14 +19,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import pluggy
+from qbench.hook_markers import hookimpl as hookimpl  # where plugins have imported it from
+from qbench.hook_markers import hookspec
 
 if TYPE_CHECKING:
     from qbench.embedded.profile import DeviceProfile
     from qbench.quant.contract import Quantizer
-
-hookspec = pluggy.HookspecMarker("qbench")
-hookimpl = pluggy.HookimplMarker("qbench")
 
 
 @hookspec
