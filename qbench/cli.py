@@ -267,7 +267,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from qbench.run import quantize_to_artifact
 
     spec = spec_from_args(args)
-    target = Path(args.artifact_output) if args.artifact_output else Path("results") / f"{spec.model}__{spec.label}.safetensors"
+    target = Path(args.artifact_output) if args.artifact_output else Path("results") / f"{spec.model_label}__{spec.label}.safetensors"
     progress = RichProgress(args.quiet)
     try:
         path, record = quantize_to_artifact(spec, target, progress)
@@ -407,18 +407,22 @@ def print_summary(result) -> None:
 def cmd_models(args: argparse.Namespace) -> int:
     from qbench.checkpoints.registry import (
         WeightsNotFoundError,
-        list_models,
+        registered_models,
+        registry_problems,
         resolve_weights,
     )
 
     rows = []
-    for name, card in list_models().items():
+    for name, registered in registered_models().items():
+        card = registered.card
         try:
             where = str(resolve_weights(card)[0])
         except WeightsNotFoundError:
             where = "-"
-        rows.append([name, card.architecture, f"{card.parameters:,}", where])
-    show_table("registered models", ["name", "architecture", "parameters", "weights here"], rows, left_columns=4)
+        rows.append([name, card.architecture, f"{card.parameters:,}", registered.origin, where])
+    show_table("registered models", ["name", "architecture", "parameters", "from", "weights here"], rows, left_columns=5)
+    for problem in registry_problems():
+        say(f"model card problem: {problem}", "red")
     return 0
 
 
@@ -469,6 +473,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from qbench.embedded.session import fit_audio, fit_model
 
     model = load_model(args.model, args.weights).model
+    args.model = model.name  # --weights alone: the name the checkpoint is known by
     quantization = None
     if args.plugin:
         model, quantization = quantize_for_fit(model, args)
@@ -596,8 +601,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="transcribe a LibriSpeech subset, score it, write a result file")
-    run.add_argument("--model", default="whisper-tiny.en", help="registered model name (qbench models)")
-    run.add_argument("--weights", help="weights path (file or directory) instead of the registry's sources")
+    run.add_argument("--model", default=None, help="registered model name (qbench models; default whisper-tiny.en, "
+                     "or with --weights alone, whatever checkpoint those are)")
+    run.add_argument("--weights", help="weights path (file or directory): the named model's weights instead of the "
+                     "registry's sources, or alone any Whisper or wav2vec2 checkpoint (shape read from its own files)")
     run.add_argument("--subset", default="test-clean")
     run.add_argument("--limit", type=int, help="first N utterances in sorted id order")
     run.add_argument("--utterance-ids", metavar="FILE",
@@ -630,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     quantize = sub.add_parser("quantize", help="quantize a model with a plugin (in its own process) into an artifact file")
-    quantize.add_argument("--model", default="whisper-tiny.en")
+    quantize.add_argument("--model", default=None, help="as for qbench run")
     quantize.add_argument("--weights")
     quantize.add_argument("--plugin", required=True, help="quantizer name (qbench plugins)")
     quantize.add_argument("--set", action="append", metavar="KEY=VALUE", help="quantizer config, repeatable")
@@ -650,7 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
                           batch_size=None, output=None, artifact=None)
 
     fit = sub.add_parser("fit", help="which device profiles a (quantized) model fits, without running audio")
-    fit.add_argument("--model", default="whisper-tiny.en")
+    fit.add_argument("--model", default=None, help="as for qbench run")
     fit.add_argument("--weights")
     fit.add_argument("--plugin", help="quantizer name; none = the weights as stored")
     fit.add_argument("--set", action="append", metavar="KEY=VALUE")
@@ -659,7 +666,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--json", action="store_true", help="print JSON instead of a table")
     fit.set_defaults(func=cmd_fit)
 
-    models = sub.add_parser("models", help="list registered models and whether their weights are here")
+    models = sub.add_parser("models", help="list registered models, where each card came from and whether its "
+                            "weights are here")
     models.set_defaults(func=cmd_models)
 
     validate = sub.add_parser("validate", help="check every leaderboard entry (schema, names, digests, WER)")

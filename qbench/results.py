@@ -57,12 +57,17 @@ class MachineInfo(BaseModel):
 
 
 class ModelRef(BaseModel):
-    name: str
+    name: str = Field(description="the card's name, or for weights no card names, their shape "
+                                  "(qbench.checkpoints.card.checkpoint_name)")
     architecture: str
     format: str
     path: str
     sha256: str = Field(description="sha256 of the main weights file")
     parameters: int
+    card: str | None = Field(None, description="the model card that names the weights; null: none does, the "
+                                               "architecture and dimensions were read from the checkpoint itself")
+    pinned: bool | None = Field(None, description="whether that card pins exactly these weights (their sha256); "
+                                                  "null in results of a qbench that did not record it")
 
 
 class DatasetRef(BaseModel):

@@ -21,7 +21,8 @@ from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from qbench.checkpoints.loader import load_model
+from qbench.checkpoints.card import safe_name
+from qbench.checkpoints.loader import DEFAULT_MODEL, load_model
 from qbench.data.calibration import load_calibration
 from qbench.data.librispeech import (
     OFFICIAL_COUNTS,
@@ -40,7 +41,7 @@ from qbench.embedded.session import DeviceSession, fit_model
 from qbench.errors import QBenchError
 from qbench.evaluate import RunFailed, evaluate, split_unscorable, unscored_warning
 from qbench.journal import JournalHeader, RunJournal, claim_output, journal_path
-from qbench.leaderboard.entry import LeaderboardEntry
+from qbench.leaderboard.entry import SAFE_NAME_PATTERN, LeaderboardEntry
 from qbench.models.parallel import compute_threads, using_threads
 from qbench.models.speech_model import SpeechModel
 from qbench.quant.apply import (
@@ -67,7 +68,9 @@ class RunSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = Field("whisper-tiny.en", description="registered model name (qbench models)")
+    model: str | None = Field("whisper-tiny.en", pattern=SAFE_NAME_PATTERN,
+                              description="registered model name (qbench models); None with weights: run whatever "
+                                          "checkpoint they are (dimensions from its own files, no card)")
     weights: str | None = Field(None, description="weights path instead of the registry's sources")
     subset: str = "test-clean"
     data_dir: str | None = Field(None, description="folder holding LibriSpeech/ (None: the usual places)")
@@ -99,15 +102,29 @@ class RunSpec(BaseModel):
         return self.plugin + settings + ("_emb" if self.policy.quantize_embeddings else "")
 
     @property
+    def model_label(self) -> str:
+        """The model part of default file names: its registered name, or for weights alone the
+        weights' file or folder name made a safe name (`faster-whisper-base`)."""
+        return self.model if self.model is not None else safe_name(Path(self.weights).name)
+
+    @property
     def output_path(self) -> Path:
         if self.output is not None:
             return Path(self.output)
-        return Path("results") / f"{self.model}__{self.subset}__{self.label}.json"
+        return Path("results") / f"{self.model_label}__{self.subset}__{self.label}.json"
 
     @property
     def artifact_path(self) -> Path:
         """Where a run that quantizes writes its quantized model: beside the result file."""
         return self.output_path.with_suffix(".safetensors")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_model(cls, data: Any) -> Any:
+        # no model and no weights: the default model (weights alone name their own model)
+        if isinstance(data, dict) and data.get("model", "") is None and not data.get("weights"):
+            data = {**data, "model": DEFAULT_MODEL}
+        return data
 
     @model_validator(mode="after")
     def _one_source_of_quantization(self) -> RunSpec:
@@ -243,7 +260,7 @@ def quantize_for_run(
                                  distribution_version=report.distribution_version, config=report.config,
                                  needs_calibration=report.needs_calibration)
     packed = model.store.packed
-    manifest = build_manifest(spec.model, model_sha256, identity, spec.policy, report.scale_dtype, packed, calibration)
+    manifest = build_manifest(model.name, model_sha256, identity, spec.policy, report.scale_dtype, packed, calibration)
     path = write_artifact(artifact_path or spec.artifact_path, manifest, packed)
     progress.note(f"quantized model written to {path} (digest {manifest.digest[:12]})")
     record = report.model_dump(mode="json") | {"artifact_sha256": manifest.digest, "artifact_path": str(path)}
@@ -260,9 +277,9 @@ def model_from_artifact(
     """The float `model` with the packed layers of `spec.artifact` swapped in (no plugin code
     runs), and the same records `quantize_for_run` gives."""
     manifest, packed = read_artifact(Path(spec.artifact))
-    if manifest.model != spec.model or manifest.model_sha256 != model_sha256:
+    if manifest.model != model.name or manifest.model_sha256 != model_sha256:
         raise RunSpecError(f"{spec.artifact}: quantizes {manifest.model} (weights sha256 {manifest.model_sha256[:12]}…), "
-                           f"not the {spec.model} loaded here (sha256 {model_sha256[:12]}…)")
+                           f"not the {model.name} loaded here (sha256 {model_sha256[:12]}…)")
     calibration = None
     if manifest.calibration is not None:
         overlap = sorted(eval_ids.intersection(manifest.calibration.utterance_ids))
@@ -305,12 +322,9 @@ def device_profile(profiles: dict[str, DeviceProfile], name: str) -> DeviceProfi
 
 def weights_sha256(spec: RunSpec) -> str:
     """The sha256 `load_model` will record for the spec's weights, without loading them."""
-    from qbench.checkpoints.loader import _main_file  # the file load_model hashes
-    from qbench.checkpoints.registry import get_card, resolve_weights
-    from qbench.data.downloading import sha256_of
+    from qbench.checkpoints.loader import weights_sha256 as sha256_of_weights
 
-    path, _ = resolve_weights(get_card(spec.model), spec.weights)
-    return sha256_of(_main_file(path))
+    return sha256_of_weights(spec.model, spec.weights)
 
 
 def setup_note(data_dir: Path, subset: str, selected: int, present: int, weights: Path, sha256: str,
@@ -345,6 +359,8 @@ def run_benchmark(spec: RunSpec, progress: RunProgress | None = None, force: boo
         utterances = select_utterances(present, spec.limit, spec.utterance_ids)
         loaded = load_model(spec.model, spec.weights)
         model = loaded.model
+        if loaded.pin_note is not None:
+            progress.note(loaded.pin_note)
         # third-party device profiles are plugin code: collected in a plugin process, as data;
         # before quantizing, so the note below can say the device (and an unknown one stops
         # the run before minutes of work)
@@ -370,8 +386,9 @@ def run_benchmark(spec: RunSpec, progress: RunProgress | None = None, force: boo
         for warning in warnings:
             progress.note(f"warning: {warning}")
         result = RunResult(
-            model=ModelRef(name=loaded.card.name, architecture=loaded.card.architecture, format=loaded.format,
-                           path=str(loaded.path), sha256=loaded.sha256, parameters=loaded.card.parameters),
+            model=ModelRef(name=loaded.name, architecture=loaded.architecture, format=loaded.format,
+                           path=str(loaded.path), sha256=loaded.sha256, parameters=loaded.parameters,
+                           card=loaded.card.name if loaded.card is not None else None, pinned=loaded.pinned),
             dataset=DatasetRef(subset=spec.subset, data_dir=str(data_dir), limit=spec.limit,
                                utterance_count=len(utterances), utterance_ids_sha256=utterance_digest(u.id for u in utterances),
                                partial_subset=len(present) < OFFICIAL_COUNTS.get(spec.subset, 0)),
@@ -395,7 +412,7 @@ def run_benchmark(spec: RunSpec, progress: RunProgress | None = None, force: boo
             if session is not None:
                 result.device = session.record()
 
-        progress.transcribing(f"{spec.model} {spec.label} {spec.subset}", len(utterances))
+        progress.transcribing(f"{loaded.name} {spec.label} {spec.subset}", len(utterances))
         try:
             evaluate(session.model if session else model, utterances, result, output, batch_size=batch_size,
                      on_batch=lambda n, _wall: progress.transcribed(n), journal=journal, finish=finish)
