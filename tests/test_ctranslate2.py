@@ -100,3 +100,35 @@ def test_real_tiny_en_matches_its_registry_card(tiny_en):
     assert tiny_en.sha256 == tiny_en.card.sources[0].files[0].sha256
     # float16 at rest: the weights in memory are the checkpoint's size (within its header)
     assert abs(tiny_en.model.store.stored_bytes() - (tiny_en.path / "model.bin").stat().st_size) < 0.01 * 75_537_502
+
+
+def test_the_ctranslate2_converter_s_output_loads_as_its_source_does(tmp_path, tiny_en):
+    """A directory written by CTranslate2's own TransformersConverter (vocabulary.json, as
+    faster-whisper's newer conversions have) holds the same parameters as the transformers
+    directory it was converted from, and gets the same vocabulary and prompt."""
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from qbench.checkpoints.loader import load_model
+
+    config = transformers.WhisperConfig(vocab_size=51864, num_mel_bins=80, d_model=16, encoder_layers=1,
+                                        encoder_attention_heads=2, decoder_layers=1, decoder_attention_heads=2,
+                                        encoder_ffn_dim=64, decoder_ffn_dim=64)
+    torch.manual_seed(0)
+    source = tmp_path / "hf"
+    transformers.WhisperForConditionalGeneration(config).save_pretrained(source)
+    # the converter reads the vocabulary with transformers' tokenizer: tiny.en's (same English vocabulary)
+    (source / "tokenizer.json").write_bytes((tiny_en.path / "tokenizer.json").read_bytes())
+    (source / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "WhisperTokenizer"}))
+    converted = tmp_path / "ct2"
+    ctranslate2.converters.TransformersConverter(str(source)).convert(str(converted))
+    assert (converted / "vocabulary.json").is_file() and not (converted / "vocabulary.txt").exists()
+
+    ours, theirs = load_model(None, converted), load_model(None, source)
+    assert (ours.format, theirs.format) == ("ctranslate2", "hf-whisper")
+    assert ours.model.dims == theirs.model.dims and ours.name == theirs.name == "whisper-d16-enc1-dec1.en"
+    assert sorted(ours.model.store.params) == sorted(theirs.model.store.params)
+    for name, value in theirs.model.store.params.items():
+        np.testing.assert_array_equal(ours.model.store.params[name], value, err_msg=name)
+    assert ours.model.vocab.tokens == theirs.model.vocab.tokens
+    assert ours.model.vocab.sot_sequence() == [50257, 50362]
