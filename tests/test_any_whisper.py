@@ -176,6 +176,22 @@ def test_a_distil_small_en_shaped_directory_with_vocabulary_json(tmp_path):
     assert loaded.model.vocab.sot_sequence() == ENGLISH_PROMPT
 
 
+def test_a_wav2vec2_directory_alone_runs_without_a_card_too(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    fixture = Path(__file__).parent / "fixtures" / "wav2vec2" / "wav2vec2-base-960h"
+    config = json.loads((fixture / "config.json").read_text())
+    config.update(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128,
+                  num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, conv_dim=[32] * 7)
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(**config))
+    model.save_pretrained(tmp_path)
+    (tmp_path / "vocab.json").write_bytes((fixture / "vocab.json").read_bytes())
+    loaded = load_model(None, tmp_path)
+    assert (loaded.name, loaded.architecture, loaded.card, loaded.pinned) == ("wav2vec2-d64-L2", "wav2vec2", None, False)
+    assert loaded.parameters == sum(p.numel() for p in model.parameters())  # as the wav2vec2 cards count
+
+
 # ---------------------------------------------------------------------------------------------
 # The prompt: multilingual models are told English and transcribe
 # ---------------------------------------------------------------------------------------------

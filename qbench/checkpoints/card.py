@@ -10,9 +10,9 @@ Names. A model's name becomes a path (`results/<name>__...`, `leaderboards/<name
 leaderboard heading, so it must be a *safe name*: `SAFE_NAME_PATTERN`, a letter or digit, then
 up to 63 letters, digits and `. _ + -`. Weights run without a card get a name derived from
 their shape (`checkpoint_name`), e.g. `whisper-d512-enc6-dec6` (width 512, 6 encoder and 6
-decoder layers, multilingual) or `whisper-d768-enc12-dec2.en` (English-only vocabulary); that
-namespace is reserved (`UNREGISTERED_NAME`): no card may take a name from it, so a derived name
-never passes for a registered model.
+decoder layers, multilingual), `whisper-d768-enc12-dec4.en` (English-only vocabulary) or
+`wav2vec2-d768-L12`; that namespace is reserved (`UNREGISTERED_NAME`): no card may take a name
+from it, so a derived name never passes for a registered model.
 """
 
 from __future__ import annotations
@@ -136,6 +136,11 @@ def checkpoint_name(dims: ModelDimensions) -> str:
     with `.en` for an English-only vocabulary (`whisper-d768-enc12-dec2.en`). Always safe."""
     english = "" if WhisperVocabulary.multilingual_size(dims.n_vocab) else ".en"
     return f"whisper-d{dims.n_audio_state}-enc{dims.n_audio_layer}-dec{dims.n_text_layer}{english}"
+
+
+def wav2vec2_checkpoint_name(hidden_size: int, layers: int) -> str:
+    """The name of wav2vec2 weights no card pins, from their shape: `wav2vec2-d768-L12`."""
+    return f"wav2vec2-d{hidden_size}-L{layers}"
 
 
 def safe_name(text: str) -> str:

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from qbench.checkpoints.errors import CheckpointError
-from qbench.checkpoints.safetensors_reader import load_safetensors
+from qbench.checkpoints.safetensors_reader import load_safetensors, tensor_sizes
 from qbench.models.wav2vec2 import Wav2Vec2, Wav2Vec2Config
 
 _DOWNLOAD_HINT = ("`qbench download-model wav2vec2-base-960h` (or wav2vec2-large-960h-lv60-self) fetches a "
@@ -77,6 +77,16 @@ def load_hf_wav2vec2(directory: str | Path, name: str | None = None) -> Wav2Vec2
         return Wav2Vec2.from_params(config, hf_to_canonical(state, config), vocab, name or directory.name)
     except (CheckpointError, KeyError, ValueError) as e:  # missing or misshapen parameters
         raise CheckpointError(f"{weights}: {e}") from None
+
+
+def checkpoint_parameter_count(directory: str | Path) -> int:
+    """Parameters in a wav2vec2 checkpoint directory as torch counts `model.parameters()` (every
+    tensor of the state dict, weight-norm halves included), for weights no card describes: from
+    the safetensors header, or by reading the pickle when that is all there is."""
+    directory = Path(directory)
+    if (path := directory / "model.safetensors").is_file():
+        return sum(tensor_sizes(path).values())
+    return sum(int(v.size) for v in _load_state_dict(directory)[1].values())
 
 
 def _load_state_dict(directory: Path) -> tuple[Path, dict[str, np.ndarray]]:

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from qbench.checkpoints.card import checkpoint_name
+from qbench.checkpoints.card import checkpoint_name, wav2vec2_checkpoint_name
 from qbench.checkpoints.errors import CheckpointError
 from qbench.checkpoints.registry import (
     ModelCard,
@@ -144,12 +144,12 @@ def load_model(name: str | None = None, weights: str | Path | None = None) -> Lo
                                           f"({source.kind} {source.repo_id or source.package or source.url})")
 
     if fmt == "hf-wav2vec2":
-        from qbench.checkpoints.hf_wav2vec2 import load_hf_wav2vec2
+        from qbench.checkpoints.hf_wav2vec2 import checkpoint_parameter_count, load_hf_wav2vec2
 
         model = load_hf_wav2vec2(path)
-        config = model.config
-        shaped = f"wav2vec2-d{config.hidden_size}-L{config.num_hidden_layers}"
-        parameters = card.parameters if card is not None else sum(int(v.size) for v in model.store.params.values())
+        shaped = wav2vec2_checkpoint_name(model.config.hidden_size, model.config.num_hidden_layers)
+        # as the wav2vec2 cards count: torch's model.parameters()
+        parameters = card.parameters if card is not None else checkpoint_parameter_count(path)
     else:
         from qbench.models.whisper import Whisper, count_parameters
 

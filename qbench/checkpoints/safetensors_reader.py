@@ -80,6 +80,19 @@ def _load_safetensors_raw(path: Path, header: Mapping[str, Any], data_start: int
     return out
 
 
+def tensor_sizes(path: str | os.PathLike[str]) -> dict[str, int]:
+    """Elements of every tensor in a safetensors file, from its header alone (no data is read)."""
+    path = Path(path)
+    header, _ = _read_header(path)
+    sizes = {}
+    for name, info in header.items():
+        try:
+            sizes[name] = int(np.prod(info["shape"], dtype=np.int64))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: malformed header entry for {name}") from e
+    return sizes
+
+
 def load_safetensors(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """Load one `.safetensors` file to numpy; BF16 tensors are widened to float32.
 
