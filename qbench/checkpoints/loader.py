@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from qbench.checkpoints.card import checkpoint_name, wav2vec2_checkpoint_name
 from qbench.checkpoints.errors import CheckpointError
 from qbench.checkpoints.registry import (
@@ -22,11 +24,13 @@ from qbench.checkpoints.registry import (
     WeightFormat,
     WeightsNotFoundError,
     card_pinning,
+    cards_shaped_like,
     get_card,
     resolve_weights,
 )
 from qbench.data.downloading import sha256_of
 from qbench.models.speech_model import SpeechModel
+from qbench.models.whisper import ModelDimensions
 
 _WEIGHT_FILES = ("model.bin", "model.safetensors", "pytorch_model.bin")
 #: what runs when neither a model nor weights are named
@@ -164,10 +168,10 @@ def load_model(name: str | None = None, weights: str | Path | None = None) -> Lo
     pinned = card is not None and sha256 in card.pinned_sha256s()
     return LoadedModel(model=model, card=card, path=path, format=fmt, sha256=sha256, name=model.name,
                        architecture=arch, parameters=parameters, pinned=pinned,
-                       pin_note=None if pinned else _unpinned_note(card, model, shaped, sha256))
+                       pin_note=None if pinned else _unpinned_note(card, model, shaped, main_file, sha256))
 
 
-def _load_whisper(fmt: WeightFormat, path: Path):
+def _load_whisper(fmt: WeightFormat, path: Path) -> tuple[ModelDimensions, dict[str, np.ndarray]]:
     if fmt == "ctranslate2":
         from qbench.checkpoints.ctranslate2 import load_ctranslate2_whisper
 
@@ -182,23 +186,22 @@ def _load_whisper(fmt: WeightFormat, path: Path):
     return load_hf_whisper(path)
 
 
-def _dims_text(dims) -> str:
+def _dims_text(dims: ModelDimensions) -> str:
     return (f"width {dims.n_audio_state}, {dims.n_audio_layer} encoder and {dims.n_text_layer} decoder layers, "
             f"{dims.n_vocab} tokens")
 
 
-def _unpinned_note(card: ModelCard | None, model: SpeechModel, shaped: str, sha256: str) -> str:
+def _unpinned_note(card: ModelCard | None, model: SpeechModel, shaped: str, main_file: Path, sha256: str) -> str:
     """What a run says about weights no card pins: which card names them, if any, and that the
     result records their sha256 with `pinned: false`."""
     if card is not None:
-        why = "pins no sha256 for this file" if not card.pinned_sha256s() else "pins other weights"
+        pins_this_file = any(Path(f.path).name == main_file.name and f.sha256 for s in card.sources for f in s.files)
+        why = "pins other weights" if pins_this_file else f"pins no sha256 for a {main_file.name}"
         return (f"{card.name}'s card {why}: these weights (sha256 {sha256[:12]}…) are recorded as {card.name}, "
                 "pinned: false")
     like = ""
     dims = getattr(model, "dims", None)
     if dims is not None:
-        from qbench.checkpoints.registry import cards_shaped_like
-
         same = cards_shaped_like(dataclasses.asdict(dims))
         like = f" (the shape of {', '.join(same)}, not its pinned weights)" if same else ""
     return (f"no model card pins these weights (sha256 {sha256[:12]}…): read as {shaped} from the checkpoint "
