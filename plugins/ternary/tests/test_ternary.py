@@ -63,3 +63,9 @@ def test_group_size_requires_group_granularity() -> None:
 def test_zero_weight_is_finite() -> None:
     qt = Ternary().quantize(np.zeros((3, 5), np.float32), None)
     assert not qt.codes.any() and np.isfinite(qt.scales).all()
+
+
+def test_a_recorded_full_config_validates_again() -> None:
+    # results record the whole config; `qbench verify` reruns from it
+    for cfg in (Ternary.Config(), Ternary.Config(granularity="channel"), Ternary.Config(granularity="group", group_size=32)):
+        assert Ternary.Config.model_validate(cfg.model_dump()) == cfg
