@@ -301,6 +301,10 @@ def plan_submission(spec, root: Path, progress: RichProgress):
     from qbench.data.librispeech import find_data_dir, list_utterances
     from qbench.run import select_utterances
 
+    if spec.model is None:
+        # a leaderboard lists registered models only; weights alone are named after the run
+        raise CliError("--submit needs --model NAME (a registered model, see qbench models): weights no card names "
+                       "cannot be entered; nothing was run")
     committed = committed_utterances(root, spec.model, spec.subset)
     if committed is None:
         return spec

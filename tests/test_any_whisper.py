@@ -249,6 +249,12 @@ def test_qbench_run_weights_alone_runs_and_says_no_card_pinned_them(faster_whisp
     assert len(result["utterances"][0]["hypothesis"].split()) == 1  # one token, then end of text
 
 
+def test_weights_alone_are_not_submitted_to_a_leaderboard(faster_whisper_base, tmp_path, capsys):
+    assert main(["run", "--weights", str(faster_whisper_base), "--submit", "--leaderboards", str(tmp_path), "-q"]) == 2
+    assert "--submit needs --model NAME" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_run_spec_without_a_model():
     assert RunSpec().model == RunSpec(model=None).model == "whisper-tiny.en"  # nothing named: the default
     spec = RunSpec(model=None, weights="/models/faster-whisper-base/")
