@@ -54,8 +54,8 @@ from qbench.quant.artifact import build_manifest, read_artifact, write_artifact
 from qbench.quant.plugin_process import PluginProcess, device_profiles_from_plugins
 from qbench.results import DatasetRef, MachineInfo, ModelRef, RunResult
 
-#: Utterances per batch without a device (a workstation run); on a device the default is 1,
-#: because a microcontroller transcribes one utterance at a time.
+#: Utterances per batch without a device (a workstation run); on a device the default is the
+#: largest of 1, 2, 4, 8 that fits its RAM (`qbench.embedded.session.DeviceSession`).
 WORKSTATION_BATCH_SIZE = 8
 
 
@@ -88,7 +88,8 @@ class RunSpec(BaseModel):
     artifact: str | None = Field(None, description="evaluate this quantized-model artifact (from qbench quantize)")
     plugin_timeout: float | None = Field(None, gt=0, description="seconds the plugin may take per layer")
     threads: int | None = Field(None, ge=1, description="None: QBENCH_THREADS, else every CPU")
-    batch_size: int | None = Field(None, ge=1, description=f"None: 1 on a device, {WORKSTATION_BATCH_SIZE} without")
+    batch_size: int | None = Field(None, ge=1, description=f"None: {WORKSTATION_BATCH_SIZE} without a device; on one, the "
+                                                                 "largest of 1, 2, 4, 8 that fits it")
     output: str | None = Field(None, description="result file; None: results/<model>__<subset>__<label>.json")
 
     @property
@@ -135,10 +136,13 @@ class RunSpec(BaseModel):
         return self
 
     @property
-    def effective_batch_size(self) -> int:
+    def effective_batch_size(self) -> int | None:
+        """The batch size given, else the workstation's; None on a device: the device session
+        chooses it (the largest of 1, 2, 4, 8 that fits; recorded in the result's device), and
+        no batch size changes a transcript."""
         if self.batch_size is not None:
             return self.batch_size
-        return WORKSTATION_BATCH_SIZE if self.device == NO_DEVICE else 1
+        return WORKSTATION_BATCH_SIZE if self.device == NO_DEVICE else None
 
     #: Fields that do not decide the result: where it is written, how many threads compute it
     #: (results are the same on any count), where the audio and weights are read from (the
@@ -377,6 +381,7 @@ def run_benchmark(spec: RunSpec, progress: RunProgress | None = None, force: boo
         session = None
         if device is not None:
             session = DeviceSession(model, device, batch_size)
+            batch_size = session.batch_size
         warnings = [present.skipped.warning] if present.skipped.warning else []
         utterances, unscored = split_unscorable(utterances)
         if unscored:

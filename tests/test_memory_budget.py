@@ -176,7 +176,9 @@ def test_generous_budget_passes_and_records_the_measurement(tiny_en, data_dir, t
     assert main(["run", "--limit", "1", "--device", "jetson-nano-4gb", "--data-dir", str(data_dir), "-o", str(out), "-q"]) == 0
     r = json.loads(out.read_text())
     d = r["device"]
-    assert r["status"] == "complete" and d["fits"] is True and d["batch_size"] == 1
+    # no --batch-size: the largest of 1, 2, 4, 8 that fits 4 GiB; one utterance, one batch
+    assert r["status"] == "complete" and d["fits"] is True and d["batch_size"] == 8 and d["batch_size_chosen"]
+    assert d["batches"] == 1 and d["measurement"] == "first+highest-estimate" and d["measured_batches"] == [0]
     assert 0 < d["measured_peak_bytes"] <= d["breakdown"]["working_peak_bytes"] * 1.1
     assert d["compute"]["total_macs"] > 0 and d["compute"]["encoder_windows"] == 1
     assert "jetson-nano-4gb" in capsys.readouterr().out

@@ -102,6 +102,10 @@ class DeviceWeightStore(PackedWeightStore):
         return wt if wt is not None else np.ascontiguousarray(self.rows(name, 0, self.infos[name].shape[0]).T)
 
     def linear(self, name: str, x: np.ndarray) -> np.ndarray:
+        # `x @ w` on the stacked `[B, T, in]`, not one 2-D GEMM over all rows as `WeightStore`
+        # does: numpy runs one product per batch row, so a row is computed exactly as it is in a
+        # batch of one (a decoder step's single row is a GEMV, and OpenBLAS's GEMM rounds
+        # differently), and a device's transcripts do not depend on its batch size.
         wt = self._cached_t(name)
         if wt is not None:
             y = x @ wt

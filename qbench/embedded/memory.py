@@ -96,8 +96,15 @@ class FitReport(BaseModel):
     fits: bool
     reason: str | None = None
     breakdown: MemoryBreakdown
-    measured_peak_bytes: int | None = Field(None, description="largest tracemalloc working peak over the run's batches")
+    measured_peak_bytes: int | None = Field(None, description="largest tracemalloc working peak over the measured batches")
     batch_size: int = 1
+    batch_size_chosen: bool = Field(False, description="the session chose the batch size (the largest of 1, 2, 4, 8 "
+                                                       "that fits with the measured-peak margin); False: given")
+    batches: int = Field(0, description="batches transcribed on the device, each checked by the accountant before it ran")
+    measurement: str | None = Field(None, description="which batches tracemalloc measured: 'first+highest-estimate' is "
+                                                      "the first and every one whose estimate was above all measured before")
+    measured_batches: list[int] = Field(default_factory=list, description="0-based indices, among the batches "
+                                                                          "transcribed, of those measured")
 
 
 def _mb(n: int) -> str:
