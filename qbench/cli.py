@@ -385,9 +385,10 @@ def print_device_summary(device: dict) -> None:
          "total RAM* MiB", "device RAM MiB", "fits"],
         [[_mib(b["weights_stored_bytes"]), _mib(b["weights_ram_bytes"]), _mib(b["working_peak_bytes"]), _mib(measured),
           _mib(total), _mib(profile["ram_bytes"]), "yes" if device["fits"] else "no"]],
-        notes=[f"{VERDICT_NOTE}; during a run the working peak is the larger of the estimate (the model's memory model, "
-               f"here with {_mib(b.get('cache_bytes', 0))} MiB of whole layers cached in float because the RAM leaves "
-               "room, which `qbench fit` does not count) and the measurement (tracemalloc, per batch)."],
+        notes=[f"{VERDICT_NOTE}; during a run the working peak is the larger of the estimate (the model's memory model "
+               f"at batch {device.get('batch_size') or 1}, with {_mib(b.get('cache_bytes', 0))} MiB of whole layers cached "
+               "in float where the RAM leaves room; `qbench fit` counts batch 1 and no cache) and the measurement "
+               "(tracemalloc, per batch)."],
     )
     show_table("compute on the device", ["MACs G", "bit ops T", "wall s"],
                [[f"{c['total_macs'] / 1e9:.2f}", f"{c['total_bit_ops'] / 1e12:.2f}", f"{c['wall_seconds']:.1f}"]])
