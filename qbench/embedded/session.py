@@ -38,7 +38,6 @@ from qbench.embedded.memory import FitReport, MemoryBreakdown, check_fit, measur
 from qbench.errors import QBenchError
 from qbench.models.speech_model import SpeechModel
 
-
 #: Batch sizes a device run chooses from when none is given (the largest that fits).
 DEVICE_BATCH_SIZES = (1, 2, 4, 8)
 #: Room kept above the accountant's working peak when the session chooses a batch size: the
