@@ -12,7 +12,7 @@ from qbench.data.librispeech import utterance_digest
 from qbench.data.scoring import char_errors, normalize, word_errors
 from qbench.embedded.compute import ComputeReport, KindCount
 from qbench.evaluate import summarize
-from qbench.leaderboard.entry import ENTRY_SCHEMA_VERSION, entry_from_result, entry_path, read_entry, write_entry
+from qbench.leaderboard.entry import entry_from_result, entry_path, read_entry, write_entry
 from qbench.leaderboard.page import load_entries, pareto_front, render_leaderboard, render_markdown
 from qbench.leaderboard.validate import validate_leaderboards
 from qbench.results import DatasetRef, MachineInfo, ModelRef, RunResult, hypotheses_digest
@@ -172,15 +172,7 @@ def test_pareto_front():
     assert pareto_front([(1, 10), (2, 5), (3, 7), (4, 1)]) == [0, 1, 3]
 
 
-def _committed_schema_versions() -> set:
-    return {json.loads(p.read_text()).get("schema_version") for p in REPO_LEADERBOARDS.glob("*/*/*.json")}
-
-
 def test_committed_leaderboard_is_valid_and_up_to_date(data_dir):
-    older = {v for v in _committed_schema_versions() if isinstance(v, int) and v < ENTRY_SCHEMA_VERSION}
-    if older:  # temporary: remove once the committed entries are regenerated with `qbench run --submit`
-        pytest.skip(f"committed entries are of entry schema {sorted(older)}, this qbench writes {ENTRY_SCHEMA_VERSION}: "
-                    "they await regeneration with `qbench run --submit`")
     entries = load_entries(REPO_LEADERBOARDS)
     n, problems = validate_leaderboards(REPO_LEADERBOARDS, data_dir)
     assert problems == []
