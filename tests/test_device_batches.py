@@ -208,3 +208,23 @@ def test_a_given_batch_too_large_is_refused_by_the_cli_in_one_line(tiny_en, data
     assert main(["run", "--limit", "1", "--batch-size", "64", "--data-dir", str(data_dir), "-o", str(out), "-q"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "batch size 64 does not fit on pi-zero-2w" in err and "batch size 8 fits" in err and "Traceback" not in err
+
+
+def test_larger_batches_work_in_threads_and_the_accountant_follows(tiny_en):
+    """A batch of one runs in one thread of work, as committed entries did; a larger batch may
+    encode its windows in threads, and the accountant counts each thread's encoder buffers at
+    their peak: an upper bound (the threads need not peak together), never 10 % short of
+    tracemalloc (two 30 s windows, 3 tokens, on this machine's threads)."""
+    model = tiny_en.model
+    device = _device(4 * 2**30)
+    assert not DeviceSession(model, device).store.thread_safe
+    store = DeviceSession(model, device, 2).store
+    assert store.thread_safe and DeviceSession(model, device, None).store.thread_safe
+    audio = [_audio(30, seed) for seed in (1, 2)]
+    mels = np.stack([W.audio_windows(a)[0] for a in audio])
+    from qbench.embedded.memory import measure_peak
+
+    _, peak = measure_peak(lambda: W.greedy_decode(store, model.dims, model.vocab, mels, max_new_tokens=3))
+    measured = peak + sum(a.nbytes for a in audio) + sum(m.nbytes for m in mels)
+    estimate = estimate_memory(model, store, None, 2, 30.0).working_peak_bytes
+    assert measured <= 1.10 * estimate and estimate <= 1.25 * measured, (estimate, measured)

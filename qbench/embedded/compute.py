@@ -15,6 +15,7 @@ their MACs become additions, and the zero codes skip work altogether (counted fr
 from __future__ import annotations
 
 import math
+import threading
 from collections import defaultdict
 from typing import Any, Literal
 
@@ -66,12 +67,15 @@ class ComputeReport(BaseModel):
 
 
 class ComputeCountingStore:
-    """Delegates everything to `inner` and counts the work of each `linear` and `attention` call."""
+    """Delegates everything to `inner` and counts the work of each `linear` and `attention` call.
 
-    thread_safe = False  # the counters are plain `+=`
+    As safe to call from several threads as `inner` is: the counts are added under a lock.
+    """
 
     def __init__(self, inner: WeightStore):
         self.inner = inner
+        self.thread_safe = bool(getattr(inner, "thread_safe", False))
+        self._lock = threading.Lock()
         self.linear_macs: dict[str, int] = defaultdict(int)
         self.linear_bit_ops: dict[str, int] = defaultdict(int)
         self.linear_macs_by_layer: dict[str, int] = defaultdict(int)
@@ -109,25 +113,27 @@ class ComputeCountingStore:
         rows = int(np.prod(x.shape[:-1]))
         macs = rows * info.shape[0] * info.shape[1]
         kind = layer_kind(name, info.kind)
-        bits = self._bits_of(name)
-        self.linear_macs[kind] += macs
-        self.linear_macs_by_layer[name] += macs
-        self.linear_bit_ops[kind] += int(round(macs * bits * ACTIVATION_BITS))
-        if name in self._nonzero:
-            self.ternary_macs += macs
-            self.ternary_additions += int(round(macs * self._nonzero[name]))
+        with self._lock:
+            bits = self._bits_of(name)
+            self.linear_macs[kind] += macs
+            self.linear_macs_by_layer[name] += macs
+            self.linear_bit_ops[kind] += int(round(macs * bits * ACTIVATION_BITS))
+            if name in self._nonzero:
+                self.ternary_macs += macs
+                self.ternary_additions += int(round(macs * self._nonzero[name]))
         return self.inner.linear(name, x)
 
     def attention(self, kind: AttentionKind, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int,
                   causal_offset: int | None = None, threads: int = 1) -> np.ndarray:
         b, tq, d = q.shape
-        # q.k and scores.v: every query row against every key row, over all heads' d channels
-        self.attention_macs[kind] += 2 * b * tq * k.shape[2] * d
-        if layer == 0 and kind == "encoder_self":
-            self.encoder_windows += b
-        elif layer == 0 and kind == "decoder_self":
-            self.decode_steps += 1
-            self.decoded_token_rows += b * tq
+        with self._lock:
+            # q.k and scores.v: every query row against every key row, over all heads' d channels
+            self.attention_macs[kind] += 2 * b * tq * k.shape[2] * d
+            if layer == 0 and kind == "encoder_self":
+                self.encoder_windows += b
+            elif layer == 0 and kind == "decoder_self":
+                self.decode_steps += 1
+                self.decoded_token_rows += b * tq
         return self.inner.attention(kind, layer, q, k, v, n_head, causal_offset, threads)
 
     def report(self) -> ComputeReport:

@@ -37,7 +37,12 @@ class DeviceWeightStore(PackedWeightStore):
     would hold. Outputs equal the plain store's up to float32 summation order.
     """
 
-    thread_safe = False  # a device runs one layer at a time; the cache fill is not locked
+    #: Whether the models may call `linear` from several threads (the Whisper encoder's
+    #: windows, wav2vec2's chunks and heads). It is safe (the cache is filled under a lock, the
+    #: rest only reads the stored weights) but off unless asked for (`thread_safe=True`): one
+    #: thread of work is how a device runs and what the memory models are held to exactly;
+    #: with threads they count each thread's buffers (wav2vec2's count is then an upper bound).
+    thread_safe = False
 
     def __init__(
         self,
@@ -46,15 +51,18 @@ class DeviceWeightStore(PackedWeightStore):
         packed: Mapping[str, PackedTensor] | None = None,
         cache_bytes: int = 0,
         block_bytes: int = DEFAULT_BLOCK_BYTES,
+        thread_safe: bool = False,
     ):
         super().__init__(params, matrices, packed or {}, cache_bytes=cache_bytes)
         self.block_bytes = int(block_bytes)
+        self.thread_safe = bool(thread_safe)
         self._full: OrderedDict[str, np.ndarray] = OrderedDict()
 
     @classmethod
-    def from_store(cls, store: WeightStore, cache_bytes: int = 0, block_bytes: int = DEFAULT_BLOCK_BYTES) -> DeviceWeightStore:
+    def from_store(cls, store: WeightStore, cache_bytes: int = 0, block_bytes: int = DEFAULT_BLOCK_BYTES,
+                   thread_safe: bool = False) -> DeviceWeightStore:
         packed = getattr(store, "packed", None) if isinstance(store, PackedWeightStore) else None
-        return cls(store.params, store.weight_infos(), packed, cache_bytes, block_bytes)
+        return cls(store.params, store.weight_infos(), packed, cache_bytes, block_bytes, thread_safe)
 
     def param(self, name: str) -> np.ndarray:
         # Upcast on use and drop: a device keeps norms and biases at their stored precision.
@@ -88,13 +96,19 @@ class DeviceWeightStore(PackedWeightStore):
         # smaller than the model misses on every access and only adds work.
         if nbytes == 0 or self._lru_bytes + nbytes > self.cache_bytes:
             return None
-        wt = np.empty((in_f, out_f), dtype=np.float32)
-        step = self.block_rows(name)
-        for r0 in range(0, out_f, step):
-            r1 = min(out_f, r0 + step)
-            wt[:, r0:r1] = self.rows(name, r0, r1).T
-        self._full[name] = wt
-        self._lru_bytes += nbytes
+        with self._lru_lock:  # one thread fills a layer, another waits for it
+            wt = self._full.get(name)
+            if wt is not None:
+                return wt
+            if self._lru_bytes + nbytes > self.cache_bytes:
+                return None
+            wt = np.empty((in_f, out_f), dtype=np.float32)
+            step = self.block_rows(name)
+            for r0 in range(0, out_f, step):
+                r1 = min(out_f, r0 + step)
+                wt[:, r0:r1] = self.rows(name, r0, r1).T
+            self._full[name] = wt
+            self._lru_bytes += nbytes
         return wt
 
     def matrix_t(self, name: str) -> np.ndarray:

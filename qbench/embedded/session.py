@@ -20,7 +20,8 @@ the RAM with `MEASURED_PEAK_MARGIN` to spare, keeping the layer cache a batch of
 which layers are cached decides how a linear is computed (a cached layer is one matmul, a
 streamed one a matmul per row block, and the two round differently), and every row of a batch
 goes through the same matmuls as it would alone (`DeviceWeightStore.linear`), so the chosen
-batch size never changes a transcript.
+batch size never changes a transcript. Batches larger than one let the model work in threads
+(`_threads_for`).
 """
 
 from __future__ import annotations
@@ -78,6 +79,17 @@ def fit_model(model: SpeechModel, device: DeviceProfile, batch_size: int = 1) ->
     return report
 
 
+def _threads_for(batch_size: int) -> bool:
+    """Whether a device store for batches of `batch_size` lets the model work in threads.
+
+    A batch of one runs as before, in one thread of work (the runs of committed entries, and
+    the memory models' exact case); a larger batch may spread independent work over the cores
+    (the Whisper encoder's windows: 1.4x faster on two cores), which the memory model counts.
+    Whisper's output is the same either way (OpenBLAS splits a GEMM without reordering sums).
+    """
+    return batch_size > 1
+
+
 def fits_with_margin(report: FitReport, margin: float = MEASURED_PEAK_MARGIN) -> bool:
     """`report` fits, and would still with its working peak `margin` larger."""
     b = report.breakdown
@@ -93,10 +105,13 @@ class DeviceSession:
     """
 
     def __init__(self, model: SpeechModel, device: DeviceProfile, batch_size: int | None = 1,
-                 block_bytes: int = DEFAULT_BLOCK_BYTES):
+                 block_bytes: int = DEFAULT_BLOCK_BYTES, longest_seconds: float | None = None):
         self.device = device
         self._base = model
         self._block_bytes = block_bytes
+        # the batch size is chosen for the run's longest utterance (a Whisper utterance over
+        # 30 s is two windows per row), not for the model's default length
+        self._seconds = longest_seconds
         first = self._verdict(1, 0)
         cache = 0
         if first.fits:
@@ -114,9 +129,9 @@ class DeviceSession:
                                      f"fits (the default on {device.name})")
             cache = max(0, (device.ram_bytes - plain.breakdown.total_ram_bytes) // 2) if plain.fits else 0
         self.batch_size = batch_size
-        self.store = DeviceWeightStore.from_store(model.store, cache, block_bytes)
+        self.store = DeviceWeightStore.from_store(model.store, cache, block_bytes, _threads_for(batch_size))
         self.counter = ComputeCountingStore(self.store)
-        self.report: FitReport = check_fit(estimate_memory(model, self.store, device, batch_size), device)
+        self.report: FitReport = check_fit(estimate_memory(model, self.store, device, batch_size, self._seconds), device)
         self.report.batch_size = batch_size
         self.report.batch_size_chosen = chosen
         self.report.measurement = MEASUREMENT
@@ -125,8 +140,8 @@ class DeviceSession:
         self.model = _BudgetedModel(model.with_store(self.counter), self)
 
     def _verdict(self, batch_size: int, cache: int) -> FitReport:
-        store = DeviceWeightStore.from_store(self._base.store, cache, self._block_bytes)
-        return check_fit(estimate_memory(self._base, store, self.device, batch_size), self.device)
+        store = DeviceWeightStore.from_store(self._base.store, cache, self._block_bytes, _threads_for(batch_size))
+        return check_fit(estimate_memory(self._base, store, self.device, batch_size, self._seconds), self.device)
 
     def _largest_batch(self, cache: int) -> int:
         """The largest of `DEVICE_BATCH_SIZES` that fits with a `cache`-byte layer cache and
