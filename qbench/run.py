@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from qbench.checkpoints.card import safe_name
 from qbench.checkpoints.loader import DEFAULT_MODEL, load_model
+from qbench.data.audio import AudioError, audio_duration
 from qbench.data.calibration import load_calibration
 from qbench.data.librispeech import (
     OFFICIAL_COUNTS,
@@ -311,6 +312,18 @@ def quantize_to_artifact(spec: RunSpec, artifact_path: Path | None = None,
     return Path(record["artifact_path"]), record
 
 
+def longest_readable(utterances: Sequence[Utterance]) -> float | None:
+    """Seconds of the longest utterance, from the headers; a file that cannot be read is left to
+    fail in its own batch, with what came before it saved."""
+    seconds = []
+    for u in utterances:
+        try:
+            seconds.append(audio_duration(u.path))
+        except AudioError:
+            continue
+    return max(seconds, default=None)
+
+
 def devices_fitted(model: SpeechModel, profiles: dict[str, DeviceProfile]) -> list[str]:
     """Device profiles the model fits, by the same accounting `qbench fit` uses, on one thread
     (a count the accountant's per-thread buffers would otherwise take from this machine)."""
@@ -380,7 +393,7 @@ def run_benchmark(spec: RunSpec, progress: RunProgress | None = None, force: boo
         batch_size = spec.effective_batch_size
         session = None
         if device is not None:
-            session = DeviceSession(model, device, batch_size)
+            session = DeviceSession(model, device, batch_size, longest_seconds=longest_readable(utterances))
             batch_size = session.batch_size
         warnings = [present.skipped.warning] if present.skipped.warning else []
         utterances, unscored = split_unscorable(utterances)

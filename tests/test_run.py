@@ -13,7 +13,13 @@ from qbench.cli import main
 from qbench.leaderboard.entry import read_entry
 from qbench.models import parallel
 from qbench.results import RunResult
-from qbench.run import RunSpec, RunSpecError, SilentProgress, run_benchmark, select_utterances
+from qbench.run import (
+    RunSpec,
+    RunSpecError,
+    SilentProgress,
+    run_benchmark,
+    select_utterances,
+)
 
 LEADERBOARD = Path(__file__).resolve().parent.parent / "leaderboards" / "whisper-tiny.en" / "test-clean"
 
@@ -41,7 +47,7 @@ def test_a_spec_is_checked_when_it_is_built():
 
 
 def test_batch_size_defaults_follow_the_device():
-    assert RunSpec().effective_batch_size == 1
+    assert RunSpec().effective_batch_size is None  # chosen by the device session
     assert RunSpec(device="none").effective_batch_size == 8
     assert RunSpec(device="none", batch_size=3).effective_batch_size == 3
 
@@ -148,3 +154,18 @@ def test_skipped_files_and_unscorable_references_are_warned_and_recorded(tiny_en
     assert "1 utterance(s) not scored" in unscored and "1089-134686-0900 'HMM'" in unscored
     assert [n for n in notes if n.startswith("warning: ")] == [f"warning: {skipped}", f"warning: {unscored}"]
     assert RunResult.read(tmp_path / "r.json").warnings == result.warnings
+
+
+def test_the_device_batch_is_chosen_for_the_runs_longest_utterance(tiny_en):
+    """A Whisper utterance over 30 s is two windows a row: a batch chosen for 30 s stopped a
+    200-utterance run on pi-zero-2w at its first long batch."""
+    from qbench.embedded.devices import get_device_profile
+    from qbench.embedded.memory import check_fit
+    from qbench.embedded.session import DeviceSession, estimate_memory
+
+    device = get_device_profile("pi-zero-2w")
+    short = DeviceSession(tiny_en.model, device, None, longest_seconds=20.0)
+    long = DeviceSession(tiny_en.model, device, None, longest_seconds=35.0)
+    assert long.fits and long.batch_size < short.batch_size
+    # the chosen batch of the longest utterances passes the check every batch gets
+    assert check_fit(estimate_memory(tiny_en.model, long.store, device, long.batch_size, 35.0), device).fits

@@ -16,11 +16,20 @@ import soundfile as sf
 
 from qbench.errors import QBenchError, one_line
 
-__all__ = ["AudioError", "load_audio"]
+__all__ = ["AudioError", "audio_duration", "load_audio"]
 
 
 class AudioError(QBenchError, ValueError):
     """An audio file that is missing, unreadable, or not 16 kHz mono finite audio."""
+
+
+def audio_duration(path: str | os.PathLike[str]) -> float:
+    """Seconds of audio in `path`, from its header alone (no decoding)."""
+    p = Path(path)
+    try:
+        return float(sf.info(str(p)).duration)
+    except Exception as exc:  # libsndfile raises several unrelated types for bad input
+        raise AudioError(f"{p}: unreadable or corrupt audio file ({one_line(exc)})") from exc
 
 
 def load_audio(path: str | os.PathLike[str], expected_rate: int = 16000) -> np.ndarray:
