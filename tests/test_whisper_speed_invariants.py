@@ -185,8 +185,13 @@ def test_stores_with_state_in_linear_encode_one_window_at_a_time(model: W.Whispe
     assert W.encoder_parallelism(model.store, 8) == (4, 1)
     assert W.encoder_parallelism(model.store, 2) == (2, 1)
     assert W.encoder_parallelism(model.store, 1) == (1, 4)
-    assert W.encoder_parallelism(DeviceWeightStore.from_store(model.store), 8) == (1, 4)
-    assert W.encoder_parallelism(ComputeCountingStore(model.store), 8) == (1, 4)
+    device_store = DeviceWeightStore.from_store(model.store)
+    assert W.encoder_parallelism(device_store, 8) == (1, 4)
+    # the counter adds under a lock: it is exactly as thread-safe as the store it counts for
+    assert W.encoder_parallelism(ComputeCountingStore(device_store), 8) == (1, 4)
+    assert W.encoder_parallelism(ComputeCountingStore(model.store), 8) == (4, 1)
+    # a device store asked for threads (a device batch larger than one) encodes windows in threads
+    assert W.encoder_parallelism(DeviceWeightStore.from_store(model.store, thread_safe=True), 8) == (4, 1)
 
 
 def test_an_encoder_thread_failure_reaches_the_caller(model: W.Whisper, monkeypatch: pytest.MonkeyPatch) -> None:
