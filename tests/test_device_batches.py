@@ -228,3 +228,22 @@ def test_larger_batches_work_in_threads_and_the_accountant_follows(tiny_en):
     measured = peak + sum(a.nbytes for a in audio) + sum(m.nbytes for m in mels)
     estimate = estimate_memory(model, store, None, 2, 30.0).working_peak_bytes
     assert measured <= 1.10 * estimate and estimate <= 1.25 * measured, (estimate, measured)
+
+
+def test_the_run_longest_utterance_decides_the_batch_not_the_recorded_figures(tiny_en):
+    """The batch is chosen for the longest utterance (35 s: two windows a row), while the cache
+    and the recorded breakdown stay at one 30 s window a row, so a rerun of a batch-1 entry
+    records the figures it was submitted with, whatever its utterances."""
+    from qbench.embedded.devices import get_device_profile
+
+    model, device = tiny_en.model, get_device_profile("pi-zero-2w")
+    plain, long = DeviceSession(model, device, 1), DeviceSession(model, device, 1, longest_seconds=35.0)
+    assert long.report.breakdown == plain.report.breakdown and long.store.cache_bytes == plain.store.cache_bytes
+    chosen = DeviceSession(model, device, None, longest_seconds=35.0)
+    assert chosen.batch_size == 4 and DeviceSession(model, device, None, longest_seconds=20.0).batch_size == 8
+    assert chosen.store.cached_layers() == plain.store.cached_layers()  # same arithmetic as batch 1
+    # given, 8 rows of 35 s fit only with a smaller cache: honoured with it; 16 are refused
+    eight = DeviceSession(model, device, 8, longest_seconds=35.0)
+    assert eight.batch_size == 8 and eight.store.cache_bytes < plain.store.cache_bytes
+    with pytest.raises(BatchSizeError, match="batch size 16 does not fit on pi-zero-2w: .* batch size 4 fits"):
+        DeviceSession(model, device, 16, longest_seconds=35.0)

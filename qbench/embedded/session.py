@@ -109,10 +109,13 @@ class DeviceSession:
         self.device = device
         self._base = model
         self._block_bytes = block_bytes
-        # the batch size is chosen for the run's longest utterance (a Whisper utterance over
-        # 30 s is two windows per row), not for the model's default length
+        # a batch size is chosen (and a given one refused) for the run's longest utterance (a
+        # Whisper utterance over 30 s is two windows per row); the cache and the recorded
+        # breakdown stay at the model's fit length, as `qbench fit` and committed entries count
+        # them (a rerun of an entry records the same figures), and every batch is checked at
+        # its own length before it runs
         self._seconds = longest_seconds
-        first = self._verdict(1, 0)
+        first = self._verdict(1, 0, None)
         cache = 0
         if first.fits:
             # Half the RAM a batch of one leaves over may hold float copies of whole layers
@@ -122,16 +125,16 @@ class DeviceSession:
         if chosen:
             batch_size = self._largest_batch(cache)
         elif batch_size > 1 and not self._verdict(batch_size, cache).fits:
-            # a batch too large for that cache gets the cache its own leftover allows
             plain = self._verdict(batch_size, 0)
             if not plain.fits and first.fits:
                 raise BatchSizeError(f"batch size {batch_size} {plain.reason}; batch size {self._largest_batch(cache)} "
                                      f"fits (the default on {device.name})")
+            # a batch too large for that cache gets the cache its own leftover allows
             cache = max(0, (device.ram_bytes - plain.breakdown.total_ram_bytes) // 2) if plain.fits else 0
         self.batch_size = batch_size
         self.store = DeviceWeightStore.from_store(model.store, cache, block_bytes, _threads_for(batch_size))
         self.counter = ComputeCountingStore(self.store)
-        self.report: FitReport = check_fit(estimate_memory(model, self.store, device, batch_size, self._seconds), device)
+        self.report: FitReport = check_fit(estimate_memory(model, self.store, device, batch_size), device)
         self.report.batch_size = batch_size
         self.report.batch_size_chosen = chosen
         self.report.measurement = MEASUREMENT
@@ -139,9 +142,12 @@ class DeviceSession:
         self._highest_measured = -1  # the largest estimate among the measured batches
         self.model = _BudgetedModel(model.with_store(self.counter), self)
 
-    def _verdict(self, batch_size: int, cache: int) -> FitReport:
+    def _verdict(self, batch_size: int, cache: int, seconds: float | None | str = "longest") -> FitReport:
+        """The fit of `batch_size` rows of `seconds` (default: the run's longest utterance, if
+        known; None: the model's fit length) with a `cache`-byte layer cache."""
+        seconds = self._seconds if seconds == "longest" else seconds
         store = DeviceWeightStore.from_store(self._base.store, cache, self._block_bytes, _threads_for(batch_size))
-        return check_fit(estimate_memory(self._base, store, self.device, batch_size, self._seconds), self.device)
+        return check_fit(estimate_memory(self._base, store, self.device, batch_size, seconds), self.device)
 
     def _largest_batch(self, cache: int) -> int:
         """The largest of `DEVICE_BATCH_SIZES` that fits with a `cache`-byte layer cache and
