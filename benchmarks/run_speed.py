@@ -14,7 +14,9 @@ of the result file for qbench, the timed transcription loop for faster-whisper).
 
     python benchmarks/run_speed.py [--limits 20 200] [--rounds 1] [--json out.json]
 
-Run it on a quiet machine (the load average is printed before and after). With `--rounds R`
+Run it on a quiet machine: the load average is printed before and after, and each run's
+"others' CPU s" says how much CPU the rest of the machine used meanwhile (the load average
+also counts the benchmark's own threads; this does not). With `--rounds R`
 the systems run R times in turn (default, none, fw-f32, default, ...) and the table shows each
 system's median.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -35,6 +38,21 @@ from typing import Any
 MODEL = "whisper-tiny.en"
 SYSTEMS = ("default", "none", "fw-f32")
 REFERENCE = "fw-f32"
+
+
+def _busy_seconds() -> float:
+    """CPU seconds every process on the machine has used since boot (/proc/stat), 0 elsewhere."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _load() -> str:
@@ -93,9 +111,12 @@ def command(system: str, limit: int, out: Path, data_dir: str | None) -> list[st
 def run_once(system: str, limit: int, tmp: Path, data_dir: str | None, round_: int) -> dict[str, Any]:
     out = tmp / f"{system}-{limit}-{round_}.json"  # a fresh file: `qbench run` would reuse a complete one
     load_before = os.getloadavg()[0]
+    busy0, own0 = _busy_seconds(), _children_seconds()
     t0 = time.perf_counter()
     proc = subprocess.run(command(system, limit, out, data_dir), capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
+    # CPU the rest of the machine used meanwhile: near 0 on a quiet machine
+    others = max(0.0, (_busy_seconds() - busy0) - (_children_seconds() - own0))
     if proc.returncode != 0:
         raise SystemExit(f"{system} --limit {limit} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     r = json.loads(out.read_text())
@@ -106,7 +127,7 @@ def run_once(system: str, limit: int, tmp: Path, data_dir: str | None, round_: i
         "hypotheses": {u["id"]: u["hypothesis_normalized"] for u in r["utterances"]},
         "batch_size": device.get("batch_size", 8 if system == "none" else 1),
         "device": (device.get("profile") or {}).get("name", "-"), "measured_batches": device.get("measured_batches"),
-        "batches": device.get("batches"), "load_1min_before": load_before,
+        "batches": device.get("batches"), "load_1min_before": load_before, "other_cpu_seconds": others,
     }
 
 
@@ -127,7 +148,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=170)
+    console = Console(width=190)
     start_load = _load()
     console.print(f"[bold]{MODEL}[/]: `qbench run` (default device / --device none) and faster-whisper float32, "
                   f"each a whole subprocess; {os.cpu_count()} cores; env QBENCH_THREADS="
@@ -140,7 +161,8 @@ def main() -> None:
                     r = run_once(system, limit, Path(tmp), args.data_dir, round_)
                     runs.append(r)
                     console.print(f"  --limit {limit} {system}: {r['process_seconds']:.1f} s process, "
-                                  f"{r['model_seconds']:.1f} s model (load {r['load_1min_before']:.2f})")
+                                  f"{r['model_seconds']:.1f} s model (load {r['load_1min_before']:.2f}, "
+                                  f"{r['other_cpu_seconds']:.1f} CPU s used by other processes meanwhile)")
     end_load = _load()
 
     def median(limit: int, system: str, key: str) -> float:
@@ -149,7 +171,8 @@ def main() -> None:
     table = Table(title=f"{MODEL}, whole processes side by side, {args.rounds} round(s) "
                         f"(load average {start_load} -> {end_load})")
     for col in ("utterances", "system", "device / batch", "process s", "model s", f"process / {REFERENCE}",
-                f"speed vs {REFERENCE}", "model / none", "WER %", "same text as none", "measured batches"):
+                f"speed vs {REFERENCE}", "model / none", "WER %", "same text as none", "measured batches",
+                "others' CPU s"):
         table.add_column(col, justify="left" if col in ("system", "device / batch", "measured batches") else "right")
     summary: dict[str, Any] = {}
     for limit in args.limits:
@@ -164,12 +187,14 @@ def main() -> None:
             table.add_row(str(last["utterances"]), system, f"{last['device']} / {last['batch_size']}", f"{proc:.1f}",
                           f"{model:.1f}", f"{proc / ref:.2f}", f"{ref / proc:.2f}x",
                           f"{model / none_model:.2f}" if system != REFERENCE else "-", f"{100 * last['wer']:.2f}",
-                          f"{same}/{len(none_hyps)}", measured)
+                          f"{same}/{len(none_hyps)}", measured, f"{last['other_cpu_seconds']:.1f}")
             summary[f"{limit}/{system}"] = {"process_seconds": proc, "model_seconds": model,
                                             "process_vs_reference": proc / ref, "model_vs_none": model / none_model}
     console.print(table)
     console.print("process s: wall time of the subprocess (start, imports, loading, audio, checks, scoring, writing); "
-                  "model s: the transcription the process timed itself. speed vs fw-f32 > 1: faster than the peer.")
+                  "model s: the transcription the process timed itself. speed vs fw-f32 > 1: faster than the peer. "
+                  "others' CPU s: CPU time the rest of the machine used during that run (/proc/stat minus the run's "
+                  "own; the load average counts the benchmark's own threads too, this does not).")
     if args.json:
         args.json.write_text(json.dumps({"model": MODEL, "load_start": start_load, "load_end": end_load,
                                          "summary": summary, "runs": runs}, indent=1))
