@@ -615,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--utterance-ids", metavar="FILE",
                      help="exactly these utterances (one id a line, or a leaderboard entry's) instead of --limit")
     run.add_argument("--data-dir", help="folder holding LibriSpeech/ (default: QBENCH_DATA_DIR, ../shared/librispeech, cache)")
-    run.add_argument("--batch-size", type=int, default=None, help="utterances per batch (default 8; 1 on a device)")
+    run.add_argument("--batch-size", type=int, default=None, help="utterances per batch (default 8; on a device the largest of 1, 2, 4, 8 that fits its RAM)")
     run.add_argument("--device", default=_default_device(), help="emulated target (qbench fit lists them) or 'none'")
     run.add_argument("--plugin", help="quantizer name (qbench plugins); none = float baseline")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="quantizer config, repeatable")
