@@ -2,9 +2,12 @@
 
 One table per model and subset, ranked by WER (then model bytes) within bit-width classes, with
 the device profiles each entry fits; the speed column is the submitter's own measurement and
-says which machine it came from. One chart per model and subset of WER against model bytes with
-the Pareto front drawn (matplotlib, SVG written deterministically so the committed files only
-change when the entries do).
+says which machine it came from. Where a table has a float baseline (the entry without a
+quantizer), each entry's WER difference to it is shown with a paired-bootstrap 95 % interval
+(`qbench.leaderboard.significance`), so that a rank the utterances cannot tell from noise is
+marked as such. One chart per model and subset of WER against model bytes with the Pareto
+front drawn (matplotlib, SVG written deterministically so the committed files only change when
+the entries do).
 
 The page is rendered only from entries `qbench validate` accepts (self-consistency checks), and
 defensively all the same: every text that reaches the page is escaped for markdown and HTML,
@@ -24,6 +27,12 @@ from urllib.parse import quote
 
 from qbench.errors import QBenchError, one_line
 from qbench.leaderboard.entry import EntryMachine, LeaderboardEntry, contained_path
+from qbench.leaderboard.significance import (
+    N_RESAMPLES,
+    SEED,
+    WerDifference,
+    entry_wer_difference,
+)
 from qbench.leaderboard.validate import SCHEMA_FILE, check_leaderboards
 
 CLASS_ORDER = ("float", "8 bits", "4 bits", "3 bits", "<=2 bits")
@@ -143,6 +152,22 @@ def machine_description(machine: EntryMachine) -> str:
             f"{machine.platform}, Python {machine.python}, numpy {machine.numpy}{blas}")
 
 
+def wer_points(difference: WerDifference) -> str:
+    """A difference and its interval in WER points, `+0.41 [+0.12, +0.70]`, with ` (n.s.)` when
+    the interval includes 0 (rounding never shows a `-0.00`)."""
+    def signed(x: float) -> str:
+        return f"{round(100 * x, 2) + 0.0:+.2f}"
+
+    text = f"{signed(difference.difference)} [{signed(difference.low)}, {signed(difference.high)}]"
+    return text if difference.significant else text + " (n.s.)"
+
+
+def float_baseline(group: list[LeaderboardEntry]) -> LeaderboardEntry | None:
+    """The table's float baseline: its one entry without a quantizer, else None (no difference column)."""
+    baselines = [e for e in group if e.quantizer is None]
+    return baselines[0] if len(baselines) == 1 else None
+
+
 def render_markdown(entries: list[LeaderboardEntry]) -> str:
     groups: dict[tuple[str, str], list[LeaderboardEntry]] = defaultdict(list)
     for e in entries:
@@ -165,6 +190,8 @@ def render_markdown(entries: list[LeaderboardEntry]) -> str:
         first = group[0]
         digest = first.dataset.utterance_ids_sha256  # one utterance set per table (validate checks)
         partial = " (a fixed part of the official subset)" if first.dataset.partial_subset else ""
+        baseline = float_baseline(group)
+        delta_header, delta_align = ("ΔWER vs float (95 % CI) | ", "---:|") if baseline else ("", "")
         lines += [
             f"## {md(model)} · {md(subset)}",
             "",
@@ -173,9 +200,11 @@ def render_markdown(entries: list[LeaderboardEntry]) -> str:
             "",
             f"![WER against weights]({md_link_target(chart_name(model, subset))})",
             "",
-            "| class | rank | quantizer | config | bits/weight | WER % | CER % | weights MiB | fits | RTFx (submitter's machine) | entry |",
-            "|---|---:|---|---|---:|---:|---:|---:|---|---:|---|",
+            f"| class | rank | quantizer | config | bits/weight | WER % | {delta_header}CER % | weights MiB | fits | "
+            "RTFx (submitter's machine) | entry |",
+            f"|---|---:|---|---|---:|---:|{delta_align}---:|---:|---|---:|---|",
         ]
+        by_speaker: list[tuple[str, WerDifference]] = []  # (label, speaker-level difference), in table order
         machines: dict[str, str] = {}  # description -> M1, M2, ... in order of first appearance
         by_class: dict[str, list[LeaderboardEntry]] = defaultdict(list)
         for e in group:
@@ -189,10 +218,33 @@ def render_markdown(entries: list[LeaderboardEntry]) -> str:
                 fits = ", ".join(e.devices_fitted) or "none"
                 s = e.submitted_measurements
                 machine = machines.setdefault(machine_description(s.machine), f"M{len(machines) + 1}")
-                cells = [cls, str(rank), name, _config(e), bits, f"{100 * e.wer:.2f}", f"{100 * e.cer:.2f}",
+                delta: list[str] = []  # no column without a baseline; "-" on the baseline's own row
+                if baseline is not None:
+                    delta = ["-"] if e is baseline else [wer_points(entry_wer_difference(e, baseline))]
+                    if e is not baseline:
+                        by_speaker.append((e.label, entry_wer_difference(e, baseline, unit="speaker")))
+                cells = [cls, str(rank), name, _config(e), bits, f"{100 * e.wer:.2f}", *delta, f"{100 * e.cer:.2f}",
                          _mib(e.model_bytes), fits, f"{s.rtfx:.1f} ({machine})"]
                 lines.append("| " + " | ".join(md(c) for c in cells) + f" | [{md(e.label)}]({md_link_target(rel)}) |")
-        lines += ["", "Machines the speed was measured on, by their submitters:", ""]
+        lines.append("")
+        if baseline is not None:
+            lines += [
+                "ΔWER vs float is the entry's WER minus the float baseline's in WER points, over the utterances both "
+                f"scored, with a 95 % interval from a paired bootstrap over utterances ({N_RESAMPLES:,} resamples, seed {SEED}; "
+                "both systems on the same resampled utterances); (n.s.) marks a difference whose interval includes 0, "
+                "which these utterances cannot tell from noise.",
+                "",
+            ]
+        if by_speaker:
+            speakers = by_speaker[0][1].n_units
+            lines += [
+                f"The same difference with the {speakers} speakers resampled instead (each with all of their utterances, "
+                "which are not independent of one another); with few speakers this interval is itself rough:",
+                "",
+            ]
+            lines += [f"- {md(label)}: {md(wer_points(d))}" for label, d in by_speaker]
+            lines.append("")
+        lines += ["Machines the speed was measured on, by their submitters:", ""]
         lines += [f"- {md(label)}: {md(description)}" for description, label in machines.items()]
         lines.append("")
     if not groups:
