@@ -192,7 +192,6 @@ def spec_from_args(args: argparse.Namespace):
     """The `RunSpec` the `qbench run` arguments describe."""
     from pydantic import ValidationError
 
-    from qbench.quant.apply import QuantizationPolicy
     from qbench.quant.settings import parse_setting_values
     from qbench.run import RunSpec, spec_error
 
@@ -205,7 +204,7 @@ def spec_from_args(args: argparse.Namespace):
             model=args.model, weights=args.weights, subset=args.subset, data_dir=args.data_dir, limit=args.limit,
             utterance_ids=read_ids(args.utterance_ids, "scored") if args.utterance_ids else None,
             device=args.device, plugin=args.plugin, config=config,
-            policy=QuantizationPolicy(quantize_embeddings=args.quantize_embeddings),
+            policy=policy_from_args(args),
             calibration_subset=args.calibration_subset, calibration_limit=args.calibration_limit,
             calibration_ids=read_ids(args.calibration_ids, "calibration") if args.calibration_ids else None,
             calibration_data_dir=args.calibration_data_dir,
@@ -508,16 +507,33 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def policy_from_args(args: argparse.Namespace):
+    """Which layers to quantize and how the harness corrects them (`--quantize-embeddings`, `--lowrank`)."""
+    from pydantic import ValidationError
+
+    from qbench.quant.apply import QuantizationPolicy
+    from qbench.quant.lowrank import LowRankCorrection
+
+    rank = getattr(args, "lowrank", None)
+    if rank is None and getattr(args, "lowrank_dtype", None) not in (None, "float16"):
+        raise CliError("--lowrank-dtype stores a low-rank correction: give --lowrank RANK too")
+    try:
+        lowrank = None if rank is None else LowRankCorrection(rank=rank, dtype=args.lowrank_dtype or "float16")
+    except ValidationError as exc:
+        raise CliError(f"--lowrank: {exc.errors()[0]['msg']} (got {rank})") from None
+    return QuantizationPolicy(quantize_embeddings=args.quantize_embeddings, lowrank=lowrank)
+
+
 def quantize_for_fit(model, args: argparse.Namespace):
     """Quantize without audio, with any installed quantizer (a calibrated one runs on neutral
     statistics: exact sizes, uncalibrated codes; see `quantize_without_audio`)."""
     from qbench.plugin_manager import get_quantizer
-    from qbench.quant.apply import QuantizationPolicy, quantize_without_audio
+    from qbench.quant.apply import quantize_without_audio
     from qbench.quant.settings import parse_settings
 
     cls = get_quantizer(args.plugin)
     config = parse_settings(args.set or [], cls.Config, plugin=args.plugin)
-    policy = QuantizationPolicy(quantize_embeddings=args.quantize_embeddings)
+    policy = policy_from_args(args)
     model, report = quantize_without_audio(model, cls(config), policy)
     record = report.model_dump(mode="json", exclude={"layers"})
     record["estimated_with"] = report.calibration_note
@@ -620,6 +636,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--plugin", help="quantizer name (qbench plugins); none = float baseline")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="quantizer config, repeatable")
     run.add_argument("--quantize-embeddings", action="store_true", help="also quantize embeddings / tied output projection")
+    run.add_argument("--lowrank", type=int, metavar="RANK",
+                     help="add a rank-RANK correction of every quantized layer's error (W ~ Q + U V; harness-computed, "
+                          "activation-aware when the plugin calibrates)")
+    run.add_argument("--lowrank-dtype", choices=["float16", "int8"], help="storage of the low-rank factors (default float16)")
     run.add_argument("--calibration-subset", default="dev-clean")
     run.add_argument("--calibration-limit", type=int, default=None)
     run.add_argument("--calibration-ids", metavar="FILE",
@@ -647,6 +667,10 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--plugin", required=True, help="quantizer name (qbench plugins)")
     quantize.add_argument("--set", action="append", metavar="KEY=VALUE", help="quantizer config, repeatable")
     quantize.add_argument("--quantize-embeddings", action="store_true")
+    quantize.add_argument("--lowrank", type=int, metavar="RANK",
+                     help="add a rank-RANK correction of every quantized layer's error (W ~ Q + U V; harness-computed, "
+                          "activation-aware when the plugin calibrates)")
+    quantize.add_argument("--lowrank-dtype", choices=["float16", "int8"], help="storage of the low-rank factors (default float16)")
     quantize.add_argument("--data-dir", help="folder holding LibriSpeech/ with the calibration subset")
     quantize.add_argument("--calibration-subset", default="dev-clean")
     quantize.add_argument("--calibration-limit", type=int, default=None)
@@ -667,6 +691,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--plugin", help="quantizer name; none = the weights as stored")
     fit.add_argument("--set", action="append", metavar="KEY=VALUE")
     fit.add_argument("--quantize-embeddings", action="store_true")
+    fit.add_argument("--lowrank", type=int, metavar="RANK",
+                     help="add a rank-RANK correction of every quantized layer's error (W ~ Q + U V; harness-computed, "
+                          "activation-aware when the plugin calibrates)")
+    fit.add_argument("--lowrank-dtype", choices=["float16", "int8"], help="storage of the low-rank factors (default float16)")
     fit.add_argument("--device", help="only this profile")
     fit.add_argument("--json", action="store_true", help="print JSON instead of a table")
     fit.set_defaults(func=cmd_fit)

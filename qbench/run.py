@@ -101,7 +101,9 @@ class RunSpec(BaseModel):
         if self.plugin is None:
             return "fp"
         settings = "".join(f"_{k}{v if isinstance(v, str) else json.dumps(v)}" for k, v in sorted(self.config.items()))
-        return self.plugin + settings + ("_emb" if self.policy.quantize_embeddings else "")
+        lowrank = self.policy.lowrank
+        suffix = "" if lowrank is None else f"_lr{lowrank.rank}" + ("i8" if lowrank.dtype == "int8" else "")
+        return self.plugin + settings + suffix + ("_emb" if self.policy.quantize_embeddings else "")
 
     @property
     def model_label(self) -> str:

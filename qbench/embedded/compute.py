@@ -10,6 +10,12 @@ layer count the encoder's inputs and the decoder's steps.
 Bit operations are MACs x weight bits x activation bits (float32 activations: 32 bits; weights
 at their stored code width, or 16/32 for float layers). Ternary weights need no multiplication:
 their MACs become additions, and the zero codes skip work altogether (counted from the codes).
+
+A packed layer that declares extra parts runs them around its product, and each is counted on
+its own: dividing the input by per-channel scales (`input_scale_muls`, one multiply per input
+value with the reciprocals stored), the block-Hadamard transform (`transform_additions`, the
+fast transform's additions/subtractions; its 1/sqrt(b) is folded into the scales on a device),
+and a low-rank correction (`lowrank_macs`, `rows x r x (in + out)` float MACs).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from pydantic import BaseModel, Field
 
 from qbench.models.attention import AttentionKind
 from qbench.models.weight_store import WeightStore
+from qbench.quant.hadamard import transform_additions
 
 LayerKind = Literal["conv", "attention_projection", "mlp", "output_projection", "other"]
 ACTIVATION_BITS = 32
@@ -59,6 +66,9 @@ class ComputeReport(BaseModel):
     ternary_macs: int = 0
     #: of those, the ones with a nonzero code (zero codes skip the work)
     ternary_additions: int = 0
+    input_scale_muls: int = Field(0, description="layer inputs divided by per-channel scales (AWQ), one multiply each")
+    transform_additions: int = Field(0, description="additions of the fast block-Hadamard transforms of layer inputs")
+    lowrank_macs: int = Field(0, description="float MACs of low-rank corrections, (x V^T) U^T")
     encoder_windows: int = Field(0, description="encoder inputs: Whisper's 30 s windows, wav2vec2's utterances")
     decode_steps: int = Field(0, description="decoder calls (the prompt counts as one)")
     decoded_token_rows: int = Field(0, description="sum over decoder calls of batch rows x new tokens")
@@ -82,6 +92,10 @@ class ComputeCountingStore:
         self.attention_macs: dict[str, int] = defaultdict(int)
         self.ternary_macs = 0
         self.ternary_additions = 0
+        self.input_scale_muls = 0
+        self.transform_additions = 0
+        self.lowrank_macs = 0
+        self._lowrank_bit_ops = 0
         self.encoder_windows = 0
         self.decode_steps = 0
         self.decoded_token_rows = 0
@@ -121,6 +135,17 @@ class ComputeCountingStore:
             if name in self._nonzero:
                 self.ternary_macs += macs
                 self.ternary_additions += int(round(macs * self._nonzero[name]))
+            pt = (getattr(self.inner, "packed", None) or {}).get(name)
+            if pt is not None:
+                out_f, in_f = info.shape
+                if pt.input_scales is not None:
+                    self.input_scale_muls += rows * in_f
+                if pt.hadamard_signs is not None:
+                    self.transform_additions += transform_additions(rows, in_f)
+                if pt.lowrank_u is not None:
+                    lr_macs = rows * pt.lowrank_rank * (in_f + out_f)
+                    self.lowrank_macs += lr_macs
+                    self._lowrank_bit_ops += lr_macs * pt.lowrank_u.dtype.itemsize * 8 * ACTIVATION_BITS
         return self.inner.linear(name, x)
 
     def attention(self, kind: AttentionKind, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int,
@@ -139,12 +164,15 @@ class ComputeCountingStore:
     def report(self) -> ComputeReport:
         linear = {k: KindCount(macs=self.linear_macs[k], bit_ops=self.linear_bit_ops[k]) for k in sorted(self.linear_macs)}
         attention = dict(self.attention_macs)
-        total_macs = sum(self.linear_macs.values()) + sum(attention.values())
+        total_macs = sum(self.linear_macs.values()) + sum(attention.values()) + self.lowrank_macs
         # attention multiplies two float32 activations
-        bit_ops = sum(self.linear_bit_ops.values()) + sum(attention.values()) * ACTIVATION_BITS * ACTIVATION_BITS
+        bit_ops = (sum(self.linear_bit_ops.values()) + sum(attention.values()) * ACTIVATION_BITS * ACTIVATION_BITS
+                   + self._lowrank_bit_ops)
         return ComputeReport(
             linear=linear, attention_macs=attention, total_macs=total_macs, total_bit_ops=bit_ops,
             ternary_macs=self.ternary_macs, ternary_additions=self.ternary_additions,
+            input_scale_muls=self.input_scale_muls, transform_additions=self.transform_additions,
+            lowrank_macs=self.lowrank_macs,
             encoder_windows=self.encoder_windows, decode_steps=self.decode_steps,
             decoded_token_rows=self.decoded_token_rows, wall_seconds=self.wall_seconds,
             macs_per_second=total_macs / self.wall_seconds if self.wall_seconds else 0.0,

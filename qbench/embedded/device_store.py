@@ -16,7 +16,6 @@ import numpy as np
 
 from qbench.models.weight_store import WeightInfo, WeightStore
 from qbench.quant.apply import PackedWeightStore
-from qbench.quant.contract import apply_scales
 from qbench.quant.packing import PackedTensor
 
 #: Float32 bytes of one dequantized row block when a layer is streamed. Small enough that the
@@ -69,17 +68,15 @@ class DeviceWeightStore(PackedWeightStore):
         return np.asarray(self.params[name], dtype=np.float32)
 
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Float32 rows `[start, stop)` of a layer's `[out, in]` weight, built from storage."""
+        """Float32 rows `[start, stop)` of the matrix layer `name`'s input is multiplied by, built
+        from storage (a float layer's weight; a packed layer's dequantized codes)."""
         pt = self.packed.get(name)
         if pt is None:
             w = self.params[name + ".weight"]
             return np.asarray(w.reshape(w.shape[0], -1)[start:stop], dtype=np.float32)
-        in_f = pt.shape[1]
-        # PackedTensor reads any flat code range without unpacking the rest of the layer.
-        codes = pt._codes_range(start * in_f, stop * in_f).reshape(stop - start, in_f)
-        scales = pt.scales if pt.scales.shape[0] == 1 else pt.scales[start:stop]
-        zeros = None if pt.zeros is None else (pt.zeros if pt.zeros.shape[0] == 1 else pt.zeros[start:stop])
-        return apply_scales(pt._values(codes), scales, zeros, pt.group_size)
+        # PackedTensor reads any flat code range without unpacking the rest of the layer; for a
+        # layer with an input transform these are rows of the matrix its transformed input meets.
+        return pt.code_rows(start, stop)
 
     def block_rows(self, name: str) -> int:
         """Rows of layer `name` made float32 at a time (all of them for a small layer)."""
@@ -120,6 +117,10 @@ class DeviceWeightStore(PackedWeightStore):
         # does: numpy runs one product per batch row, so a row is computed exactly as it is in a
         # batch of one (a decoder step's single row is a GEMV, and OpenBLAS's GEMM rounds
         # differently), and a device's transcripts do not depend on its batch size.
+        pt = self.packed.get(name)
+        x_orig = x
+        if pt is not None and pt.transforms_input:
+            x = pt.transform_input(x)
         wt = self._cached_t(name)
         if wt is not None:
             y = x @ wt
@@ -130,6 +131,8 @@ class DeviceWeightStore(PackedWeightStore):
             for r0 in range(0, out_f, step):
                 r1 = min(out_f, r0 + step)
                 y[..., r0:r1] = x @ self.rows(name, r0, r1).T
+        if pt is not None and pt.lowrank_u is not None:
+            y += pt.lowrank_product(x_orig)
         bias_name = name + ".bias"
         if bias_name in self.params:
             y += self.param(bias_name)
@@ -146,9 +149,10 @@ class DeviceWeightStore(PackedWeightStore):
     def streamed_linear_bytes(self, name: str, rows_in: int) -> tuple[int, int]:
         """`(product, weight rows)` bytes `linear` holds besides its output while layer `name`
         runs on `rows_in` rows: one row block's `x @ rows.T` and the float rows."""
+        extra = self._around_product_bytes(name, rows_in)
         if name in self.cached_layers():
-            return 0, 0  # one GEMM straight into the output
-        product = self.block_product_bytes(name, rows_in)
+            return extra, 0  # one GEMM straight into the output
+        product = self.block_product_bytes(name, rows_in) + extra
         codes = self.block_rows(name) * self.infos[name].shape[1]
         pt = self.packed.get(name)
         if pt is None:
@@ -156,6 +160,19 @@ class DeviceWeightStore(PackedWeightStore):
             return product, 0 if self.params[name + ".weight"].dtype == np.float32 else F32 * codes
         # the unpacking temporaries are freed before the product is allocated; the rows are not
         return product, max(F32 * codes, _UNPACK_SCRATCH_PER_CODE[pt.packing] * codes - product)
+
+    def _around_product_bytes(self, name: str, rows_in: int) -> int:
+        """What a layer's declared extras hold while it runs: the transformed input `(x / s) H`
+        and, for a low-rank correction, `x V^T`, its product with `U^T` and the float32 factors."""
+        pt = self.packed.get(name)
+        if pt is None:
+            return 0
+        out_f, in_f = pt.shape
+        extra = F32 * rows_in * in_f if pt.transforms_input else 0
+        if pt.lowrank_u is not None:
+            r = pt.lowrank_rank
+            extra += F32 * (rows_in * (r + out_f) + r * (out_f + in_f))
+        return extra
 
     def weight_block_bytes(self) -> int:
         """Float rows plus unpacking scratch of the largest row block any layer is streamed in."""

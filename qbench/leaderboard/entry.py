@@ -38,6 +38,7 @@ from pydantic import (
     StringConstraints,
     ValidationError,
     WithJsonSchema,
+    model_serializer,
 )
 from pydantic_core import PydanticCustomError
 
@@ -132,12 +133,27 @@ class EntryDataset(_Strict):
     partial_subset: bool
 
 
+class EntryLowRank(_Strict):
+    """Mirrors `qbench.quant.lowrank.LowRankCorrection`."""
+
+    rank: Annotated[int, Field(ge=1, le=4096)]
+    dtype: Literal["float16", "int8"] = "float16"
+
+
 class EntryPolicy(_Strict):
     """Mirrors `qbench.quant.apply.QuantizationPolicy` (field for field, same defaults)."""
 
     include_kinds: list[Literal["linear", "conv"]] = Field(default_factory=lambda: ["linear", "conv"])
     quantize_embeddings: bool = False
     exclude: list[Text] = Field(default_factory=list)
+    lowrank: EntryLowRank | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unset_lowrank(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("lowrank") is None:
+            data.pop("lowrank", None)
+        return data
 
 
 def _strict_policy(value: dict[str, Any]) -> dict[str, Any]:
@@ -150,7 +166,26 @@ def _strict_policy(value: dict[str, Any]) -> dict[str, Any]:
         raise PydanticCustomError("policy", "{where}: {msg}", {"where": where, "msg": err["msg"]}) from None
 
 
-PolicyDict = Annotated[dict[str, Any], AfterValidator(_strict_policy), WithJsonSchema(EntryPolicy.model_json_schema())]
+def _inlined_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """`model`'s JSON schema with its `$defs` references replaced by the definitions, so it can
+    be embedded in another model's schema (which has its own `$defs`)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(defs[ref.rsplit("/", 1)[1]])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return inline(schema)
+
+
+PolicyDict = Annotated[dict[str, Any], AfterValidator(_strict_policy), WithJsonSchema(_inlined_schema(EntryPolicy))]
 
 
 class EntryQuantizer(_Strict):
@@ -217,6 +252,9 @@ class EntryCompute(_Strict):
     activation_bits: Positive
     ternary_macs: Count
     ternary_additions: Count
+    input_scale_muls: Count = 0
+    transform_additions: Count = 0
+    lowrank_macs: Count = 0
     encoder_windows: Count
     decode_steps: Count
     decoded_token_rows: Count
@@ -295,6 +333,9 @@ def entry_label(quantizer: EntryQuantizer | None) -> str:
     if quantizer is None:
         return "fp"
     parts = [quantizer.name] + [f"{key}{_slug(value)}" for key, value in sorted(quantizer.config.items())]
+    lowrank = quantizer.policy.get("lowrank")
+    if lowrank:
+        parts.append(f"lr{lowrank['rank']}" + ("i8" if lowrank.get("dtype") == "int8" else ""))
     if quantizer.policy.get("quantize_embeddings"):
         parts.append("emb")
     return "-".join(re.sub(r"[^A-Za-z0-9_.]+", "", p) for p in parts)

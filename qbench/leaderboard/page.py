@@ -84,6 +84,9 @@ def _config(entry: LeaderboardEntry) -> str:
     if entry.quantizer is None:
         return "-"
     text = ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(entry.quantizer.config.items()))
+    lowrank = entry.quantizer.policy.get("lowrank")
+    if lowrank:
+        text += f", low-rank r={lowrank['rank']} ({lowrank.get('dtype', 'float16')})"
     return text + (", embeddings" if entry.quantizer.policy.get("quantize_embeddings") else "")
 
 

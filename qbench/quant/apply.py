@@ -16,13 +16,14 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal, TypeVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from qbench.errors import QBenchError, describe, one_line
 from qbench.models.speech_model import SpeechModel
 from qbench.models.weight_store import WeightInfo, WeightStore
 from qbench.plugin_manager import entry_for_class
 from qbench.quant.contract import LayerStats, QuantizedTensor, Quantizer
+from qbench.quant.lowrank import LowRankCorrection, add_lowrank_correction
 from qbench.quant.packing import PackedTensor, pack_quantized
 from qbench.quant.plugin_process import PluginProcess, PluginProcessError
 
@@ -64,6 +65,18 @@ class QuantizationPolicy(BaseModel):
     quantize_embeddings: bool = False
     #: fnmatch globs on layer names (without `.weight`), e.g. "encoder.conv*", "*.cross_attn.*"
     exclude: list[str] = Field(default_factory=list)
+    #: a low-rank correction of every quantized layer's error, computed by the harness
+    #: (`qbench.quant.lowrank`), or None
+    lowrank: LowRankCorrection | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unset_lowrank(self, handler: Any) -> dict[str, Any]:
+        # a policy without a correction serializes as before the field existed, so the digests
+        # of artifacts (and entries) quantized without one do not change
+        data = handler(self)
+        if data.get("lowrank") is None:
+            data.pop("lowrank", None)
+        return data
 
     def excluded_by(self, name: str) -> str | None:
         return next((pat for pat in self.exclude if fnmatch.fnmatchcase(name, pat)), None)
@@ -112,9 +125,11 @@ def _plugin_name(quantizer: Quantizer) -> str:
 
 
 def _quantize_layer(
-    quantizer: Quantizer, info: WeightInfo, weight: np.ndarray, stats: LayerStats | None, scale_dtype: np.dtype
+    quantizer: Quantizer, info: WeightInfo, weight: np.ndarray, stats: LayerStats | None, scale_dtype: np.dtype,
+    lowrank: LowRankCorrection | None = None,
 ) -> tuple[PackedTensor, np.ndarray, LayerReport]:
-    """Quantize, validate and pack one layer; returns the packed layer and its dequantized weight."""
+    """Quantize, validate and pack one layer (with the policy's low-rank correction, if any);
+    returns the packed layer and its dequantized weight."""
     where = f"plugin '{_plugin_name(quantizer)}' failed on layer '{info.name}'"
     weight = np.ascontiguousarray(weight, dtype=np.float32)
     try:
@@ -128,6 +143,8 @@ def _quantize_layer(
         raise PluginError(f"{where}: quantize returned {type(qt).__name__}, not a QuantizedTensor")
     try:
         qt.validate(weight.shape)
+        if lowrank is not None:
+            qt = add_lowrank_correction(qt, weight, stats, lowrank)
         packed = pack_quantized(qt, scale_dtype)
     except Exception as exc:
         raise PluginError(f"{where}: {one_line(exc)}") from exc
@@ -205,6 +222,9 @@ class PackedWeightStore(WeightStore):
         return super().matrix(name)
 
     def matrix_t(self, name: str) -> np.ndarray:
+        """The right-hand side of the layer's product: `matrix(name).T`, or for a packed layer
+        its dequantized codes transposed (equal unless it declares an input transform or a
+        low-rank correction, which `linear` applies around it)."""
         if name not in self.packed:
             return super().matrix_t(name)
         with self._lru_lock:
@@ -212,7 +232,7 @@ class PackedWeightStore(WeightStore):
             if wt is not None:
                 self._lru.move_to_end(name)
                 return wt
-        w = self.packed[name].dequantize()
+        w = self.packed[name].dequantize_codes()
         if not 0 < w.nbytes <= self.cache_bytes:
             # used once: BLAS reads the transposed view as it is, where a contiguous copy
             # would cost more than the dequantization itself (23 vs 9 ms per tiny.en step)
@@ -226,6 +246,18 @@ class PackedWeightStore(WeightStore):
                 self._lru[name] = wt
                 self._lru_bytes += wt.nbytes
         return wt
+
+    def linear(self, name: str, x: np.ndarray) -> np.ndarray:
+        """`x @ W.T + b`, run as the layer is stored: for a packed layer that declares them,
+        `((x / s) H) q^T + (x V^T) U^T + b` (`matrix_t` is then `q^T`, the dequantized codes)."""
+        pt = self.packed.get(name)
+        if pt is None or not (pt.transforms_input or pt.lowrank_u is not None):
+            return super().linear(name, x)
+        y = super().linear(name, pt.transform_input(x) if pt.transforms_input else x)
+        correction = pt.lowrank_product(x)
+        if correction is not None:
+            y += correction
+        return y
 
     def embedding(self, name: str, ids: np.ndarray) -> np.ndarray:
         """Rows of an embedding table; a packed one dequantizes only the rows asked for."""
@@ -262,9 +294,11 @@ class CalibratingQuantizingStore(WeightStore):
         selected: Iterable[WeightInfo],
         scale_dtype: np.dtype | type = np.float16,
         progress: Progress | None = None,
+        lowrank: LowRankCorrection | None = None,
     ):
         super().__init__(inner.params, inner.weight_infos())
         self.quantizer = quantizer
+        self.lowrank = lowrank
         self.selected: dict[str, WeightInfo] = {info.name: info for info in selected}
         self.scale_dtype = np.dtype(scale_dtype)
         self.progress = progress
@@ -274,7 +308,7 @@ class CalibratingQuantizingStore(WeightStore):
     def _quantize(self, name: str, x: np.ndarray) -> np.ndarray:
         info = self.selected[name]
         stats = layer_stats(x, info.shape[1]) if self.quantizer.needs_calibration else None
-        packed, deq, report = _quantize_layer(self.quantizer, info, self.matrix(name), stats, self.scale_dtype)
+        packed, deq, report = _quantize_layer(self.quantizer, info, self.matrix(name), stats, self.scale_dtype, self.lowrank)
         self.packed[name] = packed
         self.reports[name] = report
         # The float transposed copy would otherwise stay cached for the whole pass.
@@ -419,7 +453,7 @@ def quantize_model(
         if not calibration_audios:
             raise QuantizationError(f"quantizer '{_plugin_name(quantizer)}' needs calibration audio")
         n_audios = len(calibration_audios)
-        cal = CalibratingQuantizingStore(store, quantizer, selected, scale_dtype, progress)
+        cal = CalibratingQuantizingStore(store, quantizer, selected, scale_dtype, progress, policy.lowrank)
         model.with_store(cal).calibration_forward(calibration_audios)
         missing = cal.missing()
         if missing:
@@ -430,7 +464,7 @@ def quantize_model(
         packed, reports = {}, []
         for i, info in enumerate(selected):
             stats = neutral_layer_stats(info.shape[1]) if quantizer.needs_calibration else None
-            pt, _, report = _quantize_layer(quantizer, info, store.matrix(info.name), stats, scale_dtype)
+            pt, _, report = _quantize_layer(quantizer, info, store.matrix(info.name), stats, scale_dtype, policy.lowrank)
             packed[info.name] = pt
             reports.append(report)
             if progress is not None:

@@ -1,6 +1,7 @@
 """The quantized-model artifact: one safetensors file a quantizer's run leaves behind.
 
-It holds every packed layer's buffers (codes, scales, zeros, codebook) as tensors named
+It holds every packed layer's buffers (codes, scales, zeros, codebook, input scales, transform
+signs, low-rank factors: `PackedTensor.BUFFERS`) as tensors named
 `<layer>.codes` etc., and, in the safetensors metadata under "qbench", a manifest: the float
 model it applies to (name and weights sha256), the quantizer (name, version, distribution and
 its version, full config), the policy, the scale dtype, the calibration utterances, the
@@ -26,11 +27,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from qbench.errors import QBenchError, one_line
 from qbench.quant.apply import QuantizationPolicy, QuantizerIdentity
-from qbench.quant.packing import PackedTensor, packed_code_bytes
+from qbench.quant.packing import PackedTensor, check_packed_layout, packed_code_bytes
 
 FORMAT = "qbench-quantized-model"
 FORMAT_VERSION = 1
-_BUFFERS = ("codes", "scales", "zeros", "codebook")
+_BUFFERS = PackedTensor.BUFFERS
 
 
 class ArtifactError(QBenchError, ValueError):
@@ -50,7 +51,8 @@ class LayerLayout(_Strict):
     packing: Literal["int", "trit5"]
     group_size: int | None
     offset: int
-    buffers: list[Literal["codes", "scales", "zeros", "codebook"]]
+    buffers: list[Literal["codes", "scales", "zeros", "codebook", "input_scales", "hadamard_signs",
+                          "lowrank_u", "lowrank_v", "lowrank_u_scales", "lowrank_v_scales"]]
 
 
 class ArtifactCalibration(_Strict):
@@ -153,7 +155,12 @@ def read_artifact(path: Path) -> tuple[ArtifactManifest, dict[str, PackedTensor]
         n = layer.shape[0] * layer.shape[1]
         if codes.dtype != np.uint8 or codes.ndim != 1 or codes.size != packed_code_bytes(n, layer.code_bits, layer.packing):
             raise ArtifactError(f"{path}: layer {layer.name}: code buffer does not hold {n} {layer.packing} codes")
-        packed[layer.name] = PackedTensor(codes=codes, code_bits=layer.code_bits, packing=layer.packing, shape=layer.shape,
-                                          scales=buffers["scales"], group_size=layer.group_size, zeros=buffers.get("zeros"),
-                                          codebook=buffers.get("codebook"), offset=layer.offset)
+        extras = {b: buffers.get(b) for b in PackedTensor.BUFFERS if b not in ("codes", "scales")}
+        try:
+            pt = PackedTensor(codes=codes, code_bits=layer.code_bits, packing=layer.packing, shape=layer.shape,
+                              scales=buffers["scales"], group_size=layer.group_size, offset=layer.offset, **extras)
+            check_packed_layout(pt)
+        except ValueError as exc:
+            raise ArtifactError(f"{path}: layer {layer.name}: {one_line(exc)}") from None
+        packed[layer.name] = pt
     return manifest, packed

@@ -5,13 +5,25 @@ statistics) to integer codes and the few float numbers needed to turn them back 
 It never packs bits, never touches the model and never measures anything: the harness does all
 of that identically for every plugin, which is what makes their results comparable.
 
-Dequantization contract (implemented once, in `dequantize`):
+Dequantization contract (implemented once, in `dequantize_codes` and `dequantize`):
 
-    v = codebook[codes] if codebook is not None else codes
-    w = (v - zeros) * scales          # broadcast per group along the input axis
+    v = codebook[row, group, codes] if codebook is not None else codes
+    q = (v - zeros) * scales                       # broadcast per group along the input axis
+    W = (q @ H^T) / input_scales + U @ V           # the weight the layer stands for
 
 where group `g` spans input columns `[g * group_size, (g + 1) * group_size)` (the last group
-may be shorter) and `group_size=None` means one group spans the whole input dimension.
+may be shorter) and `group_size=None` means one group spans the whole input dimension. The
+last line's parts are each optional:
+
+- `input_scales` s (AWQ): the codes quantize `W diag(s)`; at run time the layer's input is
+  divided by s, so `(x / s) (W diag(s))^T = x W^T`.
+- `hadamard_signs` (QuIP#, QuaRot): the codes quantize `W diag(s) H` for the randomized
+  block-Hadamard `H` of `qbench.quant.hadamard`; at run time the input is `(x / s) H`.
+- `lowrank_u`, `lowrank_v` (LQER, ZeroQuant-V2's LoRC): a rank-r correction applied beside the
+  quantized product, `y += (x V^T) U^T`, on the layer's original input.
+
+so a layer runs as `y = ((x / s) H) q^T + (x V^T) U^T + b`, which is what the harness executes
+(and counts) for every part a layer declares.
 """
 
 from __future__ import annotations
@@ -26,6 +38,9 @@ from pydantic import BaseModel, ConfigDict
 from qbench.errors import QBenchError
 
 Packing = Literal["int", "trit5"]
+LowRankDtype = Literal["float16", "int8"]
+#: the array fields of a `QuantizedTensor` (what a plugin's process sends back, as raw arrays)
+TENSOR_ARRAYS = ("codes", "scales", "zeros", "codebook", "input_scales", "hadamard_signs", "lowrank_u", "lowrank_v")
 
 
 class QuantizedTensorError(QBenchError, ValueError):
@@ -70,9 +85,20 @@ class QuantizedTensor:
                (per-tensor is `[1, 1]`, per-channel `[out, 1]`)
     group_size input columns per group; None = one group over the whole input dimension
     zeros      same shape as `scales`, in code units (subtracted before scaling), or None
-    codebook   float32 values indexed by code (log / power-of-two grids), or None; codes
-               are then unsigned indices into it
+    codebook   float32 values indexed by code, or None; codes are then unsigned indices into
+               it. `[K]` is one codebook for the tensor (log grids, NF4), `[rows, K]` one per
+               row (SqueezeLLM), `[rows, n_groups, K]` one per group; rows = out or 1;
+               K <= 2^code_bits
     signed     codes centred at 0 (-2^(b-1)..2^(b-1)-1) rather than 0..2^b-1
+
+    and, each optional (see the module docstring for how a layer runs with them):
+
+    input_scales    float32 `[in]`, > 0: the codes quantize `W diag(input_scales)`
+    hadamard_signs  `[in]` of +-1: the codes quantize `W diag(input_scales) H`
+    lowrank_u       float32 `[out, r]` and
+    lowrank_v       float32 `[r, in]`: `W ~ (dequantized codes) + U V`
+    lowrank_dtype   how U and V are stored: "float16", or "int8" with one float16 scale per
+                    row of U and of V (absmax)
     """
 
     codes: np.ndarray
@@ -83,14 +109,24 @@ class QuantizedTensor:
     codebook: np.ndarray | None = None
     signed: bool = False
     packing: Packing = "int"
+    input_scales: np.ndarray | None = None
+    hadamard_signs: np.ndarray | None = None
+    lowrank_u: np.ndarray | None = None
+    lowrank_v: np.ndarray | None = None
+    lowrank_dtype: LowRankDtype = "float16"
 
     def __post_init__(self) -> None:
         # Coerce first so plugins may hand back float64 scales; overflow to inf is caught below.
         self.scales = np.asarray(self.scales, dtype=np.float32)
-        if self.zeros is not None:
-            self.zeros = np.asarray(self.zeros, dtype=np.float32)
-        if self.codebook is not None:
-            self.codebook = np.asarray(self.codebook, dtype=np.float32)
+        for name in ("zeros", "codebook", "input_scales", "lowrank_u", "lowrank_v"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, np.asarray(value, dtype=np.float32))
+        if self.hadamard_signs is not None:
+            signs = np.asarray(self.hadamard_signs)
+            if not np.issubdtype(signs.dtype, np.number) or not np.all(np.isin(signs, (-1, 1))):
+                raise QuantizedTensorError("hadamard_signs must hold only -1 and +1")
+            self.hadamard_signs = signs.astype(np.int8)
         self._check()
 
     def _check(self) -> None:
@@ -129,18 +165,51 @@ class QuantizedTensor:
                 raise QuantizedTensorError("zeros contain NaN or inf")
         lo, hi = code_range(self.code_bits, self.signed, self.packing)
         if self.codebook is not None:
-            if self.codebook.ndim != 1 or not 1 <= self.codebook.size <= 1 << self.code_bits:
+            cb = self.codebook
+            k = cb.shape[-1] if cb.ndim else 0
+            allowed = {1: True, 2: cb.ndim == 2 and cb.shape[0] in (1, out_f),
+                       3: cb.ndim == 3 and cb.shape[0] in (1, out_f) and cb.shape[1] == n_groups}
+            if not allowed.get(cb.ndim, False) or not 1 <= k <= 1 << self.code_bits:
                 raise QuantizedTensorError(
-                    f"codebook must be 1-D with 1..{1 << self.code_bits} entries, got shape {self.codebook.shape}"
+                    f"codebook shape {cb.shape} does not fit codes {codes.shape} with group_size={self.group_size}: "
+                    f"expected [K], [{out_f} or 1, K] or [{out_f} or 1, {n_groups}, K] with 1 <= K <= {1 << self.code_bits}"
                 )
-            if not np.all(np.isfinite(self.codebook)):
+            if not np.all(np.isfinite(cb)):
                 raise QuantizedTensorError("codebook contains NaN or inf")
-            hi = self.codebook.size - 1
+            hi = k - 1
         if codes.size:
             cmin, cmax = int(codes.min()), int(codes.max())
             if cmin < lo or cmax > hi:
                 kind = "trit5" if self.packing == "trit5" else f"{'signed' if self.signed else 'unsigned'} {self.code_bits}-bit"
                 raise QuantizedTensorError(f"codes span [{cmin}, {cmax}], outside {kind} range [{lo}, {hi}]")
+        self._check_input_side(in_f)
+        self._check_lowrank(out_f, in_f)
+
+    def _check_input_side(self, in_f: int) -> None:
+        s = self.input_scales
+        if s is not None:
+            if s.shape != (in_f,):
+                raise QuantizedTensorError(f"input_scales shape {s.shape} != ({in_f},) (one per input column)")
+            if not np.all(np.isfinite(s)) or not np.all(s > 0):
+                raise QuantizedTensorError("input_scales must be finite and > 0")
+        d = self.hadamard_signs
+        if d is not None and d.shape != (in_f,):
+            raise QuantizedTensorError(f"hadamard_signs shape {d.shape} != ({in_f},) (one per input column)")
+
+    def _check_lowrank(self, out_f: int, in_f: int) -> None:
+        u, v = self.lowrank_u, self.lowrank_v
+        if (u is None) != (v is None):
+            raise QuantizedTensorError("lowrank_u and lowrank_v come together (W ~ deq + U V)")
+        if self.lowrank_dtype not in ("float16", "int8"):
+            raise QuantizedTensorError(f"lowrank_dtype must be 'float16' or 'int8', got {self.lowrank_dtype!r}")
+        if u is None:
+            return
+        if u.ndim != 2 or v.ndim != 2 or u.shape[0] != out_f or v.shape[1] != in_f or u.shape[1] != v.shape[0]:
+            raise QuantizedTensorError(f"low-rank factors {u.shape} x {v.shape} do not make a [{out_f}, {in_f}] correction")
+        if not 1 <= u.shape[1] <= min(out_f, in_f):
+            raise QuantizedTensorError(f"low-rank rank {u.shape[1]} outside 1..{min(out_f, in_f)}")
+        if not (np.all(np.isfinite(u)) and np.all(np.isfinite(v))):
+            raise QuantizedTensorError("low-rank factors contain NaN or inf")
 
     def validate(self, weight_shape: tuple[int, ...]) -> None:
         """Raise `QuantizedTensorError` unless this tensor can stand in for a weight of that shape."""
@@ -151,6 +220,47 @@ class QuantizedTensor:
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    @property
+    def lowrank_rank(self) -> int:
+        return 0 if self.lowrank_u is None else int(self.lowrank_u.shape[1])
+
+
+def codebook_values(codebook: np.ndarray, codes: np.ndarray, group_size: int | None,
+                    rows: np.ndarray | slice | None = None) -> np.ndarray:
+    """float32 `codebook[row, group, code]` for a block of `codes` `[n, in]`.
+
+    `rows` says which rows of the tensor the block holds (a slice or row indices; None = all),
+    for codebooks with one entry per row (`[rows, K]`) or per group (`[rows, n_groups, K]`).
+    """
+    codebook = np.asarray(codebook)
+    codes = np.asarray(codes)
+    if codebook.ndim == 1:
+        return codebook[codes]
+    if codebook.shape[0] != 1 and rows is not None:
+        codebook = codebook[rows]
+    k = codebook.shape[-1]
+    if codebook.ndim == 2:
+        # one lookup table per row: flatten to [rows * K] and offset each row's codes
+        base = (np.arange(codebook.shape[0]) * k)[:, None] if codebook.shape[0] != 1 else 0
+        return codebook.reshape(-1)[codes.astype(np.intp) + base]
+    n_rows, n_groups = codebook.shape[0], codebook.shape[1]
+    in_f = codes.shape[1]
+    col_group = np.zeros(in_f, dtype=np.intp) if group_size is None else np.arange(in_f) // group_size
+    row_base = (np.arange(n_rows) * n_groups * k)[:, None] if n_rows != 1 else 0
+    return codebook.reshape(-1)[codes.astype(np.intp) + row_base + (col_group * k)[None, :]]
+
+
+def to_original_space(q: np.ndarray, input_scales: np.ndarray | None, hadamard_signs: np.ndarray | None) -> np.ndarray:
+    """Rows of `q` (the dequantized codes, in the layer's input space) mapped back to rows of
+    `W`: `(q H^T) / input_scales`."""
+    from qbench.quant.hadamard import inverse_hadamard_transform
+
+    if hadamard_signs is not None:
+        q = inverse_hadamard_transform(q, hadamard_signs)
+    if input_scales is not None:
+        q = np.asarray(q / input_scales.astype(np.float32), dtype=np.float32)
+    return q
 
 
 def apply_scales(
@@ -179,13 +289,22 @@ def apply_scales(
     return np.asarray(out * scales[:, col_group], dtype=np.float32)
 
 
-def dequantize(qt: QuantizedTensor) -> np.ndarray:
-    """The float32 `[out, in]` weight a `QuantizedTensor` stands for."""
+def dequantize_codes(qt: QuantizedTensor) -> np.ndarray:
+    """float32 `(v - zeros) * scales`: the matrix the layer's (transformed) input is multiplied
+    by, before input scales, transform and low-rank correction are undone or added."""
     if qt.codebook is not None:
-        values = qt.codebook[qt.codes]
+        values = codebook_values(qt.codebook, qt.codes, qt.group_size)
     else:
         values = qt.codes.astype(np.float32)
     return apply_scales(values, qt.scales, qt.zeros, qt.group_size)
+
+
+def dequantize(qt: QuantizedTensor) -> np.ndarray:
+    """The float32 `[out, in]` weight a `QuantizedTensor` stands for (every declared part)."""
+    w = to_original_space(dequantize_codes(qt), qt.input_scales, qt.hadamard_signs)
+    if qt.lowrank_u is not None:
+        w = w + qt.lowrank_u @ qt.lowrank_v
+    return np.asarray(w, dtype=np.float32)
 
 
 class QuantizerConfig(BaseModel):

@@ -45,13 +45,16 @@ def expand_groups(params: np.ndarray | None, group_size: int | None, in_features
 
 
 def uniform_grid(
-    w: np.ndarray, bits: int, symmetric: bool, group_size: int | None = None
+    w: np.ndarray, bits: int, symmetric: bool, group_size: int | None = None, full_range: bool = False
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Per-row, per-group `(scales, zeros)` of a uniform `bits`-bit grid fitted to `w` `[rows, in]`.
 
     symmetric   `scale = max|w| / (2^(b-1) - 1)` and no zero point (`zeros` is None). The codes
                 use the restricted range `-(2^(b-1) - 1)..2^(b-1) - 1` (4 bits: -7..7): the most
                 negative code is never used, so `+max|w|` and `-max|w|` are both exact.
+                With `full_range` every one of the 2^b codes is used, as AutoGPTQ's symmetric
+                grid does: `scale = 2 max|w| / (2^b - 1)` and codes `-2^(b-1)..2^(b-1) - 1`
+                (3 bits: 8 levels instead of 7, which matters most where levels are few).
     asymmetric  `[min(w, 0), max(w, 0)]` split into `2^b - 1` steps, `scale = (hi - lo) / (2^b - 1)`,
                 integer zero point `z = clip(round(-lo / scale), 0, 2^b - 1)`. Including 0 in the
                 range keeps an exact zero representable (as GPTQ's reference does).
@@ -60,7 +63,8 @@ def uniform_grid(
     """
     w = np.asarray(w).astype(np.float64, copy=False)
     if symmetric:
-        scale = group_reduce(np.abs(w), group_size, np.max) / ((1 << (bits - 1)) - 1)
+        levels = ((1 << bits) - 1) / 2 if full_range else (1 << (bits - 1)) - 1
+        scale = group_reduce(np.abs(w), group_size, np.max) / levels
         scale[scale == 0] = 1.0
         return scale, None
     maxq = (1 << bits) - 1
@@ -71,17 +75,19 @@ def uniform_grid(
     return scale, np.clip(np.rint(-lo / scale), 0, maxq)
 
 
-def grid_codes(w: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, bits: int) -> np.ndarray:
+def grid_codes(w: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, bits: int,
+               full_range: bool = False) -> np.ndarray:
     """int16 codes of `w` rounded to the nearest point of the grid `(scale, zero)`.
 
     `scale` and `zero` broadcast against `w` (e.g. `expand_groups(scales, ...)` for a whole
     weight, or one group's column `scales[:, j]` for one input column `w[:, i]`). Symmetric
-    codes (`zero` None) are clipped to the restricted range `uniform_grid` describes.
+    codes (`zero` None) are clipped to the restricted range `uniform_grid` describes, or with
+    `full_range` to `-2^(b-1)..2^(b-1) - 1`.
     """
     q = np.rint(w / scale)
     if zero is None:
         qmax = (1 << (bits - 1)) - 1
-        return np.clip(q, -qmax, qmax).astype(np.int16)
+        return np.clip(q, -qmax - 1 if full_range else -qmax, qmax).astype(np.int16)
     return np.clip(q + zero, 0, (1 << bits) - 1).astype(np.int16)
 
 

@@ -18,7 +18,15 @@ from functools import lru_cache
 
 import numpy as np
 
-from qbench.quant.contract import Packing, QuantizedTensor, apply_scales
+from qbench.quant.contract import (
+    LowRankDtype,
+    Packing,
+    QuantizedTensor,
+    apply_scales,
+    codebook_values,
+    to_original_space,
+)
+from qbench.quant.hadamard import hadamard_transform
 
 # Eight codes of at most 8 bits fill at most one uint64: the unit of the vectorized packer.
 _CODES_PER_WORD = 8
@@ -129,7 +137,11 @@ class PackedTensor:
 
     `codes` is the packed uint8 buffer; stored (unsigned) codes are the plugin's codes plus
     `offset` (`2^(bits-1)` for signed int codes, else 0). `zeros` is uint8 when it holds
-    integer zero points (the usual asymmetric layout), else the scale dtype.
+    integer zero points (the usual asymmetric layout), else the scale dtype. A one-per-tensor
+    codebook is float32, one per row or group is at the scale dtype (it is a per-row cost, like
+    scales). `input_scales` are float32 (in_features floats), `hadamard_signs` int8, and the
+    low-rank factors float16, or int8 with float16 absmax scales per row of U (`lowrank_u_scales`)
+    and of V (`lowrank_v_scales`).
     """
 
     codes: np.ndarray
@@ -141,6 +153,16 @@ class PackedTensor:
     zeros: np.ndarray | None = None
     codebook: np.ndarray | None = None
     offset: int = 0
+    input_scales: np.ndarray | None = None
+    hadamard_signs: np.ndarray | None = None
+    lowrank_u: np.ndarray | None = None
+    lowrank_v: np.ndarray | None = None
+    lowrank_u_scales: np.ndarray | None = None
+    lowrank_v_scales: np.ndarray | None = None
+
+    #: every buffer a layer may hold, in the order artifacts list them
+    BUFFERS = ("codes", "scales", "zeros", "codebook", "input_scales", "hadamard_signs",
+               "lowrank_u", "lowrank_v", "lowrank_u_scales", "lowrank_v_scales")
 
     @property
     def numel(self) -> int:
@@ -152,13 +174,61 @@ class PackedTensor:
 
     @property
     def nbytes(self) -> int:
-        """Every buffer this layer needs at run time: codes, scales, zeros, codebook."""
-        total = self.codes.nbytes + self.scales.nbytes
-        if self.zeros is not None:
-            total += self.zeros.nbytes
-        if self.codebook is not None:
-            total += self.codebook.nbytes
-        return int(total)
+        """Every buffer this layer needs at run time: codes, scales, zeros, codebook, input
+        scales, transform signs and low-rank factors."""
+        return int(sum(getattr(self, b).nbytes for b in self.BUFFERS if getattr(self, b) is not None))
+
+    @property
+    def lowrank_dtype(self) -> LowRankDtype | None:
+        if self.lowrank_u is None:
+            return None
+        return "int8" if self.lowrank_u.dtype == np.int8 else "float16"
+
+    @property
+    def lowrank_rank(self) -> int:
+        return 0 if self.lowrank_u is None else int(self.lowrank_u.shape[1])
+
+    @property
+    def transforms_input(self) -> bool:
+        """True if the layer's input is rescaled or rotated before its quantized product."""
+        return self.input_scales is not None or self.hadamard_signs is not None
+
+    def transform_input(self, x: np.ndarray) -> np.ndarray:
+        """`(x / input_scales) H`: the input the quantized product is taken of (float32)."""
+        x = np.asarray(x, dtype=np.float32)
+        if self.input_scales is not None:
+            x = x / self.input_scales
+        if self.hadamard_signs is not None:
+            x = hadamard_transform(x, self.hadamard_signs)
+        return x
+
+    def lowrank_factors(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """float32 `(U, V)` as stored (int8 factors rescaled), or None."""
+        if self.lowrank_u is None:
+            return None
+        u = self.lowrank_u.astype(np.float32)
+        v = self.lowrank_v.astype(np.float32)
+        if self.lowrank_u_scales is not None:
+            u *= self.lowrank_u_scales.astype(np.float32)[:, None]
+            v *= self.lowrank_v_scales.astype(np.float32)[:, None]
+        return u, v
+
+    def lowrank_product(self, x: np.ndarray) -> np.ndarray | None:
+        """`(x V^T) U^T` over the last axis of the layer's original input, or None."""
+        factors = self.lowrank_factors()
+        if factors is None:
+            return None
+        u, v = factors
+        return (np.asarray(x, dtype=np.float32) @ v.T) @ u.T
+
+    def to_original(self, q: np.ndarray, rows: np.ndarray | slice | None = None) -> np.ndarray:
+        """Dequantized code rows (`rows` of the tensor; None = all) as rows of the weight."""
+        w = to_original_space(q, self.input_scales, self.hadamard_signs)
+        factors = self.lowrank_factors()
+        if factors is not None:
+            u, v = factors
+            w = w + (u if rows is None else u[rows]) @ v
+        return np.asarray(w, dtype=np.float32)
 
     @property
     def bits_per_weight(self) -> float:
@@ -184,13 +254,22 @@ class PackedTensor:
             vals = vals[start - first * _CODES_PER_WORD : stop - first * _CODES_PER_WORD]
         return vals.astype(np.int16) - self.offset
 
-    def _values(self, codes: np.ndarray) -> np.ndarray:
+    def _values(self, codes: np.ndarray, rows: np.ndarray | slice | None = None) -> np.ndarray:
+        """Code values of a block of rows (`rows` of the tensor, for per-row codebooks)."""
         if self.codebook is not None:
-            return self.codebook[codes]
+            return codebook_values(self.codebook.astype(np.float32, copy=False), codes, self.group_size, rows)
         return codes.astype(np.float32)
 
     def dequantize(self) -> np.ndarray:
-        """The float32 `[out, in]` weight, built fresh on every call (nothing is cached)."""
+        """The float32 `[out, in]` weight the layer stands for, every declared part applied,
+        built fresh on every call (nothing is cached)."""
+        q = self.dequantize_codes()
+        if self.transforms_input or self.lowrank_u is not None:
+            return self.to_original(q)
+        return q
+
+    def dequantize_codes(self) -> np.ndarray:
+        """float32 `(v - zeros) * scales` `[out, in]`: what the transformed input is multiplied by."""
         if self.codebook is None:
             values = self._code_values_f32()
             if values is not None:
@@ -199,6 +278,14 @@ class PackedTensor:
                     return scaled
         codes = self._codes_range(0, self.numel).reshape(self.shape)
         return apply_scales(self._values(codes), self.scales, self.zeros, self.group_size)
+
+    def code_rows(self, start: int, stop: int) -> np.ndarray:
+        """float32 rows `[start, stop)` of `dequantize_codes()`, unpacking only those."""
+        in_f = self.shape[1]
+        codes = self._codes_range(start * in_f, stop * in_f).reshape(stop - start, in_f)
+        scales = self.scales if self.scales.shape[0] == 1 else self.scales[start:stop]
+        zeros = None if self.zeros is None else (self.zeros if self.zeros.shape[0] == 1 else self.zeros[start:stop])
+        return apply_scales(self._values(codes, slice(start, stop)), scales, zeros, self.group_size)
 
     def _code_values_f32(self) -> np.ndarray | None:
         """All codes minus `offset` as a flat float32 array, by one table lookup per byte.
@@ -256,7 +343,9 @@ class PackedTensor:
         codes = np.stack([self._codes_range(int(r) * in_f, (int(r) + 1) * in_f) for r in uniq]) if uniq.size else np.zeros((0, in_f), np.int16)
         scales = self.scales if self.scales.shape[0] == 1 else self.scales[uniq]
         zeros = None if self.zeros is None else (self.zeros if self.zeros.shape[0] == 1 else self.zeros[uniq])
-        out = apply_scales(self._values(codes), scales, zeros, self.group_size)
+        out = apply_scales(self._values(codes, uniq), scales, zeros, self.group_size)
+        if self.transforms_input or self.lowrank_u is not None:
+            out = self.to_original(out, uniq)
         return out[inverse]
 
 
@@ -281,7 +370,7 @@ def _check_underflow(qt: QuantizedTensor, stored: np.ndarray, zeros: np.ndarray 
     flushed = (wanted != 0) & (stored == 0)
     if not flushed.any():
         return
-    values = qt.codebook[qt.codes] if qt.codebook is not None else qt.codes.astype(np.float32)
+    values = codebook_values(qt.codebook, qt.codes, qt.group_size) if qt.codebook is not None else qt.codes.astype(np.float32)
     # dequantize with 1 for each flushed scale and 0 elsewhere: nonzero where one is used
     touched = apply_scales(values, flushed.astype(np.float32), zeros, qt.group_size)
     if not np.any(touched):
@@ -309,7 +398,13 @@ def pack_quantized(qt: QuantizedTensor, scale_dtype: np.dtype | type = np.float1
     _check_underflow(qt, scales, zeros)
     if zeros is not None and not np.all(np.isfinite(zeros.astype(np.float32))):
         raise ValueError(f"zero points overflow {scale_dtype.name}")
-    codebook = None if qt.codebook is None else qt.codebook.astype(np.float32)
+    codebook = None
+    if qt.codebook is not None:
+        # one codebook for the tensor is a constant; one per row/group costs like scales
+        codebook = qt.codebook.astype(np.float32 if qt.codebook.ndim == 1 else scale_dtype)
+        if not np.all(np.isfinite(codebook.astype(np.float32))):
+            raise ValueError(f"codebook overflows {codebook.dtype.name} (max |value| {float(np.abs(qt.codebook).max()):.3g})")
+    lowrank = _stored_lowrank(qt)
     return PackedTensor(
         codes=buf,
         code_bits=qt.code_bits,
@@ -320,4 +415,79 @@ def pack_quantized(qt: QuantizedTensor, scale_dtype: np.dtype | type = np.float1
         zeros=zeros,
         codebook=codebook,
         offset=offset,
+        input_scales=None if qt.input_scales is None else qt.input_scales.astype(np.float32),
+        hadamard_signs=None if qt.hadamard_signs is None else qt.hadamard_signs.astype(np.int8),
+        **lowrank,
     )
+
+
+def check_packed_layout(pt: PackedTensor) -> None:
+    """Raise ValueError unless every buffer of `pt` has the shape and dtype its layout needs
+    (what an artifact read from disk must prove before any of it is used)."""
+    out_f, in_f = pt.shape
+    n_groups = 1 if pt.group_size is None else -(-in_f // pt.group_size)
+    if pt.group_size is not None and pt.group_size < 1:
+        raise ValueError(f"group_size {pt.group_size} is not positive")
+    if pt.scales.ndim != 2 or pt.scales.shape[0] not in (1, out_f) or pt.scales.shape[1] != n_groups:
+        raise ValueError(f"scales shape {pt.scales.shape} does not fit [{out_f}, {in_f}] with group_size={pt.group_size}")
+    if pt.zeros is not None and pt.zeros.shape != pt.scales.shape:
+        raise ValueError(f"zeros shape {pt.zeros.shape} != scales shape {pt.scales.shape}")
+    for name in ("scales", "zeros", "codebook", "input_scales", "lowrank_u_scales", "lowrank_v_scales"):
+        a = getattr(pt, name)
+        if a is not None and not np.issubdtype(a.dtype, np.floating) and not (name == "zeros" and a.dtype == np.uint8):
+            raise ValueError(f"{name} must be floating point, got {a.dtype.name}")
+    if pt.codebook is not None:
+        cb = pt.codebook
+        ok = (cb.ndim == 1 or (cb.ndim == 2 and cb.shape[0] in (1, out_f))
+              or (cb.ndim == 3 and cb.shape[0] in (1, out_f) and cb.shape[1] == n_groups))
+        if not ok or not 1 <= cb.shape[-1] <= 1 << pt.code_bits:
+            raise ValueError(f"codebook shape {cb.shape} does not fit [{out_f}, {in_f}] at {pt.code_bits} bits")
+        if cb.shape[-1] < 1 << pt.code_bits and pt.numel:
+            top = int(pt._codes_range(0, pt.numel).max())
+            if top >= cb.shape[-1]:
+                raise ValueError(f"code {top} indexes past the codebook's {cb.shape[-1]} entries")
+    if pt.input_scales is not None:
+        s = pt.input_scales.astype(np.float32)
+        if s.shape != (in_f,) or not np.all(np.isfinite(s)) or not np.all(s > 0):
+            raise ValueError(f"input_scales must be {in_f} finite positive floats")
+    if pt.hadamard_signs is not None:
+        d = pt.hadamard_signs
+        if d.shape != (in_f,) or d.dtype != np.int8 or not np.all(np.abs(d) == 1):
+            raise ValueError(f"hadamard_signs must be {in_f} int8 values of +-1")
+    u, v = pt.lowrank_u, pt.lowrank_v
+    if (u is None) != (v is None):
+        raise ValueError("lowrank_u and lowrank_v come together")
+    if u is not None:
+        if u.ndim != 2 or v.ndim != 2 or u.shape[0] != out_f or v.shape[1] != in_f or u.shape[1] != v.shape[0]:
+            raise ValueError(f"low-rank factors {u.shape} x {v.shape} do not make a [{out_f}, {in_f}] correction")
+        if u.dtype != v.dtype or u.dtype not in (np.float16, np.int8):
+            raise ValueError(f"low-rank factors must both be float16 or int8, got {u.dtype.name}, {v.dtype.name}")
+        quantized = u.dtype == np.int8
+        us, vs = pt.lowrank_u_scales, pt.lowrank_v_scales
+        if quantized != (us is not None) or quantized != (vs is not None):
+            raise ValueError("int8 low-rank factors need their row scales (and float16 ones have none)")
+        if quantized and (us.shape != (u.shape[0],) or vs.shape != (v.shape[0],)):
+            raise ValueError("low-rank row scales do not match the factors' rows")
+
+
+def quantize_int8_rows(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric absmax int8 per row: `(codes int8, scales float16)` with `a ~ codes * scales`."""
+    a = np.asarray(a, dtype=np.float32)
+    scale = (np.abs(a).max(axis=1) / 127.0).astype(np.float16)
+    scale[scale == 0] = 1.0
+    codes = np.clip(np.rint(a / scale.astype(np.float32)[:, None]), -127, 127).astype(np.int8)
+    return codes, scale
+
+
+def _stored_lowrank(qt: QuantizedTensor) -> dict[str, np.ndarray | None]:
+    if qt.lowrank_u is None:
+        return {}
+    if qt.lowrank_dtype == "int8":
+        u, us = quantize_int8_rows(qt.lowrank_u)
+        v, vs = quantize_int8_rows(qt.lowrank_v)
+        return {"lowrank_u": u, "lowrank_v": v, "lowrank_u_scales": us, "lowrank_v_scales": vs}
+    with np.errstate(over="ignore"):
+        u, v = qt.lowrank_u.astype(np.float16), qt.lowrank_v.astype(np.float16)
+    if not (np.all(np.isfinite(u)) and np.all(np.isfinite(v))):
+        raise ValueError("low-rank factors overflow float16")
+    return {"lowrank_u": u, "lowrank_v": v}

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict
 
 from qbench.embedded.profile import DeviceProfile
 from qbench.errors import QBenchError, one_line
-from qbench.quant.contract import LayerStats, QuantizedTensor
+from qbench.quant.contract import TENSOR_ARRAYS, LayerStats, QuantizedTensor
 from qbench.quant.wire import WireError, decode_message, encode_message
 
 #: seconds a plugin may take to answer one request (one layer); `--plugin-timeout` overrides
@@ -145,10 +145,12 @@ class PluginProcess:
         if not isinstance(fields, dict) or "codes" not in out or "scales" not in out:
             raise PluginProcessError("answered without codes and scales")
         # rebuilt and checked here: nothing the child claims about its tensor is taken on trust
-        return QuantizedTensor(codes=out["codes"], scales=out["scales"], zeros=out.get("zeros"),
-                               codebook=out.get("codebook"), code_bits=fields.get("code_bits"),
-                               group_size=fields.get("group_size"), signed=bool(fields.get("signed")),
-                               packing=fields.get("packing", "int"))
+        unknown = set(out) - set(TENSOR_ARRAYS)
+        if unknown:
+            raise PluginProcessError(f"answered with unknown arrays {sorted(unknown)}")
+        return QuantizedTensor(code_bits=fields.get("code_bits"), group_size=fields.get("group_size"),
+                               signed=bool(fields.get("signed")), packing=fields.get("packing", "int"),
+                               lowrank_dtype=fields.get("lowrank_dtype", "float16"), **out)
 
     def device_profiles(self) -> tuple[list[dict[str, Any]], list[str]]:
         """The device profiles every installed plugin registers, as plain data, and the errors."""

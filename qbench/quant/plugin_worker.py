@@ -21,7 +21,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from qbench.errors import QBenchError, describe, one_line
-from qbench.quant.contract import LayerStats, QuantizedTensor, Quantizer
+from qbench.quant.contract import TENSOR_ARRAYS, LayerStats, QuantizedTensor, Quantizer
 from qbench.quant.wire import decode_message, encode_message
 
 
@@ -70,12 +70,9 @@ def _quantize(quantizer: Quantizer, header: dict[str, Any], arrays: dict[str, np
     qt = quantizer.quantize(arrays["weight"], stats)
     if not isinstance(qt, QuantizedTensor):
         raise TypeError(f"quantize returned {type(qt).__name__}, not a QuantizedTensor")
-    fields = {"code_bits": qt.code_bits, "group_size": qt.group_size, "signed": qt.signed, "packing": qt.packing}
-    out = {"codes": np.asarray(qt.codes), "scales": np.asarray(qt.scales)}
-    if qt.zeros is not None:
-        out["zeros"] = np.asarray(qt.zeros)
-    if qt.codebook is not None:
-        out["codebook"] = np.asarray(qt.codebook)
+    fields = {"code_bits": qt.code_bits, "group_size": qt.group_size, "signed": qt.signed, "packing": qt.packing,
+              "lowrank_dtype": qt.lowrank_dtype}
+    out = {name: np.asarray(getattr(qt, name)) for name in TENSOR_ARRAYS if getattr(qt, name) is not None}
     return {"ok": True, "tensor": fields}, out
 
 
