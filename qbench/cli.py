@@ -582,6 +582,32 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_errors(args: argparse.Namespace) -> int:
+    from qbench.data.librispeech import find_data_dir
+    from qbench.leaderboard.entry import entry_label, read_entry
+    from qbench.leaderboard.error_analysis import analyse_entry, references
+
+    entries = [(path, read_entry(Path(path))) for path in args.entries]
+    refs: dict[tuple[str, str], dict[str, str]] = {}
+    rows = []
+    for path, entry in entries:
+        key = (entry.dataset.subset, "")
+        if key not in refs:
+            data_dir = find_data_dir(args.data_dir, entry.dataset.subset)
+            all_ids = {u.id for _, e in entries if e.dataset.subset == entry.dataset.subset for u in e.utterances}
+            refs[key] = references(data_dir, entry.dataset.subset, all_ids)
+        b = analyse_entry(entry, refs[key])
+        pct = (lambda n: f"{100 * n / b.words:.2f}") if b.words else (lambda n: "-")
+        rows.append([entry_label(entry.quantizer), f"{100 * b.wer:.2f}", pct(b.substitutions), pct(b.deletions),
+                     pct(b.insertions), str(b.empty_hypotheses), str(b.truncated_hypotheses),
+                     str(b.looping_hypotheses), f"{100 * b.errors_in_loops:.0f}", str(b.utterances)])
+    show_table("error kinds", ["entry", "WER %", "sub %", "del %", "ins %", "empty", "cut short", "loops",
+                               "errors in loops %", "utts"], rows, left_columns=1,
+               notes=["sub/del/ins: % of reference words; cut short: hypothesis under half the reference's length; "
+                      "loops: a 1-4-gram repeated 4 times in a row"])
+    return 0
+
+
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from qbench.leaderboard.page import render_leaderboard
 
@@ -713,6 +739,12 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("entries", nargs="+", metavar="ENTRY")
     verify.add_argument("--data-dir")
     verify.set_defaults(func=cmd_verify)
+
+    errors = sub.add_parser("errors", help="what kind of errors entries make: substitutions, deletions, insertions, "
+                            "empty, cut-short and looping hypotheses")
+    errors.add_argument("entries", nargs="+", metavar="ENTRY")
+    errors.add_argument("--data-dir", help="LibriSpeech location (for the reference transcripts)")
+    errors.set_defaults(func=cmd_errors)
 
     leaderboard = sub.add_parser("leaderboard", help="render leaderboards/README.md, its charts and the entry schema")
     leaderboard.add_argument("--leaderboards", default="leaderboards")
