@@ -192,6 +192,7 @@ def spec_from_args(args: argparse.Namespace):
     """The `RunSpec` the `qbench run` arguments describe."""
     from pydantic import ValidationError
 
+    from qbench.quant.plan import read_plan
     from qbench.quant.settings import parse_setting_values
     from qbench.run import RunSpec, spec_error
 
@@ -204,6 +205,7 @@ def spec_from_args(args: argparse.Namespace):
             model=args.model, weights=args.weights, subset=args.subset, data_dir=args.data_dir, limit=args.limit,
             utterance_ids=read_ids(args.utterance_ids, "scored") if args.utterance_ids else None,
             device=args.device, plugin=args.plugin, config=config,
+            plan=read_plan(Path(args.plan)) if getattr(args, "plan", None) else None,
             policy=policy_from_args(args),
             calibration_subset=args.calibration_subset, calibration_limit=args.calibration_limit,
             calibration_ids=read_ids(args.calibration_ids, "calibration") if args.calibration_ids else None,
@@ -662,6 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--plugin", help="quantizer name (qbench plugins); none = float baseline")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="quantizer config, repeatable")
     run.add_argument("--quantize-embeddings", action="store_true", help="also quantize embeddings / tied output projection")
+    run.add_argument("--plan", metavar="FILE", help="a quantization plan (TOML or JSON: a quantizer, or float, per "
+                     "layer; qbench optimize writes one) instead of --plugin")
     run.add_argument("--lowrank", type=int, metavar="RANK",
                      help="add a rank-RANK correction of every quantized layer's error (W ~ Q + U V; harness-computed, "
                           "activation-aware when the plugin calibrates)")
@@ -693,6 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--plugin", required=True, help="quantizer name (qbench plugins)")
     quantize.add_argument("--set", action="append", metavar="KEY=VALUE", help="quantizer config, repeatable")
     quantize.add_argument("--quantize-embeddings", action="store_true")
+    quantize.add_argument("--plan", metavar="FILE", help="a quantization plan instead of --plugin")
     quantize.add_argument("--lowrank", type=int, metavar="RANK",
                      help="add a rank-RANK correction of every quantized layer's error (W ~ Q + U V; harness-computed, "
                           "activation-aware when the plugin calibrates)")

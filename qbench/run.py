@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -45,13 +46,17 @@ from qbench.journal import JournalHeader, RunJournal, claim_output, journal_path
 from qbench.leaderboard.entry import SAFE_NAME_PATTERN, LeaderboardEntry
 from qbench.models.parallel import compute_threads, using_threads
 from qbench.models.speech_model import SpeechModel
+from qbench import __version__ as qbench_version
 from qbench.quant.apply import (
     QuantizationPolicy,
     QuantizerIdentity,
     packed_model_report,
+    quantize_layers,
     quantize_model,
+    quantizer_identity,
 )
 from qbench.quant.artifact import build_manifest, read_artifact, write_artifact
+from qbench.quant.plan import PLAN_QUANTIZER, QuantizationPlan
 from qbench.quant.plugin_process import PluginProcess, device_profiles_from_plugins
 from qbench.results import DatasetRef, MachineInfo, ModelRef, RunResult
 
@@ -80,6 +85,7 @@ class RunSpec(BaseModel):
     device: str = Field(DEFAULT_DEVICE, description="emulated target, or 'none' for no budget")
     plugin: str | None = Field(None, description="quantizer name; None: the float baseline")
     config: dict[str, Any] = Field(default_factory=dict, description="the quantizer's settings (JSON values)")
+    plan: QuantizationPlan | None = Field(None, description="a quantizer (or float) per layer, instead of plugin + config")
     policy: QuantizationPolicy = Field(default_factory=QuantizationPolicy)
     calibration_subset: str = "dev-clean"
     calibration_limit: int | None = Field(None, ge=1)
@@ -98,6 +104,8 @@ class RunSpec(BaseModel):
         """`fp`, or the plugin and its settings, for the default result file name."""
         if self.artifact is not None:
             return Path(self.artifact).stem
+        if self.plan is not None:
+            return f"plan-{self.plan.name}"
         if self.plugin is None:
             return "fp"
         settings = "".join(f"_{k}{v if isinstance(v, str) else json.dumps(v)}" for k, v in sorted(self.config.items()))
@@ -136,6 +144,10 @@ class RunSpec(BaseModel):
             raise ValueError("give a plugin to quantize with or an artifact to evaluate, not both")
         if self.config and self.plugin is None:
             raise ValueError("config configures a plugin: give plugin too")
+        if self.plan is not None and (self.plugin is not None or self.artifact is not None):
+            raise ValueError("a plan says which quantizer each layer gets: give it instead of a plugin or an artifact")
+        if self.plan is not None and self.policy.quantize_embeddings:
+            raise ValueError("a plan says what happens to the embedding: quantize_embeddings does not apply")
         return self
 
     @property
@@ -165,7 +177,9 @@ class RunSpec(BaseModel):
             fields["utterance_ids"], fields["limit"] = sorted(set(self.utterance_ids)), None
         if self.calibration_ids is not None:
             fields["calibration_ids"], fields["calibration_limit"] = sorted(set(self.calibration_ids)), None
-        if self.plugin is None:
+        if fields["plan"] is None:
+            fields.pop("plan")  # specs from before plans existed keep their identity
+        if self.plugin is None and self.plan is None:
             for key in ("calibration_subset", "calibration_limit", "calibration_ids"):
                 fields.pop(key)
         return fields
@@ -181,12 +195,14 @@ class RunSpec(BaseModel):
         """The spec that produces `entry` again: its model, exact utterances, device, batch size,
         quantizer with its full config and policy, and calibration utterances."""
         q, c = entry.quantizer, entry.calibration
+        plan = QuantizationPlan.model_validate(q.config) if q is not None and q.name == PLAN_QUANTIZER else None
         return cls(
             model=entry.model.name, subset=entry.dataset.subset, data_dir=data_dir,
             utterance_ids=tuple(u.id for u in entry.utterances),
             device=entry.device.name if entry.device is not None else NO_DEVICE,
             batch_size=entry.device.batch_size if entry.device is not None else None,
-            plugin=q.name if q else None, config=dict(q.config) if q else {},
+            plugin=q.name if q and plan is None else None, config=dict(q.config) if q and plan is None else {},
+            plan=plan,
             policy=QuantizationPolicy.model_validate(q.policy) if q else QuantizationPolicy(),
             calibration_subset=c.subset if c else "dev-clean", calibration_ids=tuple(c.utterance_ids) if c else None,
             output=output,
@@ -252,22 +268,43 @@ def quantize_for_run(
     Calibration audio is disjoint from `eval_ids`, and read from `spec.calibration_data_dir`
     when given (else from `data_dir`)."""
     calibration_dir = data_dir
-    with PluginProcess(spec.plugin, spec.config, spec.plugin_timeout) as quantizer:
+    with ExitStack() as stack:
+        if spec.plan is not None:
+            assigned = spec.plan.assign(model.quantizable_weights())
+            processes = {key: stack.enter_context(PluginProcess(plugin, config, spec.plugin_timeout))
+                         for plugin, config in spec.plan.quantizers()
+                         for key in [(plugin, json.dumps(config, sort_keys=True))]}
+            assignment = {layer: processes[rule.key] for layer, rule in assigned.items() if rule.key is not None}
+            what = f"plan {spec.plan.name}"
+        else:
+            quantizer = stack.enter_context(PluginProcess(spec.plugin, spec.config, spec.plugin_timeout))
+            processes = {None: quantizer}
+            assignment = None
+            what = spec.plugin
         audios = calibration = None
-        if quantizer.needs_calibration:
+        if any(q.needs_calibration for q in processes.values()):
             ids = list(spec.calibration_ids) if spec.calibration_ids is not None else None
             if spec.calibration_data_dir is not None:
                 calibration_dir = find_data_dir(spec.calibration_data_dir, spec.calibration_subset)
             audios, record = load_calibration(calibration_dir, spec.calibration_subset, spec.calibration_limit, eval_ids, ids)
             calibration = record.model_dump()
-            progress.note(f"calibrating {spec.plugin} on {record.utterance_count} {record.subset} utterances "
+            progress.note(f"calibrating {what} on {record.utterance_count} {record.subset} utterances "
                           f"({record.audio_seconds:.0f} s) from {calibration_dir / 'LibriSpeech' / record.subset}")
-        model, report = quantize_model(model, quantizer, spec.policy, audios, progress=progress.quantizing)
+        if assignment is None:
+            model, report = quantize_model(model, quantizer, spec.policy, audios, progress=progress.quantizing)
+        else:
+            model, report = quantize_layers(model, assignment, spec.policy, audios, progress=progress.quantizing)
+            plan_identity = QuantizerIdentity(name=PLAN_QUANTIZER, version=qbench_version, config=spec.plan.model_dump(mode="json"),
+                                              needs_calibration=audios is not None)
+            report.quantizer, report.quantizer_version, report.config = plan_identity.name, plan_identity.version, plan_identity.config
+            report.needs_calibration = plan_identity.needs_calibration
+            report.plan_quantizers = [quantizer_identity(q) for q in processes.values()]
     identity = QuantizerIdentity(name=report.quantizer, version=report.quantizer_version, distribution=report.distribution,
                                  distribution_version=report.distribution_version, config=report.config,
                                  needs_calibration=report.needs_calibration)
     packed = model.store.packed
-    manifest = build_manifest(model.name, model_sha256, identity, spec.policy, report.scale_dtype, packed, calibration)
+    manifest = build_manifest(model.name, model_sha256, identity, spec.policy, report.scale_dtype, packed, calibration,
+                              plan_quantizers=report.plan_quantizers)
     path = write_artifact(artifact_path or spec.artifact_path, manifest, packed)
     progress.note(f"quantized model written to {path} (digest {manifest.digest[:12]})")
     record = report.model_dump(mode="json") | {"artifact_sha256": manifest.digest, "artifact_path": str(path)}
@@ -294,6 +331,7 @@ def model_from_artifact(
             raise RunSpecError(f"{spec.artifact}: calibrated on {len(overlap)} of the utterances to score (e.g. {overlap[0]})")
         calibration = manifest.calibration.model_dump()
     store, report = packed_model_report(model, manifest.quantizer, manifest.policy, packed, scale_dtype=manifest.scale_dtype)
+    report.plan_quantizers = manifest.plan_quantizers
     record = report.model_dump(mode="json") | {"artifact_sha256": manifest.digest, "artifact_path": str(spec.artifact)}
     return model.with_store(store), record, calibration
 
@@ -304,8 +342,8 @@ def quantize_to_artifact(spec: RunSpec, artifact_path: Path | None = None,
     and the quantization record. The evaluation utterances are not known yet: a run of the
     artifact checks that its calibration set is disjoint from them."""
     progress = progress or SilentProgress()
-    if spec.plugin is None:
-        raise RunSpecError("qbench quantize needs a plugin")
+    if spec.plugin is None and spec.plan is None:
+        raise RunSpecError("qbench quantize needs a plugin or a plan")
     with using_threads(spec.threads):
         loaded = load_model(spec.model, spec.weights)
         # only calibration audio is read here: its own folder when given
@@ -388,7 +426,7 @@ def run_benchmark(spec: RunSpec, progress: RunProgress | None = None, force: boo
         progress.note(setup_note(data_dir, spec.subset, len(utterances), len(present), loaded.path, loaded.sha256, device))
         quantization = calibration = None
         eval_ids = {u.id for u in utterances}
-        if spec.plugin is not None:
+        if spec.plugin is not None or spec.plan is not None:
             model, quantization, calibration = quantize_for_run(model, loaded.sha256, spec, data_dir, eval_ids, progress)
         elif spec.artifact is not None:
             model, quantization, calibration = model_from_artifact(model, loaded.sha256, spec, eval_ids)

@@ -249,7 +249,7 @@ def test_calibration_requires_audio() -> None:
 
 def test_calibrating_store_passes_unselected_layers_through() -> None:
     model = TinyModel.create()
-    store = CalibratingQuantizingStore(model.store, CalibratedCoarse(), [TinyModel.INFOS[0]])
+    store = CalibratingQuantizingStore(model.store, {TinyModel.INFOS[0].name: CalibratedCoarse()}, [TinyModel.INFOS[0]])
     x = audios(1)[0]
     np.testing.assert_array_equal(store.linear("l2", np.ones((2, 8), np.float32)), model.store.linear("l2", np.ones((2, 8), np.float32)))
     store.linear("l1", x)

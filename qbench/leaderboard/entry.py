@@ -188,6 +188,17 @@ def _inlined_schema(model: type[BaseModel]) -> dict[str, Any]:
 PolicyDict = Annotated[dict[str, Any], AfterValidator(_strict_policy), WithJsonSchema(_inlined_schema(EntryPolicy))]
 
 
+class EntryPlanQuantizer(_Strict):
+    """One quantizer a plan ran (`qbench.quant.apply.QuantizerIdentity`)."""
+
+    name: SafeName
+    version: SafeName
+    distribution: SafeName | None = None
+    distribution_version: SafeName | None = None
+    config: dict[SafeName, ConfigValue]
+    needs_calibration: bool
+
+
 class EntryQuantizer(_Strict):
     name: SafeName
     version: SafeName
@@ -200,6 +211,8 @@ class EntryQuantizer(_Strict):
     quantized_fraction: Annotated[float, Field(ge=0, le=1)] = Field(description="quantized weights / all parameters")
     scale_dtype: SafeName
     artifact_sha256: Sha256 | None = Field(None, description="digest of the quantized artifact, when the harness writes one")
+    plan_quantizers: list[EntryPlanQuantizer] | None = Field(
+        None, description="for a plan (name 'plan', config the whole plan): every quantizer it ran, in rule order")
 
 
 class EntryCalibration(_Strict):
@@ -332,6 +345,8 @@ def entry_label(quantizer: EntryQuantizer | None) -> str:
     """A stable file stem: `fp`, or the quantizer name and its full config, sorted by key."""
     if quantizer is None:
         return "fp"
+    if quantizer.name == "plan" and quantizer.plan_quantizers is not None:
+        return "plan-" + re.sub(r"[^A-Za-z0-9_.+-]+", "", str(quantizer.config.get("name", "unnamed")))
     parts = [quantizer.name] + [f"{key}{_slug(value)}" for key, value in sorted(quantizer.config.items())]
     lowrank = quantizer.policy.get("lowrank")
     if lowrank:
@@ -392,6 +407,7 @@ def _entry_of(result: RunResult, devices_fitted: list[str]) -> LeaderboardEntry:
             distribution_version=q.get("distribution_version"), config=q["config"], policy=q["policy"],
             mean_bits_per_weight=q["mean_bits_per_weight"], quantized_fraction=q["quantized_fraction"],
             scale_dtype=q["scale_dtype"], artifact_sha256=q.get("artifact_sha256"),
+            plan_quantizers=q.get("plan_quantizers"),
         )
     if result.calibration:
         c = result.calibration

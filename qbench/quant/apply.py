@@ -98,6 +98,8 @@ class QuantizationPolicy(BaseModel):
 
 class LayerReport(BaseModel):
     name: str
+    #: the quantizer that quantized this layer (a plan may use several)
+    quantizer: str | None = None
     kind: str
     shape: tuple[int, int]
     code_bits: int
@@ -277,7 +279,8 @@ class PackedWeightStore(WeightStore):
 
 
 class CalibratingQuantizingStore(WeightStore):
-    """Quantizes each selected layer the first time the calibration pass reaches it.
+    """Quantizes each selected layer, with its own quantizer, the first time the calibration
+    pass reaches it.
 
     The layer's input is turned into `LayerStats` (if the quantizer wants them), the layer is
     quantized and packed, and its output is computed with the dequantized packed weight, so
@@ -290,14 +293,14 @@ class CalibratingQuantizingStore(WeightStore):
     def __init__(
         self,
         inner: WeightStore,
-        quantizer: Quantizer,
+        quantizers: Mapping[str, Quantizer],
         selected: Iterable[WeightInfo],
         scale_dtype: np.dtype | type = np.float16,
         progress: Progress | None = None,
         lowrank: LowRankCorrection | None = None,
     ):
         super().__init__(inner.params, inner.weight_infos())
-        self.quantizer = quantizer
+        self.quantizers = dict(quantizers)  # layer name -> its quantizer (a plan may mix several)
         self.lowrank = lowrank
         self.selected: dict[str, WeightInfo] = {info.name: info for info in selected}
         self.scale_dtype = np.dtype(scale_dtype)
@@ -307,8 +310,9 @@ class CalibratingQuantizingStore(WeightStore):
 
     def _quantize(self, name: str, x: np.ndarray) -> np.ndarray:
         info = self.selected[name]
-        stats = layer_stats(x, info.shape[1]) if self.quantizer.needs_calibration else None
-        packed, deq, report = _quantize_layer(self.quantizer, info, self.matrix(name), stats, self.scale_dtype, self.lowrank)
+        quantizer = self.quantizers[name]
+        stats = layer_stats(x, info.shape[1]) if quantizer.needs_calibration else None
+        packed, deq, report = _quantize_layer(quantizer, info, self.matrix(name), stats, self.scale_dtype, self.lowrank)
         self.packed[name] = packed
         self.reports[name] = report
         # The float transposed copy would otherwise stay cached for the whole pass.
@@ -337,6 +341,19 @@ class CalibratingQuantizingStore(WeightStore):
 # -- the whole model ------------------------------------------------------------------------
 
 
+class QuantizerIdentity(BaseModel):
+    """Which code quantized a model, with which settings: what results, entries and artifacts record."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    version: str
+    distribution: str | None = None
+    distribution_version: str | None = None
+    config: dict[str, Any]
+    needs_calibration: bool
+
+
 class QuantizationReport(BaseModel):
     """What was done to a model and what it cost in size and reconstruction error."""
 
@@ -351,6 +368,8 @@ class QuantizationReport(BaseModel):
     #: set when a calibrated quantizer ran without audio (`quantize_without_audio`): the sizes
     #: are exact, the codes are not the ones a calibrated run would choose
     calibration_note: str | None = None
+    #: for a plan: the identity of every quantizer it ran, in rule order
+    plan_quantizers: list[QuantizerIdentity] | None = None
     scale_dtype: str
     layers: list[LayerReport]
     #: quantizable weights the policy left in float
@@ -364,19 +383,6 @@ class QuantizationReport(BaseModel):
     #: 8 * packed bytes (codes + scales + zeros + codebook) / weights, over quantized layers
     mean_bits_per_weight: float
     seconds: float
-
-
-class QuantizerIdentity(BaseModel):
-    """Which code quantized a model, with which settings: what results, entries and artifacts record."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str
-    version: str
-    distribution: str | None = None
-    distribution_version: str | None = None
-    config: dict[str, Any]
-    needs_calibration: bool
 
 
 def packed_model_report(
@@ -440,36 +446,18 @@ def quantize_model(
     Plugin failures surface as `PluginError` naming the plugin and layer.
     """
     policy = policy or QuantizationPolicy()
-    store = model.store
-    if isinstance(store, PackedWeightStore):
-        raise QuantizationError("model is already quantized (its store is a PackedWeightStore)")
-    t0 = time.perf_counter()
-    all_infos = model.quantizable_weights()
-    selected = policy.select(all_infos)
-    scale_dtype = np.dtype(scale_dtype)
-    n_audios = 0
+    assignment = {info.name: quantizer for info in policy.select(model.quantizable_weights())}
+    model, report = quantize_layers(model, assignment, policy, calibration_audios, progress, scale_dtype, cache_bytes,
+                                    without_audio)
+    identity = quantizer_identity(quantizer)
+    report.quantizer, report.quantizer_version = identity.name, identity.version
+    report.distribution, report.distribution_version = identity.distribution, identity.distribution_version
+    report.config, report.needs_calibration = identity.config, identity.needs_calibration
+    return model, report
 
-    if quantizer.needs_calibration and not without_audio:
-        if not calibration_audios:
-            raise QuantizationError(f"quantizer '{_plugin_name(quantizer)}' needs calibration audio")
-        n_audios = len(calibration_audios)
-        cal = CalibratingQuantizingStore(store, quantizer, selected, scale_dtype, progress, policy.lowrank)
-        model.with_store(cal).calibration_forward(calibration_audios)
-        missing = cal.missing()
-        if missing:
-            shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
-            raise CalibrationPassError(f"the calibration pass of {model.name} never reached layer(s) {shown}")
-        packed, reports = cal.packed, [cal.reports[info.name] for info in selected]
-    else:
-        packed, reports = {}, []
-        for i, info in enumerate(selected):
-            stats = neutral_layer_stats(info.shape[1]) if quantizer.needs_calibration else None
-            pt, _, report = _quantize_layer(quantizer, info, store.matrix(info.name), stats, scale_dtype, policy.lowrank)
-            packed[info.name] = pt
-            reports.append(report)
-            if progress is not None:
-                progress(info.name, i + 1, len(selected))
 
+def quantizer_identity(quantizer: Quantizer) -> QuantizerIdentity:
+    """Which code `quantizer` is, as results and artifacts record it."""
     if isinstance(quantizer, PluginProcess):
         # the plugin's own process said which distribution it is; nothing is imported here
         distribution, distribution_version = quantizer.distribution, quantizer.distribution_version
@@ -479,16 +467,72 @@ def quantize_model(
         distribution, distribution_version = (entry.distribution, entry.distribution_version) if entry else (None, None)
         # a class without its own `version` is versioned by its distribution, as discovery recorded
         version = entry.version if entry else getattr(quantizer, "version", None) or "unknown"
-    identity = QuantizerIdentity(
+    return QuantizerIdentity(
         name=_plugin_name(quantizer), version=version, distribution=distribution,
         distribution_version=distribution_version, config=quantizer.config.model_dump(mode="json"),
         needs_calibration=bool(quantizer.needs_calibration),
     )
-    new_store, report = packed_model_report(model, identity, policy, packed, reports, scale_dtype, n_audios, cache_bytes)
+
+
+def quantize_layers(
+    model: SpeechModel,
+    assignment: Mapping[str, Quantizer],
+    policy: QuantizationPolicy,
+    calibration_audios: list[np.ndarray] | None = None,
+    progress: Progress | None = None,
+    scale_dtype: np.dtype | type = np.float16,
+    cache_bytes: int = 0,
+    without_audio: bool = False,
+) -> tuple[SpeechModel, QuantizationReport]:
+    """Quantize each layer named in `assignment` with its quantizer (a plan, or one quantizer
+    for every selected layer); the report's quantizer fields are the caller's to fill.
+
+    If any of the quantizers needs calibration (and `without_audio` is not set), one calibration
+    pass quantizes every layer as it is reached, so each is calibrated on the outputs of the
+    already-quantized layers before it whatever quantizer those had; otherwise the layers are
+    quantized matrix by matrix with no audio.
+    """
+    store = model.store
+    if isinstance(store, PackedWeightStore):
+        raise QuantizationError("model is already quantized (its store is a PackedWeightStore)")
+    t0 = time.perf_counter()
+    selected = [info for info in model.quantizable_weights() if info.name in assignment]
+    scale_dtype = np.dtype(scale_dtype)
+    n_audios = 0
+    calibrated = any(q.needs_calibration for q in assignment.values())
+
+    if calibrated and not without_audio:
+        if not calibration_audios:
+            needy = next(q for q in assignment.values() if q.needs_calibration)
+            raise QuantizationError(f"quantizer '{_plugin_name(needy)}' needs calibration audio")
+        n_audios = len(calibration_audios)
+        cal = CalibratingQuantizingStore(store, assignment, selected, scale_dtype, progress, policy.lowrank)
+        model.with_store(cal).calibration_forward(calibration_audios)
+        missing = cal.missing()
+        if missing:
+            shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
+            raise CalibrationPassError(f"the calibration pass of {model.name} never reached layer(s) {shown}")
+        packed, reports = cal.packed, [cal.reports[info.name] for info in selected]
+    else:
+        packed, reports = {}, []
+        for i, info in enumerate(selected):
+            quantizer = assignment[info.name]
+            stats = neutral_layer_stats(info.shape[1]) if quantizer.needs_calibration else None
+            pt, _, report = _quantize_layer(quantizer, info, store.matrix(info.name), stats, scale_dtype, policy.lowrank)
+            packed[info.name] = pt
+            reports.append(report)
+            if progress is not None:
+                progress(info.name, i + 1, len(selected))
+    for report in reports:
+        report.quantizer = _plugin_name(assignment[report.name])
+
+    placeholder = QuantizerIdentity(name="?", version="?", config={}, needs_calibration=calibrated)
+    new_store, report = packed_model_report(model, placeholder, policy, packed, reports, scale_dtype, n_audios, cache_bytes)
     report.seconds = time.perf_counter() - t0
-    if quantizer.needs_calibration and without_audio:
+    if calibrated and without_audio:
+        names = sorted({_plugin_name(q) for q in assignment.values() if q.needs_calibration})
         report.calibration_note = (
-            f"'{_plugin_name(quantizer)}' needs calibration audio and got none: it ran on neutral statistics "
+            f"'{', '.join(names)}' {'needs' if len(names) == 1 else 'need'} calibration audio and got none: it ran on neutral statistics "
             "(x^T x = I), so the sizes are exact but the codes are not what a calibrated run chooses"
         )
     return model.with_store(new_store), report

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_serializer
 
 from qbench.errors import QBenchError, one_line
 from qbench.quant.apply import QuantizationPolicy, QuantizerIdentity
@@ -71,7 +71,17 @@ class ArtifactManifest(_Strict):
     scale_dtype: str
     calibration: ArtifactCalibration | None = None
     layers: list[LayerLayout]
+    #: for a plan (`quantizer.name == "plan"`, its config the plan): every quantizer it ran
+    plan_quantizers: list[QuantizerIdentity] | None = None
     digest: str = ""
+
+    @model_serializer(mode="wrap")
+    def _without_unset_plan(self, handler: Any) -> dict[str, Any]:
+        # a manifest of a single quantizer serializes as before plans existed: its digest holds
+        data = handler(self)
+        if data.get("plan_quantizers") is None:
+            data.pop("plan_quantizers", None)
+        return data
 
 
 def _tensors(packed: dict[str, PackedTensor]) -> dict[str, np.ndarray]:
@@ -96,7 +106,8 @@ def artifact_digest(manifest: ArtifactManifest, tensors: dict[str, np.ndarray]) 
 
 def build_manifest(model: str, model_sha256: str, identity: QuantizerIdentity, policy: QuantizationPolicy,
                    scale_dtype: str, packed: dict[str, PackedTensor],
-                   calibration: dict[str, Any] | None = None) -> ArtifactManifest:
+                   calibration: dict[str, Any] | None = None,
+                   plan_quantizers: list[QuantizerIdentity] | None = None) -> ArtifactManifest:
     """The manifest of `packed`, digest included."""
     layers = [LayerLayout(name=name, shape=pt.shape, code_bits=pt.code_bits, packing=pt.packing, group_size=pt.group_size,
                           offset=pt.offset, buffers=[b for b in _BUFFERS if getattr(pt, b) is not None])
@@ -106,7 +117,7 @@ def build_manifest(model: str, model_sha256: str, identity: QuantizerIdentity, p
         cal = ArtifactCalibration(subset=calibration["subset"], utterance_ids=list(calibration["utterance_ids"]),
                                   utterance_ids_sha256=calibration["utterance_ids_sha256"])
     manifest = ArtifactManifest(model=model, model_sha256=model_sha256, quantizer=identity, policy=policy,
-                                scale_dtype=scale_dtype, calibration=cal, layers=layers)
+                                scale_dtype=scale_dtype, calibration=cal, layers=layers, plan_quantizers=plan_quantizers)
     manifest.digest = artifact_digest(manifest, _tensors(packed))
     return manifest
 
