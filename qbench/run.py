@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from qbench import __version__ as qbench_version
 from qbench.checkpoints.card import safe_name
 from qbench.checkpoints.loader import DEFAULT_MODEL, load_model
 from qbench.data.audio import AudioError, audio_duration
@@ -46,7 +47,6 @@ from qbench.journal import JournalHeader, RunJournal, claim_output, journal_path
 from qbench.leaderboard.entry import SAFE_NAME_PATTERN, LeaderboardEntry
 from qbench.models.parallel import compute_threads, using_threads
 from qbench.models.speech_model import SpeechModel
-from qbench import __version__ as qbench_version
 from qbench.quant.apply import (
     QuantizationPolicy,
     QuantizerIdentity,

@@ -14,7 +14,13 @@ import pytest
 from qbench.cli import main
 from qbench.leaderboard.entry import entry_from_result, entry_label
 from qbench.models.weight_store import WeightInfo
-from qbench.quant.plan import PlanError, PlanRule, QuantizationPlan, read_plan, write_plan
+from qbench.quant.plan import (
+    PlanError,
+    PlanRule,
+    QuantizationPlan,
+    read_plan,
+    write_plan,
+)
 from qbench.results import RunResult
 from qbench.run import RunSpec
 
