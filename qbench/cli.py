@@ -584,6 +584,69 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from qbench.quant.sensitivity import draw_heatmap, parse_candidate, run_sensitivity
+
+    candidates = [parse_candidate(c) for c in (args.candidate or DEFAULT_CANDIDATES)]
+    output = Path(args.output or f"results/sensitivity/{args.model or 'model'}.json")
+    table = run_sensitivity(args.model, args.weights, candidates, args.data_dir, output, args.subset, args.count,
+                            args.plugin_timeout, progress=None if args.quiet else say)
+    names = list(table.float_bytes)
+    rows = [[n] + [f"{c.layers[n].kl:.4f}" if n in c.layers else "-" for c in table.candidates] for n in names]
+    groups = sorted({g for c in table.candidates for g in c.groups})
+    rows += [[f"[{g}]"] + [f"{c.groups[g]:.4f}" if g in c.groups else "-" for c in table.candidates] for g in groups]
+    rows.append(["[all layers]"] + [f"{c.uniform_kl:.4f}" for c in table.candidates])
+    rows.append(["dev WER %"] + [f"{100 * c.uniform_wer:.2f}" for c in table.candidates])
+    show_table(f"KL of quantizing each layer alone ({table.subset}, {len(table.utterance_ids)} utterances, "
+               f"{table.positions} positions; float WER {100 * table.float_wer:.2f} %)",
+               ["layer"] + table.labels(), rows, left_columns=1,
+               notes=["KL(p_float || p_quantized) per scored position, nats; [group]: all its layers at once"])
+    say(f"sensitivity table written to {output}")
+    if args.heatmap:
+        say(f"heat map written to {draw_heatmap(table, Path(args.heatmap))}")
+    return 0
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from qbench.quant.allocation import FLOAT, allocate, plan_of, predict_wer
+    from qbench.quant.plan import write_plan
+    from qbench.quant.sensitivity import read_table
+
+    table = read_table(Path(args.sensitivity))
+    if args.device:
+        from qbench.quant.plugin_process import device_profiles_from_plugins
+
+        profiles, _ = device_profiles_from_plugins(None)
+        if args.device not in profiles:
+            raise CliError(f"unknown device {args.device!r} (qbench fit lists them)")
+        budget = profiles[args.device].storage_bytes
+        what = f"{args.device}'s storage ({budget / 2**20:.1f} MiB)"
+    elif args.max_bytes:
+        budget, what = args.max_bytes, f"{args.max_bytes} bytes"
+    else:
+        raise CliError("give --device NAME or --max-bytes N: the budget to allocate bits for")
+    allocation = allocate(table, budget, args.candidate or None, allow_float=not args.no_float)
+    name = args.name or f"{table.model}-{args.device or args.max_bytes}"
+    plan = plan_of(allocation, table, name)
+    path = write_plan(plan, Path(args.plan_output or f"plans/{name}.json"))
+    counts: dict[str, int] = {}
+    for label in allocation.choice.values():
+        counts[label] = counts.get(label, 0) + 1
+    params = sum(table.float_bytes.values()) // 2  # the float layers are float16: 2 bytes a weight
+    predicted = predict_wer(table, allocation.predicted_kl)
+    show_table(f"plan {name} for {what}", ["candidate", "layers"], [[k, str(v)] for k, v in counts.items()],
+               left_columns=1, notes=[
+                   f"model bytes {allocation.model_bytes} of {budget} ({8 * (allocation.model_bytes - table.fixed_bytes) / params:.2f} "
+                   f"bits per quantizable weight, embedding included); summed KL {allocation.predicted_kl:.4f}; "
+                   f"predicted {table.subset} WER {100 * predicted:.2f} % (float {100 * table.float_wer:.2f} %)",
+                   f"'{FLOAT}': kept at its stored precision"])
+    say(f"plan written to {path}; run it with: qbench run --plan {path}")
+    return 0
+
+
+DEFAULT_CANDIDATES = ["rtn bits=8", "rtn bits=4", "rtn bits=3", "rtn bits=2"]
+
+
 def cmd_errors(args: argparse.Namespace) -> int:
     from qbench.data.librispeech import find_data_dir
     from qbench.leaderboard.entry import entry_label, read_entry
@@ -744,6 +807,33 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("entries", nargs="+", metavar="ENTRY")
     verify.add_argument("--data-dir")
     verify.set_defaults(func=cmd_verify)
+
+    sensitivity = sub.add_parser("sensitivity", help="the damage (output KL) of quantizing each layer alone, per "
+                                 "candidate, measured on dev-clean; cached")
+    sensitivity.add_argument("--model", default="whisper-tiny.en")
+    sensitivity.add_argument("--weights")
+    sensitivity.add_argument("--candidate", action="append", metavar="'PLUGIN KEY=VALUE ...'",
+                             help=f"repeatable (default: {'; '.join(DEFAULT_CANDIDATES)})")
+    sensitivity.add_argument("--subset", default="dev-clean", help="where damage is measured (never the evaluation set)")
+    sensitivity.add_argument("--count", type=int, default=8, help="utterances measured; the rest of the subset calibrates")
+    sensitivity.add_argument("--data-dir")
+    sensitivity.add_argument("--output", "-o", help="the table (default results/sensitivity/<model>.json); "
+                             "candidates already in it are not measured again")
+    sensitivity.add_argument("--heatmap", metavar="PNG", help="also draw layers x candidates as a heat map")
+    sensitivity.add_argument("--plugin-timeout", type=float)
+    sensitivity.add_argument("--quiet", "-q", action="store_true")
+    sensitivity.set_defaults(func=cmd_sensitivity)
+
+    optimize = sub.add_parser("optimize", help="choose a candidate (or float) per layer for the least summed KL "
+                              "within a device's storage or a byte budget (exact integer program); writes a plan")
+    optimize.add_argument("--sensitivity", required=True, metavar="TABLE", help="from qbench sensitivity")
+    optimize.add_argument("--device", help="budget: this device profile's storage")
+    optimize.add_argument("--max-bytes", type=int, help="budget in bytes (all weights, never-quantized ones included)")
+    optimize.add_argument("--candidate", action="append", metavar="LABEL", help="only these of the table's candidates")
+    optimize.add_argument("--no-float", action="store_true", help="every layer must be quantized")
+    optimize.add_argument("--name", help="the plan's name (default <model>-<budget>)")
+    optimize.add_argument("--plan-output", metavar="FILE", help="default plans/<name>.json")
+    optimize.set_defaults(func=cmd_optimize)
 
     errors = sub.add_parser("errors", help="what kind of errors entries make: substitutions, deletions, insertions, "
                             "empty, cut-short and looping hypotheses")

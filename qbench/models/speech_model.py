@@ -7,7 +7,7 @@ a new architecture is a new file in `qbench/models/` that satisfies it, its memo
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -53,6 +53,21 @@ class SpeechModel(Protocol):
         gets GPTQ's sequential calibration (each layer sees the outputs of the already-quantized
         layers before it) from a single pass.
         """
+        ...
+
+    def teacher_forcing_targets(self, audios: list[np.ndarray]) -> list[Any]:
+        """What `output_log_probs` conditions on, computed once with the float model: Whisper's
+        own greedy transcript of each window (in-distribution text, as calibration uses; the
+        upper-case LibriSpeech references are text Whisper never writes), nothing for CTC."""
+        ...
+
+    def output_log_probs(self, audios: list[np.ndarray], targets: list[Any], cache: dict | None = None) -> np.ndarray:
+        """float32 `[positions, vocab]` log-probabilities of the output distribution at every
+        scored position, teacher-forced on `targets` (Whisper: each target token's prediction;
+        wav2vec2: every CTC frame), all utterances concatenated in order. Comparing these
+        between the float and a quantized store measures a layer's damage (`qbench sensitivity`).
+        `cache`, passed across calls on the same audio, lets the model keep work that depends on
+        float layers only (Whisper's float encoder output when only decoder layers differ)."""
         ...
 
     def working_memory(self, store: StreamingStore, utterances: int, audio_seconds: float) -> WorkingMemory:

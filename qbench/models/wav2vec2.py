@@ -248,6 +248,14 @@ class Wav2Vec2:
         lengths = [f.shape[0] for f in feats]
         self._encode(np.concatenate(feats, axis=0), lengths)
 
+    def teacher_forcing_targets(self, audios: list[np.ndarray]) -> list[None]:
+        return [None for _ in audios]  # CTC: every frame's distribution is scored as it is
+
+    def output_log_probs(self, audios: list[np.ndarray], targets: list[None], cache: dict | None = None) -> np.ndarray:
+        z = np.concatenate([self.logits(audio) for audio in audios], axis=0).astype(np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        return (z - np.log(np.exp(z).sum(axis=1, keepdims=True))).astype(np.float32)
+
     @property
     def fit_audio(self) -> str:
         return f"one {self.fit_audio_seconds:g} s utterance"

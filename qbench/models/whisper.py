@@ -559,6 +559,38 @@ class Whisper:
         windows = utterances * max(1, math.ceil(audio_seconds / CHUNK_LENGTH))
         return transcribe_memory(self.dims, store, windows, audio_seconds)
 
+    def teacher_forcing_targets(self, audios: list[np.ndarray]) -> list[list[int]]:
+        float_model = self.with_store(WeightStore(self.store.params, self.store.weight_infos()))
+        mels = np.stack([w for audio in audios for w in audio_windows(audio, self.dims.n_mels, self.mel_padding)])
+        return greedy_decode(float_model.store, self.dims, self.vocab, mels)
+
+    def output_log_probs(self, audios: list[np.ndarray], targets: list[list[int]], cache: dict | None = None) -> np.ndarray:
+        mels = np.stack([w for audio in audios for w in audio_windows(audio, self.dims.n_mels, self.mel_padding)])
+        features = None
+        packed = getattr(self.store, "packed", None) or {}
+        float_encoder = not any(name.startswith("encoder.") for name in packed)
+        if cache is not None and float_encoder:
+            # a store whose encoder is float encodes exactly as the float model: encode once
+            features = cache.get("float_encoder_features")
+        if features is None:
+            features = encode(self.store, self.dims, mels)
+            if cache is not None and float_encoder:
+                cache["float_encoder_features"] = features
+        prompt = self.vocab.sot_sequence()
+        sequences = [prompt + ids + [self.vocab.eot] for ids in targets]
+        width = max(len(s) for s in sequences)
+        tokens = np.full((len(sequences), width), self.vocab.eot, dtype=np.int64)
+        for row, seq in enumerate(sequences):
+            tokens[row, : len(seq)] = seq
+        state = start_decoder(self.store, self.dims, features)
+        logits = output_logits(self.store, decode_step(self.store, self.dims, tokens, state))
+        # the positions that predict a target token or the end of text: from the prompt's last
+        # token to the one before end of text
+        rows = [logits[i, len(prompt) - 1 : len(seq) - 1] for i, seq in enumerate(sequences)]
+        z = np.concatenate(rows, axis=0).astype(np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        return (z - np.log(np.exp(z).sum(axis=1, keepdims=True))).astype(np.float32)
+
     def calibration_forward(self, audios: list[np.ndarray]) -> None:
         """Encoder on every calibration window, then the decoder teacher-forced on the model's
         own greedy transcript of each window (in-distribution text, unlike the upper-case
