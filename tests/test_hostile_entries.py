@@ -269,7 +269,7 @@ def test_the_page_escapes_markdown_and_html(board):
     entry = _forged_entry(board, "rtn|x](http://evil)`<b>*_$", "Linux | two\nlines <i>")
     page = render_markdown([entry])
     row = next(line for line in page.splitlines() if line.startswith("| 4 bits |"))
-    assert row.replace("\\|", "").count("|") == 12  # 11 cells: no pipe of a name splits one
+    assert row.replace("\\|", "").count("|") == 13  # 12 cells: no pipe of a name splits one
     assert "<b>" not in page and "<img" not in page and "<i>" not in page
     assert r"rtn\|x\](http://evil)\`&lt;b&gt;\*\_\$" in row
     assert "Linux \\| two lines &lt;i&gt;" in page

@@ -251,11 +251,11 @@ def test_the_page_shows_the_difference_to_the_float_baseline_and_marks_noise(boa
     page = render_markdown(load_entries(root))
     header = next(line for line in page.splitlines() if line.startswith("| class |"))
     cells = [c.strip() for c in header.strip("|").split(" | ")]
-    assert cells[5:8] == ["WER %", "ΔWER vs float (95 % CI)", "CER %"]
+    assert cells[4:9] == ["bits/weight", "bits/param (all)", "WER %", "ΔWER vs float (95 % CI)", "CER %"]
     delta = cells.index("ΔWER vs float (95 % CI)")
 
     fp, close, worse = _row(page, "fp.json"), _row(page, RTN8), _row(page, RTN4)
-    assert len(fp) == len(close) == len(worse) == len(cells) == 12
+    assert len(fp) == len(close) == len(worse) == len(cells) == 13
     assert fp[delta] == "-"
     close_diff = entry_wer_difference(entries["close"], entries["fp"])
     worse_diff = entry_wer_difference(entries["worse"], entries["fp"])
@@ -278,7 +278,7 @@ def test_a_table_without_a_float_baseline_has_no_difference_column(board):
     (root / "whisper-tiny.en" / "test-clean" / "fp.json").unlink()
     page = render_markdown(load_entries(root))
     assert "ΔWER" not in page and "(n.s.)" not in page
-    assert len(_row(page, RTN4)) == 11
+    assert len(_row(page, RTN4)) == 12
 
 
 def test_wer_points_never_shows_minus_zero():

@@ -83,6 +83,13 @@ def _mib(n: int) -> str:
 def _config(entry: LeaderboardEntry) -> str:
     if entry.quantizer is None:
         return "-"
+    if entry.quantizer.plan_quantizers is not None:
+        rules = entry.quantizer.config.get("rules") or []
+        parts = []
+        for rule in rules if isinstance(rules, list) else []:
+            settings = " ".join(f"{k}={json.dumps(v)}" for k, v in sorted((rule.get("config") or {}).items()))
+            parts.append(f"{rule.get('plugin') or 'float'} {settings}".strip() + f" ({len(rule.get('match') or [])} globs)")
+        return f"plan {entry.quantizer.config.get('name')}: " + "; ".join(parts)
     text = ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(entry.quantizer.config.items()))
     lowrank = entry.quantizer.policy.get("lowrank")
     if lowrank:
@@ -126,7 +133,12 @@ def render_chart(entries: list[LeaderboardEntry], path: Path) -> None:
             ax.scatter([x for x, _ in xs], [y for _, y in xs], marker=marker, label=chart_text(cls), zorder=3)
     ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "k--", lw=1, label="Pareto front", zorder=2)
     for (x, y), e in zip(points, entries):
-        text = e.label.split("-")[0] if e.quantizer is None else f"{e.quantizer.name} {e.quantizer.mean_bits_per_weight:.1f}b"
+        if e.quantizer is None:
+            text = e.label.split("-")[0]
+        elif e.quantizer.plan_quantizers is not None:
+            text = f"plan {e.quantizer.config.get('name')}"
+        else:
+            text = f"{e.quantizer.name} {e.quantizer.mean_bits_per_weight:.1f}b"
         ax.annotate(chart_text(text), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
     ax.set_xlabel("weights (MiB: packed codes, scales, unquantized tensors)")
     ax.set_ylabel("WER (%)")
@@ -183,7 +195,10 @@ def render_markdown(entries: list[LeaderboardEntry]) -> str:
         "recomputes every column but the speed. Entries are ranked by WER, then weights, within their",
         "bit-width class. WER and CER are corpus-level, after the Whisper English normalizer. Weights are",
         "the stored bytes (in flash or RAM), the real buffers: packed codes, scales and zero points, and",
-        "every unquantized tensor at its stored precision. Fits lists the device profiles where, as",
+        "every unquantized tensor at its stored precision. Bits/weight counts the quantized matrices (codes and",
+        "everything stored beside them: scales, zeros, codebooks, transforms, low-rank factors); bits/param",
+        "(all) is 8 x weights bytes / parameters, embedding and float layers included, which is what compares",
+        "mixed-precision plans with uniform entries. Fits lists the device profiles where, as",
         "`qbench fit` reports, total RAM (weights in RAM + working peak, for the audio `qbench fit` assumes,",
         "batch 1) is within the device's RAM and the weights within its storage. The speed column is measured by each",
         "submitter on their own machine (named below each table): it is not rechecked and not ranked on.",
@@ -203,9 +218,9 @@ def render_markdown(entries: list[LeaderboardEntry]) -> str:
             "",
             f"![WER against weights]({md_link_target(chart_name(model, subset))})",
             "",
-            f"| class | rank | quantizer | config | bits/weight | WER % | {delta_header}CER % | weights MiB | fits | "
-            "RTFx (submitter's machine) | entry |",
-            f"|---|---:|---|---|---:|---:|{delta_align}---:|---:|---|---:|---|",
+            f"| class | rank | quantizer | config | bits/weight | bits/param (all) | WER % | {delta_header}CER % | weights MiB | "
+            "fits | RTFx (submitter's machine) | entry |",
+            f"|---|---:|---|---|---:|---:|---:|{delta_align}---:|---:|---|---:|---|",
         ]
         by_speaker: list[tuple[str, WerDifference]] = []  # (label, speaker-level difference), in table order
         machines: dict[str, str] = {}  # description -> M1, M2, ... in order of first appearance
@@ -226,7 +241,8 @@ def render_markdown(entries: list[LeaderboardEntry]) -> str:
                     delta = ["-"] if e is baseline else [wer_points(entry_wer_difference(e, baseline))]
                     if e is not baseline:
                         by_speaker.append((e.label, entry_wer_difference(e, baseline, unit="speaker")))
-                cells = [cls, str(rank), name, _config(e), bits, f"{100 * e.wer:.2f}", *delta, f"{100 * e.cer:.2f}",
+                all_bits = f"{8 * e.model_bytes / e.model.parameters:.2f}"
+                cells = [cls, str(rank), name, _config(e), bits, all_bits, f"{100 * e.wer:.2f}", *delta, f"{100 * e.cer:.2f}",
                          _mib(e.model_bytes), fits, f"{s.rtfx:.1f} ({machine})"]
                 lines.append("| " + " | ".join(md(c) for c in cells) + f" | [{md(e.label)}]({md_link_target(rel)}) |")
         lines.append("")
