@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import tempfile
@@ -640,7 +641,27 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                    f"bits per quantizable weight, embedding included); summed KL {allocation.predicted_kl:.4f}; "
                    f"predicted {table.subset} WER {100 * predicted:.2f} % (float {100 * table.float_wer:.2f} %)",
                    f"'{FLOAT}': kept at its stored precision"])
-    say(f"plan written to {path}; run it with: qbench run --plan {path}")
+    if not args.run:
+        say(f"plan written to {path}; run it with: qbench run --plan {path}")
+        return 0
+    # the plan runs as `qbench run --plan` would run it: same result file, entry and checks
+    output = Path(args.output or f"results/{table.model}__{args.subset}__plan-{name}.json")
+    argv = ["run", "--model", table.model, "--plan", str(path), "--subset", args.subset, "--output", str(output),
+            "--device", args.run_device or args.device or "pi-zero-2w"]
+    for flag, value in (("--limit", args.limit), ("--utterance-ids", args.utterance_ids), ("--threads", args.threads),
+                        ("--data-dir", args.data_dir), ("--leaderboards", args.leaderboards), ("--weights", args.weights)):
+        if value is not None:
+            argv += [flag, str(value)]
+    argv += ["--submit"] if args.submit else []
+    code = main(argv + (["--quiet"] if args.quiet else []))
+    if code != 0:
+        return code
+    measured = json.loads(output.read_text())["metrics"]["wer"]
+    show_table(f"plan {name}: predicted and measured", ["", "WER %"], [
+        [f"predicted ({table.subset}, from summed KL)", f"{100 * predicted:.2f}"],
+        [f"float ({table.subset}, measured utterances)", f"{100 * table.float_wer:.2f}"],
+        [f"measured ({args.subset}, {json.loads(output.read_text())['metrics']['utterances']} utterances)", f"{100 * measured:.2f}"],
+    ], left_columns=1)
     return 0
 
 
@@ -833,6 +854,19 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--no-float", action="store_true", help="every layer must be quantized")
     optimize.add_argument("--name", help="the plan's name (default <model>-<budget>)")
     optimize.add_argument("--plan-output", metavar="FILE", help="default plans/<name>.json")
+    optimize.add_argument("--run", action="store_true", help="then run the plan (as qbench run --plan) and print "
+                          "predicted against measured WER")
+    optimize.add_argument("--subset", default="test-clean", help="with --run: the evaluation subset")
+    optimize.add_argument("--limit", type=int)
+    optimize.add_argument("--utterance-ids", metavar="FILE")
+    optimize.add_argument("--run-device", help="with --run: the device to run on (default --device, else pi-zero-2w)")
+    optimize.add_argument("--threads", type=int)
+    optimize.add_argument("--weights", help="with --run: the weights path, if not the registry's")
+    optimize.add_argument("--data-dir")
+    optimize.add_argument("--output", "-o", help="with --run: the result file")
+    optimize.add_argument("--submit", action="store_true", help="with --run: also write a leaderboard entry")
+    optimize.add_argument("--leaderboards")
+    optimize.add_argument("--quiet", "-q", action="store_true")
     optimize.set_defaults(func=cmd_optimize)
 
     errors = sub.add_parser("errors", help="what kind of errors entries make: substitutions, deletions, insertions, "

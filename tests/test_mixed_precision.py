@@ -161,5 +161,11 @@ def test_sensitivity_optimize_and_run_the_plan_on_wav2vec2(seeded_wav2vec2, data
     assert main(["run", *model, "--plan", str(plan_path), "--limit", "1", "--data-dir", str(data_dir),
                  "--device", "none", "-o", str(out), "-q"]) == 0
     result = json.loads(out.read_text())
+    # optimize --run writes the same plan and runs it the same way
+    out2 = tmp_path / "r2.json"
+    assert main(["optimize", "--sensitivity", str(table_path), "--max-bytes", str(budget), "--no-float",
+                 "--plan-output", str(tmp_path / "plan2.json"), "--name", "w2v-test", "--run", "--limit", "1", "--weights", str(seeded_wav2vec2),
+                 "--run-device", "none", "--data-dir", str(data_dir), "-o", str(out2), "-q"]) == 0
+    assert json.loads(out2.read_text())["hypotheses_sha256"] == result["hypotheses_sha256"]
     assert result["quantization"]["config"]["name"] == plan.name
     assert result["metrics"]["model_bytes"] <= budget
