@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 
 qbench_gptq = pytest.importorskip("qbench_gptq", reason="pip install -e plugins/gptq")
-from qbench import LayerStats, dequantize, expand_groups, grid_codes, grid_values, uniform_grid  # noqa: E402
+from qbench import (  # noqa: E402
+    LayerStats,
+    dequantize,
+    expand_groups,
+    grid_codes,
+    grid_values,
+    uniform_grid,
+)
 from qbench.quant.apply import layer_stats  # noqa: E402
 
 GPTQ = qbench_gptq.GPTQQuantizer
@@ -25,12 +32,12 @@ def output_error(w: np.ndarray, wq: np.ndarray, x: np.ndarray) -> float:
     return float(np.linalg.norm(x @ w.T - x @ wq.T) / np.linalg.norm(x @ w.T))
 
 
-def rtn(w: np.ndarray, bits: int, group_size: int | None, symmetric: bool) -> np.ndarray:
+def rtn(w: np.ndarray, bits: int, group_size: int | None, symmetric: bool, full_range: bool = False) -> np.ndarray:
     """Plain round-to-nearest on the same grid, for the comparison."""
     w64 = w.astype(np.float64)
-    scales, zeros = uniform_grid(w64, bits, symmetric, group_size)
+    scales, zeros = uniform_grid(w64, bits, symmetric, group_size, full_range)
     scale, zero = expand_groups(scales, group_size, w.shape[1]), expand_groups(zeros, group_size, w.shape[1])
-    return grid_values(grid_codes(w64, scale, zero, bits), scale, zero).astype(np.float32)
+    return grid_values(grid_codes(w64, scale, zero, bits, full_range), scale, zero).astype(np.float32)
 
 
 @pytest.mark.parametrize(
@@ -45,13 +52,19 @@ def rtn(w: np.ndarray, bits: int, group_size: int | None, symmetric: bool) -> np
         # at 2 bits the dynamic grid, fitted to error-fed weights, can lose to RTN; static does not
         dict(bits=2, group_size=32, static_groups=True),
         dict(bits=3, group_size=64, static_groups=True),
+        dict(bits=3, group_size=64, full_range=True),
+        dict(bits=2, group_size=None, full_range=True),
+        dict(bits=3, group_size=64, full_range=True, mse=True),
+        dict(bits=3, group_size=64, full_range=True, mse=True, act_order=True),
+        dict(bits=3, group_size=64, symmetric=False, mse=True),
     ],
 )
 def test_gptq_beats_rtn_on_layer_output(problem, cfg: dict) -> None:
     w, x, stats = problem
     qt = GPTQ(GPTQ.Config(**cfg)).quantize(w, stats)
     e_gptq = output_error(w, dequantize(qt), x)
-    e_rtn = output_error(w, rtn(w, cfg["bits"], cfg.get("group_size"), cfg.get("symmetric", True)), x)
+    c = GPTQ.Config(**cfg)
+    e_rtn = output_error(w, rtn(w, c.bits, c.group_size, c.symmetric, c.full_range and c.symmetric), x)
     assert e_gptq < 0.9 * e_rtn, (e_gptq, e_rtn)
 
 
@@ -60,10 +73,10 @@ def test_codes_and_scales_follow_the_dequantize_contract(problem, act_order: boo
     w, _, stats = problem
     qt = GPTQ(GPTQ.Config(bits=4, group_size=64, act_order=act_order)).quantize(w, stats)
     assert qt.codes.shape == w.shape and qt.scales.shape == (OUT, 3) and qt.group_size == 64
-    assert qt.signed and qt.codes.min() >= -7 and qt.codes.max() <= 7
+    assert qt.signed and qt.codes.min() >= -8 and qt.codes.max() <= 7  # the default full-range grid
     if act_order:
         # static groups: scales are the plain per-group grid of the original columns
-        np.testing.assert_allclose(qt.scales[:, 1], np.abs(w[:, 64:128]).max(axis=1) / 7, rtol=1e-6)
+        np.testing.assert_allclose(qt.scales[:, 1], 2 * np.abs(w[:, 64:128]).max(axis=1) / 15, rtol=1e-6)
 
 
 def test_block_size_does_not_change_the_result(problem) -> None:
@@ -79,8 +92,9 @@ def test_identity_hessian_reduces_to_rtn() -> None:
     rng = np.random.default_rng(1)
     w = rng.normal(size=(8, 16)).astype(np.float32)
     stats = LayerStats(xtx=np.eye(16) * 5.0, n_rows=10)
-    qt = GPTQ(GPTQ.Config(bits=3, group_size=None)).quantize(w, stats)
-    np.testing.assert_allclose(dequantize(qt), rtn(w, 3, None, True), rtol=1e-6)
+    for full_range in (False, True):
+        qt = GPTQ(GPTQ.Config(bits=3, group_size=None, full_range=full_range)).quantize(w, stats)
+        np.testing.assert_allclose(dequantize(qt), rtn(w, 3, None, True, full_range), rtol=1e-6)
 
 
 def test_dead_inputs_are_zeroed() -> None:
@@ -97,3 +111,19 @@ def test_needs_stats() -> None:
     assert GPTQ.needs_calibration
     with pytest.raises(ValueError, match="calibration"):
         GPTQ().quantize(np.ones((2, 2), np.float32), None)
+
+
+def test_full_range_uses_every_code(problem) -> None:
+    w, _, stats = problem
+    qt = GPTQ(GPTQ.Config(bits=3, group_size=64, full_range=True)).quantize(w, stats)
+    assert qt.signed and qt.codes.min() == -4 and qt.codes.max() == 3
+    restricted = GPTQ(GPTQ.Config(bits=3, group_size=64, full_range=False)).quantize(w, stats)
+    assert restricted.codes.min() == -3 and restricted.codes.max() == 3
+
+
+def test_mse_shrinks_scales_below_the_max_based_grid(problem) -> None:
+    # static groups: both grids are fitted to the same original weights before the sweep
+    w, _, stats = problem
+    plain = GPTQ(GPTQ.Config(bits=3, group_size=64, static_groups=True)).quantize(w, stats)
+    clipped = GPTQ(GPTQ.Config(bits=3, group_size=64, static_groups=True, mse=True)).quantize(w, stats)
+    assert np.all(clipped.scales <= plain.scales) and np.mean(clipped.scales < plain.scales) > 0.5

@@ -1,7 +1,9 @@
-"""GPTQ on the shared `qbench.uniform_grid` helpers gives exactly the codes and scales of
-qbench-gptq 0.1.0, whose code is frozen below: committed leaderboard entries must re-verify with
-the same hypotheses, and GPTQ's error feedback would turn any rounding difference in the grid
-into different codes further along the row."""
+"""GPTQ on the shared `qbench.uniform_grid` helpers and the shared sweep
+`qbench.quant.error_feedback` gives exactly the codes and scales of qbench-gptq 0.1.0, whose code
+is frozen below, at 0.1.0's settings: the committed leaderboard entries were made with them, and
+GPTQ's error feedback would turn any rounding difference in the grid into different codes
+further along the row. 0.1.0 had neither `full_range` (its grid is `full_range=false`, no longer
+the default) nor `mse` (off, still the default)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,9 @@ from qbench import LayerStats  # noqa: E402
 from qbench.quant.apply import layer_stats  # noqa: E402
 
 GPTQ = qbench_gptq.GPTQQuantizer
+#: 0.1.0's settings of the knobs it did not have (its grid: restricted, no clipping search), and
+#: its act_order default, pinned so the comparison does not follow later defaults
+OLD_DEFAULTS = {"full_range": False, "mse": False, "act_order": False}
 
 
 def gptq_0_1_0(weight: np.ndarray, stats: LayerStats, cfg):
@@ -144,7 +149,7 @@ def problems() -> list[tuple[np.ndarray, LayerStats]]:
     ids=repr,
 )
 def test_codes_and_scales_are_bit_identical_to_0_1_0(problems, cfg: dict) -> None:
-    config = GPTQ.Config(**cfg)
+    config = GPTQ.Config(**{**OLD_DEFAULTS, **cfg})
     for w, stats in problems:
         qt = GPTQ(config).quantize(w, stats)
         codes, scales, zeros, g = gptq_0_1_0(w, stats, config)
@@ -161,6 +166,14 @@ def test_codes_and_scales_are_bit_identical_to_0_1_0(problems, cfg: dict) -> Non
 def test_the_frozen_reference_feeds_errors_back(problems) -> None:
     """Guards the comparison above: the reference is GPTQ, not plain rounding."""
     w, stats = problems[0]
-    cfg = GPTQ.Config(bits=3, group_size=None)
+    cfg = GPTQ.Config(bits=3, group_size=None, **OLD_DEFAULTS)
     identity = LayerStats(xtx=np.eye(w.shape[1]), n_rows=1)
     assert not np.array_equal(gptq_0_1_0(w, stats, cfg)[0], gptq_0_1_0(w, identity, cfg)[0])
+
+
+def test_the_new_default_grid_differs_from_0_1_0(problems) -> None:
+    """Guards the settings above: the default full-range grid gives other codes than 0.1.0's."""
+    w, stats = problems[0]
+    qt = GPTQ(GPTQ.Config(bits=3)).quantize(w, stats)
+    codes, scales, _, _ = gptq_0_1_0(w, stats, GPTQ.Config(bits=3, **OLD_DEFAULTS))
+    assert qt.codes.min() == -4 and not np.array_equal(qt.codes, codes)

@@ -1,0 +1,216 @@
+"""GPTQ's error feedback, shared by every plugin that rounds columns through the inverse Hessian.
+
+GPTQ (Frantar, Ashkboos, Hoefler, Alistarh, arXiv:2210.17323) quantizes the columns of a weight
+`W` `[out, in]` one at a time and spreads each column's rounding error over the columns not
+yet quantized, through the inverse Hessian of the layer's reconstruction loss
+`H = 2 X^T X / n`, so that the layer OUTPUT `X W^T` is kept rather than `W` itself. Nothing in
+that sweep depends on what the grid is, so the sweep lives here once and a plugin only says
+how to fit a grid to some columns and how to round one column to it (`ColumnGrid`): GPTQ on a
+uniform grid, rotated GPTQ (QuIP#/QuaRot: the same sweep on `W H` with `H^T X^T X H`) and
+ternary weights with error feedback all reuse it.
+
+The sweep follows the reference `GPTQ.fasterquant` (IST-DASLab/gptq, gptq.py; AutoGPTQ's
+auto_gptq/quantization/gptq.py is the same):
+
+1. dead inputs (`diag(H) == 0`) get `H_ii = 1` and their weights are zeroed;
+2. optional `act_order`: columns processed by descending `diag(H)`;
+3. dampening: `H += percdamp * mean(diag(H)) * I`;
+4. `Hinv` = upper Cholesky factor of `H^-1`;
+5. blocks of `block_size` columns: within a block, per-column rank-1 error updates; after the
+   block, one lazy batch update of all later columns (an exact reorganisation: block size
+   does not change the result beyond float rounding).
+
+Groups are consecutive input columns in the ORIGINAL order (the dequantization contract of
+`qbench.quant.contract`). Without `act_order` a group's grid is fitted when the sweep reaches
+its first column, to the weights as updated so far (the reference reads a copy that misses the
+in-block updates when a group starts inside a block; here those pending updates are applied
+first). With `static_groups`, or always with `act_order` (whose permutation would otherwise
+scatter a group's columns over the sweep), every group's grid is fitted before the sweep to
+the original weights, as the reference's `static_groups` does, so scales stay indexed by
+contiguous column groups and the codes are simply un-permuted afterwards.
+
+`UniformGrid` is the uniform grid of `qbench.uniform_grid` (restricted or full-range
+symmetric, or asymmetric with a zero point), with AutoGPTQ's optional MSE clipping search
+(auto_gptq/quantization/quantizer.py, `Quantizer.find_params` with `mse=True`): the range is
+shrunk by `p = 1 - i / grid` for `i < maxshrink * grid` and, per row of each group, the `p`
+with the least `sum |q(w) - w|^norm` is kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from qbench.quant.contract import LayerStats
+from qbench.quant.grids import column_groups, grid_codes, grid_values, uniform_grid
+
+#: `(scale, zero)` of one group: float64 `[rows]` (or `[1]`, shared by every row); zero None
+#: for grids without a zero point
+GroupGrid = tuple[np.ndarray, "np.ndarray | None"]
+
+
+class ColumnGrid(Protocol):
+    """What the sweep needs to know about a grid: fit it to a group, round a column onto it."""
+
+    def fit(self, w: np.ndarray) -> GroupGrid:
+        """The grid of one group, fitted to its columns `w` `[rows, k]` (float64)."""
+        ...
+
+    def round(self, w: np.ndarray, scale: np.ndarray, zero: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """`(codes, values)` of one column `w` `[rows]` on the group's grid: integer codes and
+        the float64 weights they stand for (the error fed back is `w - values`)."""
+        ...
+
+
+@dataclass(frozen=True)
+class MSEClip:
+    """AutoGPTQ's clipping search: shrink factors `1 - i / grid` for `i < maxshrink * grid`,
+    scored by `sum |q(w) - w|^norm` (norm 2.4 weighs large errors above the MSE's 2)."""
+
+    norm: float = 2.4
+    grid: int = 100
+    maxshrink: float = 0.8
+
+
+@dataclass(frozen=True)
+class UniformGrid:
+    """`qbench.uniform_grid` as a `ColumnGrid`, optionally with the MSE clipping search."""
+
+    bits: int
+    symmetric: bool = True
+    full_range: bool = False
+    mse: MSEClip | None = None
+
+    def fit(self, w: np.ndarray) -> GroupGrid:
+        scale, zero = uniform_grid(w, self.bits, self.symmetric, None, self.full_range)
+        scale = scale[:, 0]
+        zero = None if zero is None else zero[:, 0]
+        if self.mse is None:
+            return scale, zero
+        return self._shrink(w, scale, zero)
+
+    def _shrink(self, w: np.ndarray, scale: np.ndarray, zero: np.ndarray | None) -> GroupGrid:
+        # Shrinking [lo, hi] by p scales the step by p; the reference recomputes the zero point
+        # as round(-p lo / (p step)), which is the same integer, so only the scale moves.
+        best = np.full(w.shape[0], np.inf)
+        best_scale = scale.copy()
+        for i in range(int(self.mse.maxshrink * self.mse.grid)):
+            p = 1.0 - i / self.mse.grid
+            trial = p * scale
+            _, q = self.round(w, trial[:, None], None if zero is None else zero[:, None])
+            err = np.sum(np.abs(q - w) ** self.mse.norm, axis=1)
+            better = err < best  # strict: ties keep the wider range, as the reference does
+            best[better] = err[better]
+            best_scale[better] = trial[better]
+        return best_scale, zero
+
+    def round(self, w: np.ndarray, scale: np.ndarray, zero: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        codes = grid_codes(w, scale, zero, self.bits, self.full_range)
+        return codes, grid_values(codes, scale, zero)
+
+
+@dataclass
+class FeedbackResult:
+    """Codes in the original column order and the grid of every group.
+
+    codes       int16 `[out, in]`
+    scales      float64 `[out or 1, n_groups]`
+    zeros       same shape as `scales`, or None
+    group_size  None when one group spans the row (a `group_size >= in` is recorded so)
+    """
+
+    codes: np.ndarray
+    scales: np.ndarray
+    zeros: np.ndarray | None
+    group_size: int | None
+
+
+def gptq_hessian(stats: LayerStats) -> np.ndarray:
+    """GPTQ's `H = 2 X^T X / n` (float64) from the harness's calibration statistics."""
+    return 2.0 * np.asarray(stats.xtx, dtype=np.float64) / max(stats.n_rows, 1)
+
+
+def inverse_hessian_factor(h: np.ndarray) -> np.ndarray:
+    """Upper Cholesky factor `U` of `H^-1` (`H^-1 = U^T U`), as the reference computes it."""
+    lower = np.linalg.cholesky(h)
+    lower_inv = np.linalg.inv(lower)
+    h_inv = lower_inv.T @ lower_inv
+    h_inv = (h_inv + h_inv.T) / 2
+    return np.linalg.cholesky(h_inv).T
+
+
+def error_feedback_quantize(
+    weight: np.ndarray,
+    hessian: np.ndarray,
+    grid: ColumnGrid,
+    *,
+    group_size: int | None = None,
+    block_size: int = 128,
+    percdamp: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+) -> FeedbackResult:
+    """GPTQ's sweep of `weight` `[out, in]` over `grid`, with `hessian` `[in, in]` undamped.
+
+    `percdamp` dampens a copy of `hessian` (the caller's array is not changed); see the module
+    docstring for dead inputs, the order of columns and when each group's grid is fitted.
+    """
+    W = np.array(weight, dtype=np.float64)  # a copy: the sweep updates it in place
+    out_f, in_f = W.shape
+    H = np.array(hessian, dtype=np.float64)
+    if H.shape != (in_f, in_f):
+        raise ValueError(f"Hessian has shape {H.shape}, expected {(in_f, in_f)}")
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    g = group_size if group_size is not None and group_size < in_f else None
+    groups = column_groups(in_f, g)
+    static = g is None or static_groups or act_order
+    params: list[GroupGrid | None] = [grid.fit(W[:, cols]) for cols in groups] if static else [None] * len(groups)
+
+    if act_order:
+        perm = np.argsort(-np.diag(H), kind="stable")
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    else:
+        perm = np.arange(in_f)
+
+    H[np.diag_indices(in_f)] += percdamp * np.mean(np.diag(H))
+    try:
+        Hinv = inverse_hessian_factor(H)
+    except np.linalg.LinAlgError as exc:
+        raise ValueError(f"Hessian not positive definite ({exc}); increase percdamp") from None
+
+    codes = np.zeros((out_f, in_f), dtype=np.int16)
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        W1 = W[:, i1:i2].copy()
+        Err1 = np.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if not static and col % g == 0:
+                end = min(col + g, in_f)
+                current = W1[:, i : min(end, i2) - i1]
+                if end > i2:
+                    # Later blocks have not received this block's lazy update yet.
+                    pending = W[:, i2:end] - Err1[:, :i] @ Hinv[i1 : i1 + i, i2:end]
+                    current = np.hstack([current, pending])
+                params[col // g] = grid.fit(current)
+            scale, zero = params[0 if g is None else int(perm[col]) // g]  # type: ignore[misc]
+            w = W1[:, i]
+            c, q = grid.round(w, scale, zero)
+            codes[:, col] = c
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i:] -= np.outer(err, Hinv1[i, i:])
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    if act_order:
+        codes = codes[:, np.argsort(perm)]
+    scales = np.stack([np.asarray(p[0], dtype=np.float64) for p in params], axis=1)  # type: ignore[index]
+    zeros = None if params[0][1] is None else np.stack([np.asarray(p[1], dtype=np.float64) for p in params], axis=1)  # type: ignore[index]
+    return FeedbackResult(codes=codes, scales=scales, zeros=zeros, group_size=g)
