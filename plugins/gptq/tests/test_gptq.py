@@ -57,13 +57,14 @@ def rtn(w: np.ndarray, bits: int, group_size: int | None, symmetric: bool, full_
         dict(bits=3, group_size=64, full_range=True, mse=True),
         dict(bits=3, group_size=64, full_range=True, mse=True, act_order=True),
         dict(bits=3, group_size=64, symmetric=False, mse=True),
+        dict(bits=3, group_size=64, symmetric=False, act_order=True),
     ],
 )
 def test_gptq_beats_rtn_on_layer_output(problem, cfg: dict) -> None:
     w, x, stats = problem
-    qt = GPTQ(GPTQ.Config(**cfg)).quantize(w, stats)
+    c = GPTQ.Config(**{"symmetric": True, **cfg})  # the cases were written for the symmetric grid
+    qt = GPTQ(c).quantize(w, stats)
     e_gptq = output_error(w, dequantize(qt), x)
-    c = GPTQ.Config(**cfg)
     e_rtn = output_error(w, rtn(w, c.bits, c.group_size, c.symmetric, c.full_range and c.symmetric), x)
     assert e_gptq < 0.9 * e_rtn, (e_gptq, e_rtn)
 
@@ -71,9 +72,12 @@ def test_gptq_beats_rtn_on_layer_output(problem, cfg: dict) -> None:
 @pytest.mark.parametrize("act_order", [False, True])
 def test_codes_and_scales_follow_the_dequantize_contract(problem, act_order: bool) -> None:
     w, _, stats = problem
-    qt = GPTQ(GPTQ.Config(bits=4, group_size=64, act_order=act_order)).quantize(w, stats)
+    qt = GPTQ(GPTQ.Config(bits=4, group_size=64, symmetric=True, act_order=act_order)).quantize(w, stats)
     assert qt.codes.shape == w.shape and qt.scales.shape == (OUT, 3) and qt.group_size == 64
     assert qt.signed and qt.codes.min() >= -8 and qt.codes.max() <= 7  # the default full-range grid
+    default = GPTQ(GPTQ.Config(bits=4, group_size=64, act_order=act_order)).quantize(w, stats)
+    assert not default.signed and default.zeros.shape == (OUT, 3)  # asymmetric by default
+    assert default.codes.min() >= 0 and default.codes.max() <= 15
     if act_order:
         # static groups: scales are the plain per-group grid of the original columns
         np.testing.assert_allclose(qt.scales[:, 1], 2 * np.abs(w[:, 64:128]).max(axis=1) / 15, rtol=1e-6)
@@ -93,7 +97,7 @@ def test_identity_hessian_reduces_to_rtn() -> None:
     w = rng.normal(size=(8, 16)).astype(np.float32)
     stats = LayerStats(xtx=np.eye(16) * 5.0, n_rows=10)
     for full_range in (False, True):
-        qt = GPTQ(GPTQ.Config(bits=3, group_size=None, full_range=full_range)).quantize(w, stats)
+        qt = GPTQ(GPTQ.Config(bits=3, group_size=None, symmetric=True, full_range=full_range)).quantize(w, stats)
         np.testing.assert_allclose(dequantize(qt), rtn(w, 3, None, True, full_range), rtol=1e-6)
 
 
@@ -115,15 +119,16 @@ def test_needs_stats() -> None:
 
 def test_full_range_uses_every_code(problem) -> None:
     w, _, stats = problem
-    qt = GPTQ(GPTQ.Config(bits=3, group_size=64, full_range=True)).quantize(w, stats)
+    qt = GPTQ(GPTQ.Config(bits=3, group_size=64, symmetric=True, full_range=True)).quantize(w, stats)
     assert qt.signed and qt.codes.min() == -4 and qt.codes.max() == 3
-    restricted = GPTQ(GPTQ.Config(bits=3, group_size=64, full_range=False)).quantize(w, stats)
+    restricted = GPTQ(GPTQ.Config(bits=3, group_size=64, symmetric=True, full_range=False)).quantize(w, stats)
     assert restricted.codes.min() == -3 and restricted.codes.max() == 3
 
 
 def test_mse_shrinks_scales_below_the_max_based_grid(problem) -> None:
     # static groups: both grids are fitted to the same original weights before the sweep
     w, _, stats = problem
-    plain = GPTQ(GPTQ.Config(bits=3, group_size=64, static_groups=True)).quantize(w, stats)
-    clipped = GPTQ(GPTQ.Config(bits=3, group_size=64, static_groups=True, mse=True)).quantize(w, stats)
-    assert np.all(clipped.scales <= plain.scales) and np.mean(clipped.scales < plain.scales) > 0.5
+    for symmetric in (True, False):
+        plain = GPTQ(GPTQ.Config(bits=3, group_size=64, symmetric=symmetric, static_groups=True)).quantize(w, stats)
+        clipped = GPTQ(GPTQ.Config(bits=3, group_size=64, symmetric=symmetric, static_groups=True, mse=True)).quantize(w, stats)
+        assert np.all(clipped.scales <= plain.scales) and np.mean(clipped.scales < plain.scales) > 0.5

@@ -2,8 +2,8 @@
 `qbench.quant.error_feedback` gives exactly the codes and scales of qbench-gptq 0.1.0, whose code
 is frozen below, at 0.1.0's settings: the committed leaderboard entries were made with them, and
 GPTQ's error feedback would turn any rounding difference in the grid into different codes
-further along the row. 0.1.0 had neither `full_range` (its grid is `full_range=false`, no longer
-the default) nor `mse` (off, still the default)."""
+further along the row. 0.1.0 had neither `full_range` (its grid is `full_range=false`) nor `mse`
+(off, still the default), and its default grid was symmetric (0.2.0's is asymmetric)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from qbench import LayerStats  # noqa: E402
 from qbench.quant.apply import layer_stats  # noqa: E402
 
 GPTQ = qbench_gptq.GPTQQuantizer
-#: 0.1.0's settings of the knobs it did not have (its grid: restricted, no clipping search), and
-#: its act_order default, pinned so the comparison does not follow later defaults
-OLD_DEFAULTS = {"full_range": False, "mse": False, "act_order": False}
+#: 0.1.0's defaults (symmetric, restricted grid, no clipping search, no act_order), pinned so the
+#: comparison does not follow later defaults
+OLD_DEFAULTS = {"symmetric": True, "full_range": False, "mse": False, "act_order": False}
 
 
 def gptq_0_1_0(weight: np.ndarray, stats: LayerStats, cfg):
@@ -172,8 +172,8 @@ def test_the_frozen_reference_feeds_errors_back(problems) -> None:
 
 
 def test_the_new_default_grid_differs_from_0_1_0(problems) -> None:
-    """Guards the settings above: the default full-range grid gives other codes than 0.1.0's."""
+    """Guards the settings above: the full-range grid gives other codes than 0.1.0's."""
     w, stats = problems[0]
-    qt = GPTQ(GPTQ.Config(bits=3)).quantize(w, stats)
+    qt = GPTQ(GPTQ.Config(bits=3, symmetric=True)).quantize(w, stats)
     codes, scales, _, _ = gptq_0_1_0(w, stats, GPTQ.Config(bits=3, **OLD_DEFAULTS))
     assert qt.codes.min() == -4 and not np.array_equal(qt.codes, codes)

@@ -96,7 +96,7 @@ def test_lower_output_error_than_gptq_on_outlier_columns(bits: int) -> None:
     w, x, stats = outlier_problem()
     assert QuIP.Config().group_size == 128 and GPTQ.Config().group_size == 128  # the defaults agree too
     quip = QuIP(QuIP.Config(bits=bits, group_size=None)).quantize(w, stats)
-    gptq = GPTQ(GPTQ.Config(bits=bits, group_size=None, full_range=True)).quantize(w, stats)
+    gptq = GPTQ(GPTQ.Config(bits=bits, group_size=None, symmetric=True, full_range=True)).quantize(w, stats)
     e_quip, e_gptq = output_error(w, dequantize(quip), x), output_error(w, dequantize(gptq), x)
     assert e_quip < 0.8 * e_gptq, (e_quip, e_gptq)
 
