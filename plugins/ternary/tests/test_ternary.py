@@ -1,12 +1,16 @@
+import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 qbench_ternary = pytest.importorskip("qbench_ternary", reason="pip install -e plugins/ternary")
+from qbench import LayerStats, dequantize  # noqa: E402
+from qbench.plugin_manager import discover_quantizers, get_quantizer  # noqa: E402
+from qbench.quant.apply import layer_stats  # noqa: E402
 from qbench.quant.packing import pack_quantized  # noqa: E402
-from qbench.plugin_manager import get_quantizer  # noqa: E402
-from qbench import dequantize  # noqa: E402
 
 Ternary = qbench_ternary.TernaryQuantizer
 
@@ -69,3 +73,110 @@ def test_a_recorded_full_config_validates_again() -> None:
     # results record the whole config; `qbench verify` reruns from it
     for cfg in (Ternary.Config(), Ternary.Config(granularity="channel"), Ternary.Config(granularity="group", group_size=32)):
         assert Ternary.Config.model_validate(cfg.model_dump()) == cfg
+
+
+# -- ternary-gptq: the same grid with GPTQ's error feedback ------------------------------------
+
+TernaryGPTQ = qbench_ternary.TernaryGPTQQuantizer
+WAV2VEC2_FIXTURE = Path(__file__).resolve().parents[3] / "tests" / "fixtures" / "wav2vec2" / "wav2vec2-base-960h"
+
+
+def correlated_problem(seed: int = 0, out_f: int = 48, in_f: int = 160) -> tuple[np.ndarray, np.ndarray, LayerStats]:
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(in_f, in_f)) / np.sqrt(in_f)
+    x = (rng.normal(size=(1200, in_f)) @ mix + 0.2 * rng.normal(size=(1200, in_f))) * np.exp(rng.normal(scale=0.5, size=in_f))
+    w = rng.normal(size=(out_f, in_f))
+    x, w = x.astype(np.float32), w.astype(np.float32)
+    return w, x, layer_stats(x, in_f)
+
+
+def output_error(w: np.ndarray, wq: np.ndarray, x: np.ndarray) -> float:
+    return float(np.linalg.norm(x @ w.T - x @ wq.T) / np.linalg.norm(x @ w.T))
+
+
+def test_ternary_gptq_registered_and_calibrated() -> None:
+    entries, _ = discover_quantizers()
+    assert entries["ternary-gptq"].cls is TernaryGPTQ and entries["ternary-gptq"].needs_calibration
+    assert not entries["ternary"].needs_calibration and entries["ternary-gptq"].distribution == "qbench-ternary"
+
+
+def test_error_feedback_by_hand() -> None:
+    # one row [0.9, 0.2], gamma = mean|w| = 0.55 (per tensor), H = [[2, 1], [1, 2]], no damping:
+    # column 0: 0.9 / 0.55 = 1.64 -> code 1 (value 0.55), error 0.35; column 1 gets
+    # 0.35 * H01 / H11 = 0.175: 0.375 / 0.55 = 0.68 -> code 1, where plain absmean gives 0.
+    w = np.array([[0.9, 0.2]], np.float32)
+    stats = LayerStats(xtx=np.array([[2.0, 1.0], [1.0, 2.0]]) / 2, n_rows=1)  # H = 2 xtx / n
+    qt = TernaryGPTQ(TernaryGPTQ.Config(percdamp=0.0)).quantize(w, stats)
+    assert qt.codes.tolist() == [[1, 1]] and qt.scales.shape == (1, 1)
+    assert qt.scales[0, 0] == pytest.approx(0.55)
+    assert Ternary().quantize(w, None).codes.tolist() == [[1, 0]]
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
+def test_identity_hessian_gives_plain_absmean(granularity: str) -> None:
+    w, _, _ = correlated_problem(1)
+    kw = dict(granularity=granularity) | (dict(group_size=32) if granularity == "group" else {})
+    plain = Ternary(Ternary.Config(**kw)).quantize(w, None)
+    ef = TernaryGPTQ(TernaryGPTQ.Config(**kw, static_groups=True)).quantize(w, LayerStats(xtx=np.eye(160), n_rows=2))
+    np.testing.assert_array_equal(ef.codes, plain.codes)
+    np.testing.assert_allclose(ef.scales, plain.scales, rtol=1e-6)
+    assert ef.group_size == plain.group_size and ef.packing == plain.packing == "trit5"
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(granularity="tensor"), dict(granularity="channel"), dict(granularity="group", group_size=32),
+     dict(granularity="group", group_size=32, static_groups=True), dict(granularity="channel", act_order=True)],
+    ids=repr,
+)
+def test_error_feedback_lowers_calibration_output_error(kw: dict) -> None:
+    w, x, stats = correlated_problem()
+    base = {k: v for k, v in kw.items() if k in ("granularity", "group_size")}
+    plain = dequantize(Ternary(Ternary.Config(**base)).quantize(w, None))
+    qt = TernaryGPTQ(TernaryGPTQ.Config(**kw)).quantize(w, stats)
+    assert set(np.unique(qt.codes).tolist()) <= {-1, 0, 1}
+    e_ef, e_plain = output_error(w, dequantize(qt), x), output_error(w, plain, x)
+    assert e_ef < 0.92 * e_plain, (e_ef, e_plain)  # the grid is coarse: error feedback helps less than at 3 bits
+
+
+def test_ternary_gptq_needs_stats_and_validates_config_again() -> None:
+    with pytest.raises(ValueError, match="calibration"):
+        TernaryGPTQ().quantize(np.ones((2, 2), np.float32), None)
+    with pytest.raises(ValueError):
+        TernaryGPTQ.Config(granularity="channel", group_size=64)
+    cfg = TernaryGPTQ.Config(granularity="group", group_size=64, act_order=True)
+    assert TernaryGPTQ.Config.model_validate(cfg.model_dump()) == cfg
+
+
+@pytest.fixture(scope="module")
+def seeded_base_dir(tmp_path_factory) -> Path:
+    """A seeded, shrunk Wav2Vec2ForCTC directory (the pattern of tests/test_wav2vec2_run.py)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = json.loads((WAV2VEC2_FIXTURE / "config.json").read_text())
+    config.update(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128,
+                  num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, conv_dim=[32] * 7)
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(**config)).eval()
+    directory = tmp_path_factory.mktemp("w2v2")
+    model.save_pretrained(directory)
+    shutil.copy(WAV2VEC2_FIXTURE / "vocab.json", directory / "vocab.json")
+    return directory
+
+
+def test_ternary_gptq_wav2vec2_run_end_to_end(seeded_base_dir: Path, tmp_path: Path) -> None:
+    from qbench.cli import main
+    from qbench.data.librispeech import DataNotFoundError, find_data_dir
+
+    try:
+        data_dir = find_data_dir(None, "test-clean")
+    except DataNotFoundError as exc:
+        pytest.skip(f"shared LibriSpeech sample not found: {exc}")
+    out = tmp_path / "r.json"
+    argv = ["run", "--model", "wav2vec2-base-960h", "--weights", str(seeded_base_dir), "--limit", "1",
+            "--data-dir", str(data_dir), "--device", "none", "--threads", "1", "--calibration-limit", "2",
+            "-o", str(out), "-q", "--plugin", "ternary-gptq", "--set", "granularity=channel"]
+    assert main(argv) == 0
+    r = json.loads(out.read_text())
+    assert r["status"] == "complete" and r["quantization"]["quantizer"] == "ternary-gptq"
+    assert r["metrics"]["model_bytes"] < r["quantization"]["float_model_bytes"]
