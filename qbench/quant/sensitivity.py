@@ -200,7 +200,8 @@ def draw_heatmap(table: SensitivityTable, path: Path) -> Path:
     im = ax.imshow(np.log10(grid), aspect="auto", cmap="magma_r")
     ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=8)
     ax.set_yticks(range(len(names)), names, fontsize=7)
-    ax.set_title(f"{table.model}: KL of quantizing one layer alone ({table.subset}, {len(table.utterance_ids)} utt.)", fontsize=9)
+    ax.set_title(f"{table.model}: KL of quantizing one layer alone\n({table.subset}, {len(table.utterance_ids)} utterances)",
+                 fontsize=9)
     fig.colorbar(im, ax=ax, label="log10 KL (nats / position)")
     fig.tight_layout()
     path = Path(path)
