@@ -12,7 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 #: what running must not pull in (each is hundreds of MB, or a GPU build)
-HEAVY = {"torch", "transformers", "ctranslate2", "faster-whisper", "onnxruntime", "matplotlib"}
+HEAVY = {"torch", "transformers", "ctranslate2", "faster-whisper", "onnxruntime", "matplotlib", "scipy"}
 
 
 def quick_start() -> list[str]:
@@ -53,7 +53,8 @@ def test_what_running_installs_holds_nothing_heavy():
         wanted = project["dependencies"] + [r for e in extras.rstrip("]").split(",") if e
                                             for r in project["optional-dependencies"][e]]
         todo += [(Requirement(r).name.lower().replace("_", "-"), set(Requirement(r).extras)) for r in wanted]
-    assert projects == {"qbench", "qbench-rtn", "qbench-gptq", "qbench-ternary", "qbench-logscale"}
+    assert projects == {"qbench", "qbench-rtn", "qbench-gptq", "qbench-ternary", "qbench-logscale", "qbench-hqq",
+                        "qbench-nonuniform", "qbench-awq", "qbench-quip"}
 
     seen: set[str] = set()
     while todo:
@@ -75,14 +76,14 @@ def test_what_running_installs_holds_nothing_heavy():
     assert not seen & HEAVY, sorted(seen & HEAVY)
 
 
-def test_the_heavy_packages_are_only_in_test_reference_and_leaderboard_extras():
+def test_the_heavy_packages_are_only_in_test_reference_leaderboard_and_mixed_extras():
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert not {_name(r) for r in project["dependencies"]} & HEAVY
     extras = project["optional-dependencies"]
     for extra, requirements in extras.items():
         heavy = {_name(r) for r in requirements} & HEAVY
-        assert extra in {"test", "reference", "leaderboard"} or not heavy, (extra, heavy)
+        assert extra in {"test", "reference", "leaderboard", "mixed"} or not heavy, (extra, heavy)
     assert "torch==2.13.0" in extras["reference"]  # pinned: an unpinned torch is the CUDA build
 
 

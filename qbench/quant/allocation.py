@@ -39,7 +39,10 @@ class Allocation(BaseModel):
 def solve_allocation(damage: np.ndarray, sizes: np.ndarray, capacity: float) -> np.ndarray:
     """Index of the chosen option per row minimising `sum damage` with `sum sizes <= capacity`
     (`damage`, `sizes`: `[layers, options]`; an infinite damage marks an option unavailable)."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
+    try:
+        from scipy.optimize import Bounds, LinearConstraint, milp
+    except ImportError:
+        raise AllocationError("the bit allocation needs scipy's integer-program solver: pip install 'qbench[mixed]'") from None
 
     n, k = damage.shape
     usable = np.isfinite(damage)
