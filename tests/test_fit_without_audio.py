@@ -91,10 +91,12 @@ def test_sizes_equal_a_calibrated_run_layer_by_layer_but_codes_do_not(small, cal
 
 
 def test_neutral_statistics_make_gptq_round_to_nearest(small) -> None:
-    """With x^T x = I GPTQ feeds no error back: its codes are RTN's on the same grid."""
+    """With x^T x = I GPTQ feeds no error back: its codes are RTN's on the same grid (RTN's
+    symmetric restricted grid, which gptq 0.2 keeps as an option)."""
     gptq, rtn = get_quantizer("gptq"), pytest.importorskip("qbench_rtn").RTNQuantizer
     w = small.store.matrix("encoder.blocks.1.mlp.fc2")
-    g = gptq(gptq.Config(bits=3, group_size=16)).quantize(w, neutral_layer_stats(w.shape[1]))
+    same_grid = gptq.Config(bits=3, group_size=16, symmetric=True, full_range=False)
+    g = gptq(same_grid).quantize(w, neutral_layer_stats(w.shape[1]))
     r = rtn(rtn.Config(bits=3, group_size=16)).quantize(w, None)
     np.testing.assert_array_equal(g.codes, r.codes)
     np.testing.assert_array_equal(g.scales, r.scales)
