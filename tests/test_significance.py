@@ -31,7 +31,7 @@ from qbench.leaderboard.significance import (
 
 COMMITTED = Path(__file__).resolve().parents[1] / "leaderboards" / "whisper-tiny.en" / "test-clean"
 RTN8 = "rtn-bits8-group_size128-symmetrictrue.json"
-RTN4 = "rtn-bits4-group_size128-symmetrictrue.json"
+RTN4 = "nf4-bits4-group_size64.json"  # a committed 4-bit entry
 
 
 @dataclass(frozen=True)
@@ -262,9 +262,9 @@ def test_the_page_shows_the_difference_to_the_float_baseline_and_marks_noise(boa
     assert not close_diff.significant and worse_diff.significant
     assert close[delta] == md(wer_points(close_diff)) and close[delta].endswith(" (n.s.)")
     assert worse[delta] == md(wer_points(worse_diff)) and "(n.s.)" not in worse[delta]
-    # one error more on each of 200 utterances: the WER points, and every resample, move by 100 * 200 / words
-    words = entries["fp"].subsets["test-clean"].words
-    assert worse[delta].startswith(f"+{100 * 200 / words:.2f} \\[+")
+    # one error more on each of n utterances: the WER points, and every resample, move by 100 * n / words
+    words, n = entries["fp"].subsets["test-clean"].words, len(entries["fp"].utterances)
+    assert worse[delta].startswith(f"+{100 * n / words:.2f} \\[+")
     assert "paired bootstrap over utterances (10,000 resamples, seed 0" in page
     assert "(n.s.) marks a difference whose interval includes 0" in page
     # the speaker-level interval, in the detail list under the table
