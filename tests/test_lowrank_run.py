@@ -9,29 +9,11 @@ base-960h config, shrunk (no real wav2vec2 checkpoint can be downloaded here).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from qbench.cli import main
-
-FIXTURE = Path(__file__).parent / "fixtures" / "wav2vec2" / "wav2vec2-base-960h"
-
-
-@pytest.fixture(scope="module")
-def seeded_wav2vec2(tmp_path_factory) -> Path:
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    config = json.loads((FIXTURE / "config.json").read_text())
-    config.update(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128,
-                  num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, conv_dim=[32] * 7)
-    torch.manual_seed(0)
-    model = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(**config)).eval()
-    directory = tmp_path_factory.mktemp("w2v2")
-    model.save_pretrained(directory)
-    shutil.copy(FIXTURE / "vocab.json", directory / "vocab.json")
-    return directory
 
 
 def _run(argv: list[str], out: Path) -> dict:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,8 +27,6 @@ from qbench.quant.sensitivity import (
     parse_candidate,
     read_table,
 )
-
-FIXTURE = Path(__file__).parent / "fixtures" / "wav2vec2" / "wav2vec2-base-960h"
 
 
 def brute_force(damage: np.ndarray, sizes: np.ndarray, capacity: float) -> float:
@@ -118,19 +114,6 @@ def test_whisper_teacher_forced_distributions_reuse_a_float_encoder_exactly(tiny
     np.testing.assert_allclose(np.exp(first).sum(axis=1), 1.0, rtol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def seeded_wav2vec2(tmp_path_factory) -> Path:
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    config = json.loads((FIXTURE / "config.json").read_text())
-    config.update(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128,
-                  num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, conv_dim=[32] * 7)
-    torch.manual_seed(0)
-    model = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(**config)).eval()
-    directory = tmp_path_factory.mktemp("w2v2")
-    model.save_pretrained(directory)
-    shutil.copy(FIXTURE / "vocab.json", directory / "vocab.json")
-    return directory
 
 
 def test_sensitivity_optimize_and_run_the_plan_on_wav2vec2(seeded_wav2vec2, data_dir, tmp_path):

@@ -11,29 +11,17 @@ pipeline is real.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from qbench.cli import main
 
-FIXTURE = Path(__file__).parent / "fixtures" / "wav2vec2" / "wav2vec2-base-960h"
 
-
-@pytest.fixture(scope="module")
-def seeded_base_dir(tmp_path_factory) -> Path:
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    config = json.loads((FIXTURE / "config.json").read_text())
-    config.update(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128,
-                  num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, conv_dim=[32] * 7)
-    torch.manual_seed(0)
-    model = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(**config)).eval()
-    directory = tmp_path_factory.mktemp("w2v2")
-    model.save_pretrained(directory)
-    shutil.copy(FIXTURE / "vocab.json", directory / "vocab.json")
-    return directory
+@pytest.fixture
+def seeded_base_dir(seeded_wav2vec2: Path) -> Path:
+    """The shared seeded wav2vec2 directory (root conftest.py)."""
+    return seeded_wav2vec2
 
 
 @pytest.mark.parametrize("plugin", [None, ["--plugin", "rtn", "--set", "bits=8"], ["--plugin", "gptq", "--set", "bits=4",

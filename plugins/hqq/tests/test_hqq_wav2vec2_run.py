@@ -6,7 +6,6 @@ LibriSpeech sample."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,8 +13,6 @@ import pytest
 pytest.importorskip("qbench_hqq", reason="pip install -e plugins/hqq")
 from qbench.cli import main
 from qbench.data.librispeech import DataNotFoundError, find_data_dir
-
-FIXTURE = Path(__file__).resolve().parents[3] / "tests" / "fixtures" / "wav2vec2" / "wav2vec2-base-960h"
 
 
 @pytest.fixture(scope="module")
@@ -26,21 +23,10 @@ def data_dir() -> Path:
         pytest.skip(f"shared LibriSpeech sample not found: {exc}")
 
 
-@pytest.fixture(scope="module")
-def seeded_base_dir(tmp_path_factory) -> Path:
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    if not FIXTURE.is_dir():
-        pytest.skip(f"wav2vec2 config fixture not found at {FIXTURE}")
-    config = json.loads((FIXTURE / "config.json").read_text())
-    config.update(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128,
-                  num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, conv_dim=[32] * 7)
-    torch.manual_seed(0)
-    model = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(**config)).eval()
-    directory = tmp_path_factory.mktemp("w2v2")
-    model.save_pretrained(directory)
-    shutil.copy(FIXTURE / "vocab.json", directory / "vocab.json")
-    return directory
+@pytest.fixture
+def seeded_base_dir(seeded_wav2vec2: Path) -> Path:
+    """The shared seeded wav2vec2 directory (root conftest.py)."""
+    return seeded_wav2vec2
 
 
 def test_hqq_wav2vec2_run(seeded_base_dir, data_dir, tmp_path) -> None:

@@ -4,7 +4,6 @@ wav2vec2 weights (the pattern of tests/test_wav2vec2_run.py)."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,6 @@ qbench_nonuniform = pytest.importorskip("qbench_nonuniform", reason="pip install
 from qbench.cli import main  # noqa: E402
 from qbench.data.librispeech import DataNotFoundError, find_data_dir  # noqa: E402
 from qbench.plugin_manager import discover_quantizers, get_quantizer, plugin_load_errors  # noqa: E402
-
-FIXTURE = Path(__file__).parents[3] / "tests" / "fixtures" / "wav2vec2" / "wav2vec2-base-960h"
 
 
 def test_discovered_through_their_entry_points() -> None:
@@ -34,19 +31,10 @@ def data_dir() -> Path:
         pytest.skip(f"shared LibriSpeech sample not found: {exc}")
 
 
-@pytest.fixture(scope="module")
-def seeded_base_dir(tmp_path_factory) -> Path:
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    config = json.loads((FIXTURE / "config.json").read_text())
-    config.update(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128,
-                  num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, conv_dim=[32] * 7)
-    torch.manual_seed(0)
-    model = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(**config)).eval()
-    directory = tmp_path_factory.mktemp("w2v2")
-    model.save_pretrained(directory)
-    shutil.copy(FIXTURE / "vocab.json", directory / "vocab.json")
-    return directory
+@pytest.fixture
+def seeded_base_dir(seeded_wav2vec2: Path) -> Path:
+    """The shared seeded wav2vec2 directory (root conftest.py)."""
+    return seeded_wav2vec2
 
 
 @pytest.mark.parametrize("plugin", [["--plugin", "nf4", "--set", "bits=4"],

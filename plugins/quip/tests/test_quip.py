@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,6 @@ from qbench.quant.hadamard import hadamard_transform, random_signs  # noqa: E402
 
 QuIP = qbench_quip.QuIPQuantizer
 GPTQ = qbench_gptq.GPTQQuantizer
-WAV2VEC2_FIXTURE = Path(__file__).resolve().parents[3] / "tests" / "fixtures" / "wav2vec2" / "wav2vec2-base-960h"
 
 
 def dense_h(signs: np.ndarray) -> np.ndarray:
@@ -108,20 +106,10 @@ def test_needs_stats() -> None:
         QuIP().quantize(np.ones((2, 4), np.float32), LayerStats(xtx=np.eye(3), n_rows=1))
 
 
-@pytest.fixture(scope="module")
-def seeded_base_dir(tmp_path_factory) -> Path:
-    """A seeded, shrunk Wav2Vec2ForCTC directory (the pattern of tests/test_wav2vec2_run.py)."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    config = json.loads((WAV2VEC2_FIXTURE / "config.json").read_text())
-    config.update(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128,
-                  num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, conv_dim=[32] * 7)
-    torch.manual_seed(0)
-    model = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(**config)).eval()
-    directory = tmp_path_factory.mktemp("w2v2")
-    model.save_pretrained(directory)
-    shutil.copy(WAV2VEC2_FIXTURE / "vocab.json", directory / "vocab.json")
-    return directory
+@pytest.fixture
+def seeded_base_dir(seeded_wav2vec2: Path) -> Path:
+    """The shared seeded wav2vec2 directory (root conftest.py)."""
+    return seeded_wav2vec2
 
 
 def test_wav2vec2_run_end_to_end(seeded_base_dir: Path, tmp_path: Path) -> None:

@@ -1,6 +1,5 @@
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +77,6 @@ def test_a_recorded_full_config_validates_again() -> None:
 # -- ternary-gptq: the same grid with GPTQ's error feedback ------------------------------------
 
 TernaryGPTQ = qbench_ternary.TernaryGPTQQuantizer
-WAV2VEC2_FIXTURE = Path(__file__).resolve().parents[3] / "tests" / "fixtures" / "wav2vec2" / "wav2vec2-base-960h"
 
 
 def correlated_problem(seed: int = 0, out_f: int = 48, in_f: int = 160) -> tuple[np.ndarray, np.ndarray, LayerStats]:
@@ -148,20 +146,10 @@ def test_ternary_gptq_needs_stats_and_validates_config_again() -> None:
     assert TernaryGPTQ.Config.model_validate(cfg.model_dump()) == cfg
 
 
-@pytest.fixture(scope="module")
-def seeded_base_dir(tmp_path_factory) -> Path:
-    """A seeded, shrunk Wav2Vec2ForCTC directory (the pattern of tests/test_wav2vec2_run.py)."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    config = json.loads((WAV2VEC2_FIXTURE / "config.json").read_text())
-    config.update(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128,
-                  num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, conv_dim=[32] * 7)
-    torch.manual_seed(0)
-    model = transformers.Wav2Vec2ForCTC(transformers.Wav2Vec2Config(**config)).eval()
-    directory = tmp_path_factory.mktemp("w2v2")
-    model.save_pretrained(directory)
-    shutil.copy(WAV2VEC2_FIXTURE / "vocab.json", directory / "vocab.json")
-    return directory
+@pytest.fixture
+def seeded_base_dir(seeded_wav2vec2: Path) -> Path:
+    """The shared seeded wav2vec2 directory (root conftest.py)."""
+    return seeded_wav2vec2
 
 
 def test_ternary_gptq_wav2vec2_run_end_to_end(seeded_base_dir: Path, tmp_path: Path) -> None:
