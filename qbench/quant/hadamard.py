@@ -49,34 +49,31 @@ def _butterflies(y: np.ndarray, block: int) -> np.ndarray:
     return y
 
 
-def hadamard_transform(x: np.ndarray, signs: np.ndarray) -> np.ndarray:
-    """`x @ H` over the last axis of `x` (float32 stays float32, float64 stays float64)."""
+def _as_input(x: np.ndarray, signs: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """`x` as a floating array, the signs checked against its last axis, and the block size."""
     x = np.asarray(x)
     if not np.issubdtype(x.dtype, np.floating):
         x = x.astype(np.float32)
-    n = x.shape[-1]
     signs = np.asarray(signs)
-    if signs.shape != (n,):
-        raise ValueError(f"{signs.size} signs for an input of {n} features")
-    block = hadamard_block(n)
-    y = _butterflies(x * signs.astype(x.dtype), block)
+    if signs.shape != (x.shape[-1],):
+        raise ValueError(f"{signs.size} signs for an input of {x.shape[-1]} features")
+    return x, signs.astype(x.dtype), hadamard_block(x.shape[-1])
+
+
+def hadamard_transform(x: np.ndarray, signs: np.ndarray) -> np.ndarray:
+    """`x @ H` over the last axis of `x` (float32 stays float32, float64 stays float64)."""
+    x, d, block = _as_input(x, signs)
+    y = _butterflies(x * d, block)
     y *= x.dtype.type(1.0 / math.sqrt(block))
     return y
 
 
 def inverse_hadamard_transform(y: np.ndarray, signs: np.ndarray) -> np.ndarray:
     """`y @ H^T` over the last axis: undoes `hadamard_transform` (S_b is symmetric)."""
-    y = np.asarray(y)
-    if not np.issubdtype(y.dtype, np.floating):
-        y = y.astype(np.float32)
-    n = y.shape[-1]
-    signs = np.asarray(signs)
-    if signs.shape != (n,):
-        raise ValueError(f"{signs.size} signs for an input of {n} features")
-    block = hadamard_block(n)
+    y, d, block = _as_input(y, signs)
     out = _butterflies(y, block)
     out *= y.dtype.type(1.0 / math.sqrt(block))
-    out *= signs.astype(out.dtype)
+    out *= d
     return out
 
 
