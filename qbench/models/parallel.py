@@ -74,6 +74,12 @@ def _blas_controller() -> ThreadpoolController:
     return ThreadpoolController()
 
 
+def refresh_blas_libraries() -> None:
+    """Look for BLAS libraries again at the next cap: call it after importing a package that
+    brings its own (scipy ships an OpenBLAS of its own), so that one is capped too."""
+    _blas_controller.cache_clear()
+
+
 @contextmanager
 def blas_threads_at_most(n: int) -> Iterator[None]:
     """Cap the BLAS thread pool at `n` inside the block (never raises it)."""

@@ -19,6 +19,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from qbench.errors import QBenchError
+from qbench.models.parallel import refresh_blas_libraries
 from qbench.quant.plan import PlanRule, QuantizationPlan
 from qbench.quant.sensitivity import SensitivityTable
 
@@ -43,6 +44,8 @@ def solve_allocation(damage: np.ndarray, sizes: np.ndarray, capacity: float) -> 
         from scipy.optimize import Bounds, LinearConstraint, milp
     except ImportError:
         raise AllocationError("the bit allocation needs scipy's integer-program solver: pip install 'qbench[mixed]'") from None
+    # scipy loads its own OpenBLAS: the thread caps of later model runs must see it as well
+    refresh_blas_libraries()
 
     n, k = damage.shape
     usable = np.isfinite(damage)
