@@ -231,6 +231,9 @@ def render_markdown(entries: list[LeaderboardEntry]) -> str:
             for rank, e in enumerate(sorted(by_class.get(cls, []), key=lambda e: (e.wer, e.model_bytes, e.label)), 1):
                 q = e.quantizer
                 name = f"{q.name} ({q.distribution or '?'} {q.distribution_version or ''})".strip() if q else "float baseline"
+                if q is not None and q.plan_quantizers is not None:
+                    name = f"plan (qbench {q.version}; " + ", ".join(
+                        f"{p.distribution or p.name} {p.distribution_version or p.version}" for p in q.plan_quantizers) + ")"
                 bits = f"{q.mean_bits_per_weight:.2f}" if q else "16"
                 rel = f"{model}/{subset}/{e.label}.json"
                 fits = ", ".join(e.devices_fitted) or "none"
