@@ -656,11 +656,11 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     code = main(argv + (["--quiet"] if args.quiet else []))
     if code != 0:
         return code
-    measured = json.loads(output.read_text())["metrics"]["wer"]
+    metrics = json.loads(output.read_text())["metrics"]
     show_table(f"plan {name}: predicted and measured", ["", "WER %"], [
         [f"predicted ({table.subset}, from summed KL)", f"{100 * predicted:.2f}"],
         [f"float ({table.subset}, measured utterances)", f"{100 * table.float_wer:.2f}"],
-        [f"measured ({args.subset}, {json.loads(output.read_text())['metrics']['utterances']} utterances)", f"{100 * measured:.2f}"],
+        [f"measured ({args.subset}, {metrics['utterances']} utterances)", f"{100 * metrics['wer']:.2f}"],
     ], left_columns=1)
     return 0
 

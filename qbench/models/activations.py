@@ -106,6 +106,14 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return x
 
 
+def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Log-probabilities of logits `x`, computed in float64 (differences of near-equal logits
+    matter for KL divergences) and returned as float32; `x` is not modified."""
+    z = np.asarray(x, dtype=np.float64)
+    z = z - z.max(axis=axis, keepdims=True)
+    return (z - np.log(np.exp(z).sum(axis=axis, keepdims=True))).astype(np.float32)
+
+
 def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float = 1e-5) -> np.ndarray:
     """LayerNorm over the last axis."""
     mean = x.mean(axis=-1, keepdims=True)

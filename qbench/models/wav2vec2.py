@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from qbench.models.activations import GELU_SCRATCH_BYTES, gelu, layer_norm
+from qbench.models.activations import GELU_SCRATCH_BYTES, gelu, layer_norm, log_softmax
 from qbench.models.attention import QUERY_BLOCK, score_block_bytes, split_heads
 from qbench.models.parallel import compute_threads, parallel_map
 from qbench.models.weight_store import WeightInfo, WeightStore
@@ -252,9 +252,7 @@ class Wav2Vec2:
         return [None for _ in audios]  # CTC: every frame's distribution is scored as it is
 
     def output_log_probs(self, audios: list[np.ndarray], targets: list[None], cache: dict | None = None) -> np.ndarray:
-        z = np.concatenate([self.logits(audio) for audio in audios], axis=0).astype(np.float64)
-        z -= z.max(axis=1, keepdims=True)
-        return (z - np.log(np.exp(z).sum(axis=1, keepdims=True))).astype(np.float32)
+        return log_softmax(np.concatenate([self.logits(audio) for audio in audios], axis=0), axis=1)
 
     @property
     def fit_audio(self) -> str:

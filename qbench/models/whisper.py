@@ -29,7 +29,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from qbench.models.activations import gelu, layer_norm
+from qbench.models.activations import gelu, layer_norm, log_softmax
 from qbench.models.attention import score_block_bytes, split_heads
 from qbench.models.parallel import blas_threads_at_most, compute_threads, parallel_map
 from qbench.models.tokenizer import WhisperVocabulary
@@ -565,31 +565,33 @@ class Whisper:
         return greedy_decode(float_model.store, self.dims, self.vocab, mels)
 
     def output_log_probs(self, audios: list[np.ndarray], targets: list[list[int]], cache: dict | None = None) -> np.ndarray:
-        mels = np.stack([w for audio in audios for w in audio_windows(audio, self.dims.n_mels, self.mel_padding)])
-        features = None
+        cache = {} if cache is None else cache
+        mels = cache.get("mels")
+        if mels is None:
+            mels = cache["mels"] = np.stack([w for a in audios for w in audio_windows(a, self.dims.n_mels, self.mel_padding)])
         packed = getattr(self.store, "packed", None) or {}
+        # a store whose encoder is float encodes exactly as the float model: encode once
         float_encoder = not any(name.startswith("encoder.") for name in packed)
-        if cache is not None and float_encoder:
-            # a store whose encoder is float encodes exactly as the float model: encode once
-            features = cache.get("float_encoder_features")
+        features = cache.get("float_encoder_features") if float_encoder else None
         if features is None:
             features = encode(self.store, self.dims, mels)
-            if cache is not None and float_encoder:
+            if float_encoder:
                 cache["float_encoder_features"] = features
-        prompt = self.vocab.sot_sequence()
-        sequences = [prompt + ids + [self.vocab.eot] for ids in targets]
-        width = max(len(s) for s in sequences)
-        tokens = np.full((len(sequences), width), self.vocab.eot, dtype=np.int64)
-        for row, seq in enumerate(sequences):
-            tokens[row, : len(seq)] = seq
-        state = start_decoder(self.store, self.dims, features)
-        logits = output_logits(self.store, decode_step(self.store, self.dims, tokens, state))
+        tokens, lengths = self._teacher_forced_tokens(targets)
+        logits = output_logits(self.store, decode_step(self.store, self.dims, tokens, start_decoder(self.store, self.dims, features)))
         # the positions that predict a target token or the end of text: from the prompt's last
         # token to the one before end of text
-        rows = [logits[i, len(prompt) - 1 : len(seq) - 1] for i, seq in enumerate(sequences)]
-        z = np.concatenate(rows, axis=0).astype(np.float64)
-        z -= z.max(axis=1, keepdims=True)
-        return (z - np.log(np.exp(z).sum(axis=1, keepdims=True))).astype(np.float32)
+        start = len(self.vocab.sot_sequence()) - 1
+        return log_softmax(np.concatenate([logits[i, start : n - 1] for i, n in enumerate(lengths)], axis=0), axis=1)
+
+    def _teacher_forced_tokens(self, targets: list[list[int]]) -> tuple[np.ndarray, list[int]]:
+        """`[windows, width]` prompt + target + end-of-text rows, padded with end-of-text (padded
+        positions only ever attend to real ones: causal mask), and each row's real length."""
+        sequences = [self.vocab.sot_sequence() + ids + [self.vocab.eot] for ids in targets]
+        tokens = np.full((len(sequences), max(len(s) for s in sequences)), self.vocab.eot, dtype=np.int64)
+        for row, seq in enumerate(sequences):
+            tokens[row, : len(seq)] = seq
+        return tokens, [len(s) for s in sequences]
 
     def calibration_forward(self, audios: list[np.ndarray]) -> None:
         """Encoder on every calibration window, then the decoder teacher-forced on the model's
@@ -603,13 +605,7 @@ class Whisper:
         windows = [w for audio in audios for w in audio_windows(audio, self.dims.n_mels, self.mel_padding)]
         mels = np.stack(windows)
         targets = greedy_decode(float_model.store, self.dims, self.vocab, mels)
-        prompt = self.vocab.sot_sequence()
-        sequences = [prompt + ids + [self.vocab.eot] for ids in targets]
-        width = max(len(s) for s in sequences)
-        # pad with end-of-text: padded positions only ever attend to real ones (causal mask)
-        tokens = np.full((len(sequences), width), self.vocab.eot, dtype=np.int64)
-        for row, seq in enumerate(sequences):
-            tokens[row, : len(seq)] = seq
+        tokens, _ = self._teacher_forced_tokens(targets)
         features = encode(self.store, self.dims, mels)
         state = start_decoder(self.store, self.dims, features)
         hidden = decode_step(self.store, self.dims, tokens, state)
