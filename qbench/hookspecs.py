@@ -25,6 +25,7 @@ from qbench.hook_markers import hookspec
 if TYPE_CHECKING:
     from qbench.checkpoints.card import ModelCard
     from qbench.embedded.profile import DeviceProfile
+    from qbench.quant.activation_scheme import ActivationQuantizer
     from qbench.quant.contract import Quantizer
 
 
@@ -40,6 +41,22 @@ def qbench_register_quantizers() -> list[type[Quantizer]]:
     rejected. Keep this hook cheap and side-effect free: it is called once per process, when
     qbench first lists or looks up quantizers. An exception raised here is reported under the
     plugin's name and does not prevent other plugins from loading.
+    """
+
+
+@hookspec
+def qbench_register_activation_schemes() -> list[type[ActivationQuantizer]]:
+    """Return the `qbench.quant.activation_scheme.ActivationQuantizer` subclasses this plugin
+    provides: activation schemes `qbench run --act NAME` combines with any weight quantizer.
+
+    A scheme is data the harness executes: `scheme()` returns an `ActivationScheme` (bits, per
+    token or per tensor, symmetric or not, rounding, dynamic or static), and no plugin code runs
+    while the model is evaluated. A static scheme also implements `calibrate(layer, stats)`,
+    which the harness calls in the plugin's own process at quantize time with each layer input's
+    `ActivationStats` (range and histograms of the calibration pass); the scales it returns are
+    stored with the quantized model. Names, versions, `Config` and conflicts follow the rules
+    of `qbench_register_quantizers`; qbench's own schemes (`absmax`, `static`) are registered
+    through this same hook.
     """
 
 

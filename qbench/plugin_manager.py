@@ -28,7 +28,8 @@ from qbench.quant.contract import Quantizer
 PROJECT = "qbench"
 
 #: qbench's own hook modules, registered before entry points through the same hooks.
-BUILTIN_HOOK_MODULES: tuple[str, ...] = ("qbench.embedded.ladder", "qbench.checkpoints.builtin_cards")
+BUILTIN_HOOK_MODULES: tuple[str, ...] = ("qbench.embedded.ladder", "qbench.checkpoints.builtin_cards",
+                                         "qbench.quant.builtin_activation_schemes")
 
 
 class PluginLoadError(BaseModel):
@@ -80,7 +81,8 @@ class QuantizerEntry(BaseModel):
     distribution: str | None = None
     distribution_version: str | None = None
     config_schema: dict[str, Any]
-    cls: type[Quantizer] = Field(exclude=True, repr=False)
+    #: a `Quantizer` subclass, or an `ActivationQuantizer` one for an activation scheme
+    cls: type = Field(exclude=True, repr=False)
 
 
 class UnknownQuantizerError(QBenchError, LookupError):
@@ -264,10 +266,11 @@ def collect_hook_results(
     return dict(entries), list(errors)
 
 
-def _quantizer_entry(cls: object, origin: PluginOrigin) -> QuantizerEntry:
+def _quantizer_entry(cls: object, origin: PluginOrigin, base: type = Quantizer,
+                     base_name: str = "qbench.Quantizer") -> QuantizerEntry:
     """The registry entry of a class a plugin registered, or `PluginContractError` saying why not."""
-    if not isinstance(cls, type) or not issubclass(cls, Quantizer):
-        raise PluginContractError(f"{cls!r} is not a subclass of qbench.Quantizer")
+    if not isinstance(cls, type) or not issubclass(cls, base):
+        raise PluginContractError(f"{cls!r} is not a subclass of {base_name}")
     name = cls.__qualname__
     if not isinstance(getattr(cls, "name", None), str) or not cls.name:
         raise PluginContractError(f"{name}.name must be a non-empty string")
@@ -293,7 +296,7 @@ def _quantizer_entry(cls: object, origin: PluginOrigin) -> QuantizerEntry:
         name=cls.name,
         version=version,
         description=(getattr(cls, "description", "") or "").strip(),
-        needs_calibration=bool(cls.needs_calibration),
+        needs_calibration=bool(getattr(cls, "needs_calibration", False)),
         plugin=origin.plugin,
         distribution=origin.distribution,
         distribution_version=origin.distribution_version,
@@ -334,3 +337,31 @@ def entry_for_class(cls: type[Quantizer]) -> QuantizerEntry | None:
     entries, _ = discover_quantizers()
     entry = entries.get(getattr(cls, "name", ""))
     return entry if entry is not None and entry.cls is cls else None
+
+
+class UnknownActivationSchemeError(QBenchError, LookupError):
+    """`get_activation_scheme` was asked for a name no loaded plugin provides."""
+
+
+def _activation_entry(cls: object, origin: PluginOrigin) -> QuantizerEntry:
+    from qbench.quant.activation_scheme import ActivationQuantizer
+
+    return _quantizer_entry(cls, origin, ActivationQuantizer, "qbench.quant.activation_scheme.ActivationQuantizer")
+
+
+def discover_activation_schemes() -> tuple[dict[str, QuantizerEntry], list[PluginLoadError]]:
+    """Every usable activation scheme by name, plus every problem met (as `discover_quantizers`)."""
+    entries, errors = collect_hook_results("qbench_register_activation_schemes", "activation scheme", _activation_entry)
+    return dict(sorted(entries.items())), plugin_load_errors() + errors
+
+
+def get_activation_scheme(name: str) -> QuantizerEntry:
+    """The activation scheme registered under `name`; unknown names list what is available."""
+    entries, errors = discover_activation_schemes()
+    if name in entries:
+        return entries[name]
+    msg = f"unknown activation scheme '{name}'; available: {', '.join(entries) or 'none installed'}"
+    related = [e for e in errors if f"'{name}'" in e.error or e.name == name]
+    if related:
+        msg += "; " + "; ".join(str(e) for e in related)
+    raise UnknownActivationSchemeError(msg)

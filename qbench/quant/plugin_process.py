@@ -233,3 +233,50 @@ def device_profiles_from_plugins(timeout: float | None = None) -> tuple[dict[str
     finally:
         process.close()
     return {p["name"]: DeviceProfile.model_validate(p) for p in profiles}, errors
+
+
+class ActivationSchemeProcess(PluginProcess):
+    """An activation-scheme plugin in its own process: `with ActivationSchemeProcess("absmax", {"bits": 8})`
+    gives its declared `scheme` and identity, and `calibrate(layer, stats)` for static ones."""
+
+    def open(self) -> None:
+        from qbench.quant.activation_scheme import ActivationScheme
+
+        reply, _ = self._request({"op": "open_activation", "scheme": self.plugin, "settings": self.settings},
+                                 what="loading it")
+        self.name, self.version = str(reply["name"]), str(reply["version"])
+        self.distribution, self.distribution_version = reply.get("distribution"), reply.get("distribution_version")
+        self.config = PluginConfig(**reply["config"])
+        try:
+            self.scheme = ActivationScheme.model_validate(reply["scheme"])
+        except Exception as exc:  # the child's claim is checked here, not trusted
+            raise PluginProcessError(f"activation scheme '{self.plugin}' declared an invalid scheme: {one_line(exc)}") from None
+        self.needs_calibration = not self.scheme.dynamic
+
+    def calibrate(self, layer: str, stats: Any) -> Any:
+        from qbench.quant.activation_scheme import StaticActivationScale
+
+        header = {"op": "calibrate_activation", "layer": layer, "n_values": stats.n_values, "min": stats.min,
+                  "max": stats.max, "absmax": stats.absmax}
+        arrays = {"histogram": stats.histogram, "abs_histogram": stats.abs_histogram}
+        reply, _ = self._request(header, arrays, what=f"calibrating {layer}")
+        try:
+            scale = StaticActivationScale.model_validate(reply.get("scale"))
+        except Exception as exc:
+            raise PluginProcessError(f"activation scheme '{self.plugin}' returned an invalid scale for {layer}: "
+                                     f"{one_line(exc)}") from None
+        lo, hi = self.scheme.code_range
+        if not self.scheme.symmetric and not lo <= scale.zero <= hi:
+            raise PluginProcessError(f"activation scheme '{self.plugin}' returned zero point {scale.zero} for {layer}, "
+                                     f"outside the codes {lo}..{hi}")
+        if self.scheme.symmetric and scale.zero != 0:
+            raise PluginProcessError(f"activation scheme '{self.plugin}' returned zero point {scale.zero} for {layer} "
+                                     "but declared a symmetric scheme")
+        return scale
+
+    def record(self, kv_cache: bool, static_scales: dict | None) -> Any:
+        from qbench.quant.activation_scheme import ActivationRecord
+
+        return ActivationRecord(name=self.name, version=self.version, distribution=self.distribution,
+                                distribution_version=self.distribution_version, config=self.config.model_dump(mode="json"),
+                                scheme=self.scheme, kv_cache=kv_cache, static_scales=static_scales)

@@ -8,7 +8,10 @@ process (`qbench.quant.plugin_process` starts and talks to this one).
 
 Requests (`op`): `open` (plugin name and settings: discover it, validate the settings, answer
 with what it is), `quantize` (one layer's weight and, for calibrated plugins, `xtx`/`n_rows`),
-`device_profiles` (the profiles every installed plugin registers, as data), `close`.
+`device_profiles` (the profiles every installed plugin registers, as data), `open_activation`
+(an activation scheme's name and settings: answer with its declared `ActivationScheme`),
+`calibrate_activation` (one layer input's `ActivationStats`: answer with its static scale),
+`close`.
 """
 
 from __future__ import annotations
@@ -76,6 +79,43 @@ def _quantize(quantizer: Quantizer, header: dict[str, Any], arrays: dict[str, np
     return {"ok": True, "tensor": fields}, out
 
 
+def _open_activation(header: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    import re
+
+    from qbench.plugin_manager import discover_activation_schemes, get_activation_scheme
+    from qbench.quant.activation_scheme import ActivationScheme
+    from qbench.quant.settings import config_from_values
+
+    name, settings = header["scheme"], dict(header.get("settings") or {})
+    entries, _ = discover_activation_schemes()
+    shorthand = re.fullmatch(r"(.+?)(\d+)", name)
+    if name not in entries and shorthand and shorthand.group(1) in entries and "bits" not in settings:
+        # `absmax8`: the `absmax` scheme at 8 bits
+        name, settings["bits"] = shorthand.group(1), int(shorthand.group(2))
+    entry = get_activation_scheme(name)
+    config = config_from_values(settings, entry.cls.Config, plugin=name)
+    scheme_plugin = entry.cls(config)
+    declared = scheme_plugin.scheme()
+    if not isinstance(declared, ActivationScheme):
+        raise TypeError(f"scheme() returned {type(declared).__name__}, not an ActivationScheme")
+    info = {"name": entry.name, "version": entry.version, "distribution": entry.distribution,
+            "distribution_version": entry.distribution_version, "config": config.model_dump(mode="json"),
+            "scheme": declared.model_dump(mode="json")}
+    return scheme_plugin, info
+
+
+def _calibrate_activation(scheme_plugin: Any, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    from qbench.quant.activation_scheme import ActivationStats, StaticActivationScale
+
+    stats = ActivationStats(n_values=int(header["n_values"]), min=float(header["min"]), max=float(header["max"]),
+                            absmax=float(header["absmax"]), histogram=arrays["histogram"],
+                            abs_histogram=arrays["abs_histogram"])
+    scale = scheme_plugin.calibrate(str(header["layer"]), stats)
+    if not isinstance(scale, StaticActivationScale):
+        raise TypeError(f"calibrate returned {type(scale).__name__}, not a StaticActivationScale")
+    return {"ok": True, "scale": scale.model_dump(mode="json")}
+
+
 def _device_profiles() -> dict[str, Any]:
     from qbench.embedded.devices import discover_device_profiles
 
@@ -85,6 +125,7 @@ def _device_profiles() -> dict[str, Any]:
 
 def serve(proto_in: BinaryIO, proto_out: BinaryIO) -> None:
     quantizer: Quantizer | None = None
+    scheme_plugin: Any = None
     while True:
         try:
             header, arrays = decode_message(lambda n: _read_exact(proto_in, n))
@@ -101,6 +142,13 @@ def serve(proto_in: BinaryIO, proto_out: BinaryIO) -> None:
                 if quantizer is None:
                     raise RuntimeError("no plugin opened")
                 chunks = encode_message(*_quantize(quantizer, header, arrays))
+            elif op == "open_activation":
+                scheme_plugin, info = _open_activation(header)
+                chunks = encode_message({"ok": True, **info})
+            elif op == "calibrate_activation":
+                if scheme_plugin is None:
+                    raise RuntimeError("no activation scheme opened")
+                chunks = encode_message(_calibrate_activation(scheme_plugin, header, arrays))
             elif op == "device_profiles":
                 chunks = encode_message(_device_profiles())
             else:
