@@ -16,6 +16,14 @@ its own: dividing the input by per-channel scales (`input_scale_muls`, one multi
 value with the reciprocals stored), the block-Hadamard transform (`transform_additions`, the
 fast transform's additions/subtractions; its 1/sqrt(b) is folded into the scales on a device),
 and a low-rank correction (`lowrank_macs`, `rows x r x (in + out)` float MACs).
+
+`operations` splits the same work by what the hardware does, from the operand widths: with
+float32 activations every product is an `fp32_mac` (a weight-only quantized layer is
+dequantized to float first); with an activation scheme (`qbench.quant.activation_store`) a
+uniform-grid layer is `int<a>xint<w>_mac` (or `int<a>xternary_add`, counted per nonzero weight)
+plus one `fp32_rescale` per output and group, a codebook or float layer is `int<a>xfp16_mac`,
+and quantizing each input value is one `act_quantize`. `arithmetic_energy_pj` prices them with
+`ENERGY_PJ`.
 """
 
 from __future__ import annotations
@@ -34,6 +42,36 @@ from qbench.quant.hadamard import transform_additions
 
 LayerKind = Literal["conv", "attention_projection", "mlp", "output_projection", "other"]
 ACTIVATION_BITS = 32
+
+#: Energy per operation, picojoules, 45 nm at 0.9 V: M. Horowitz, "Computing's energy problem
+#: (and what we can do about it)", ISSCC 2014, Figure 1.1.9 (the table BitNet b1.58's energy
+#: estimates build on). Integer add 8/32 bit: 0.03 / 0.1; integer multiply 8/32 bit: 0.2 / 3.1;
+#: float add 16/32 bit: 0.4 / 0.9; float multiply 16/32 bit: 1.1 / 3.7. A MAC is a multiply plus
+#: an add into its accumulator (int32 for integer products); the table has no multiplier below
+#: 8 bits, so int4 or int2 products are priced as int8 ones (an upper bound). Memory traffic
+#: (an 8 KB cache read is 10 pJ per 64 bits, DRAM 1.3-2.6 nJ) is not included.
+ENERGY_PJ: dict[str, float] = {
+    "fp32_mac": 3.7 + 0.9,
+    "fp16_mac": 1.1 + 0.4,
+    "int_mac": 0.2 + 0.1,
+    "ternary_add": 0.1,
+    "fp32_rescale": 3.7 + 0.9,
+    "act_quantize": 3.7,
+    "fp32_mul": 3.7,
+    "fp32_add": 0.9,
+}
+ENERGY_SOURCE = "Horowitz, ISSCC 2014, 45 nm (arithmetic only)"
+
+
+def operation_energy_pj(op: str) -> float:
+    """The price of one operation named as `ComputeReport.operations` names them."""
+    if op.endswith("xternary_add"):
+        return ENERGY_PJ["ternary_add"]
+    if op.endswith("xfp16_mac"):
+        return ENERGY_PJ["fp16_mac"]
+    if op.startswith("int") and op.endswith("_mac"):
+        return ENERGY_PJ["int_mac"]
+    return ENERGY_PJ[op]
 
 
 def layer_kind(name: str, weight_kind: str) -> LayerKind:
@@ -69,6 +107,10 @@ class ComputeReport(BaseModel):
     input_scale_muls: int = Field(0, description="layer inputs divided by per-channel scales (AWQ), one multiply each")
     transform_additions: int = Field(0, description="additions of the fast block-Hadamard transforms of layer inputs")
     lowrank_macs: int = Field(0, description="float MACs of low-rank corrections, (x V^T) U^T")
+    operations: dict[str, int] = Field(default_factory=dict, description="the work by operand widths: fp32_mac, "
+                                       "int8xint4_mac, int8xternary_add (nonzero weights), int8xfp16_mac, fp32_rescale, "
+                                       "act_quantize, fp32_mul, fp32_add")
+    arithmetic_energy_pj: float = Field(0.0, description=f"sum of operations x ENERGY_PJ ({ENERGY_SOURCE})")
     encoder_windows: int = Field(0, description="encoder inputs: Whisper's 30 s windows, wav2vec2's utterances")
     decode_steps: int = Field(0, description="decoder calls (the prompt counts as one)")
     decoded_token_rows: int = Field(0, description="sum over decoder calls of batch rows x new tokens")
@@ -102,6 +144,8 @@ class ComputeCountingStore:
         self.wall_seconds = 0.0
         self._weight_bits: dict[str, float] = {}
         self._nonzero: dict[str, float] = {}
+        self.operations: dict[str, float] = defaultdict(float)
+        self._act_bits = getattr(inner, "activation_bits", None)
 
     def __getattr__(self, attr: str) -> Any:
         return getattr(self.inner, attr)
@@ -131,22 +175,45 @@ class ComputeCountingStore:
             bits = self._bits_of(name)
             self.linear_macs[kind] += macs
             self.linear_macs_by_layer[name] += macs
-            self.linear_bit_ops[kind] += int(round(macs * bits * ACTIVATION_BITS))
+            self.linear_bit_ops[kind] += int(round(macs * bits * (self._act_bits or ACTIVATION_BITS)))
             if name in self._nonzero:
                 self.ternary_macs += macs
                 self.ternary_additions += int(round(macs * self._nonzero[name]))
             pt = (getattr(self.inner, "packed", None) or {}).get(name)
+            self._count_operations(name, pt, rows, macs)
             if pt is not None:
                 out_f, in_f = info.shape
                 if pt.input_scales is not None:
                     self.input_scale_muls += rows * in_f
+                    self.operations["fp32_mul"] += rows * in_f
                 if pt.hadamard_signs is not None:
-                    self.transform_additions += transform_additions(rows, in_f)
+                    additions = transform_additions(rows, in_f)
+                    self.transform_additions += additions
+                    self.operations["fp32_add"] += additions
                 if pt.lowrank_u is not None:
                     lr_macs = rows * pt.lowrank_rank * (in_f + out_f)
                     self.lowrank_macs += lr_macs
+                    self.operations["fp32_mac"] += lr_macs
                     self._lowrank_bit_ops += lr_macs * pt.lowrank_u.dtype.itemsize * 8 * ACTIVATION_BITS
         return self.inner.linear(name, x)
+
+    def _count_operations(self, name: str, pt: Any, rows: int, macs: int) -> None:
+        """`operations` of one linear call (under the lock)."""
+        a = self._act_bits
+        if a is None:
+            self.operations["fp32_mac"] += macs
+            return
+        out_f, in_f = self.inner.infos[name].shape
+        self.operations["act_quantize"] += rows * in_f
+        if pt is None or pt.codebook is not None:
+            self.operations[f"int{a}xfp16_mac"] += macs
+            return
+        if pt.packing == "trit5":
+            self.operations[f"int{a}xternary_add"] += macs * self._nonzero[name]
+        else:
+            self.operations[f"int{a}xint{pt.code_bits}_mac"] += macs
+        groups = 1 if pt.group_size is None or pt.scales.shape[1] == 1 else -(-in_f // pt.group_size)
+        self.operations["fp32_rescale"] += rows * out_f * groups
 
     def attention(self, kind: AttentionKind, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int,
                   causal_offset: int | None = None, threads: int = 1) -> np.ndarray:
@@ -154,6 +221,7 @@ class ComputeCountingStore:
         with self._lock:
             # q.k and scores.v: every query row against every key row, over all heads' d channels
             self.attention_macs[kind] += 2 * b * tq * k.shape[2] * d
+            self.operations["fp32_mac"] += 2 * b * tq * k.shape[2] * d
             if layer == 0 and kind == "encoder_self":
                 self.encoder_windows += b
             elif layer == 0 and kind == "decoder_self":
@@ -168,7 +236,11 @@ class ComputeCountingStore:
         # attention multiplies two float32 activations
         bit_ops = (sum(self.linear_bit_ops.values()) + sum(attention.values()) * ACTIVATION_BITS * ACTIVATION_BITS
                    + self._lowrank_bit_ops)
+        operations = {op: int(round(n)) for op, n in sorted(self.operations.items())}
         return ComputeReport(
+            operations=operations,
+            arithmetic_energy_pj=float(sum(n * operation_energy_pj(op) for op, n in operations.items())),
+            activation_bits=self._act_bits or ACTIVATION_BITS,
             linear=linear, attention_macs=attention, total_macs=total_macs, total_bit_ops=bit_ops,
             ternary_macs=self.ternary_macs, ternary_additions=self.ternary_additions,
             input_scale_muls=self.input_scale_muls, transform_additions=self.transform_additions,

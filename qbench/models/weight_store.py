@@ -110,6 +110,12 @@ class WeightStore:
         `layer`'s `kind` attention. It touches no weight; a subclass overrides it to observe."""
         return attention_kernel.attention(q, k, v, n_head, causal_offset, threads)
 
+    def kv_cache_value(self, kind: AttentionKind, layer: int, x: np.ndarray) -> np.ndarray:
+        """What the decoder's KV cache stores for new keys or values `x` `[b, heads, t, dh]` of
+        block `layer`'s `kind` attention: `x` itself (float32). A store that runs with a
+        quantized KV cache returns them as stored (quantized, in float32 values)."""
+        return x
+
     def embedding(self, name: str, ids: np.ndarray) -> np.ndarray:
         """Rows of an embedding table, float32."""
         return np.asarray(self.params[name + ".weight"][ids], dtype=np.float32)
