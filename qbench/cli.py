@@ -213,9 +213,32 @@ def spec_from_args(args: argparse.Namespace):
             calibration_data_dir=args.calibration_data_dir,
             artifact=getattr(args, "artifact", None), plugin_timeout=args.plugin_timeout,
             threads=args.threads, batch_size=args.batch_size, output=args.output,
+            activations=activations_from_args(args), encoder_seconds=getattr(args, "encoder_seconds", None),
         )
     except ValidationError as exc:
         raise CliError(str(spec_error(exc, "qbench run"))) from None
+
+
+def activations_from_args(args: argparse.Namespace):
+    """The `ActivationChoice` of `--act NAME [--act-set KEY=VALUE] [--kv-cache]`, or None."""
+    from qbench.quant.activation_scheme import ActivationChoice
+    from qbench.quant.settings import parse_setting_values
+
+    name = getattr(args, "act", None)
+    settings = getattr(args, "act_set", None) or []
+    if name is None:
+        if settings or getattr(args, "kv_cache", False):
+            raise CliError("--act-set and --kv-cache configure an activation scheme: give --act NAME too")
+        return None
+    return ActivationChoice(name=name, config=parse_setting_values(settings, name), kv_cache=bool(args.kv_cache))
+
+
+def add_activation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--act", metavar="NAME", help="quantize every linear input by this activation scheme "
+                        "(qbench plugins lists them; absmax8 = per-token absmax at 8 bits, BitNet b1.58's)")
+    parser.add_argument("--act-set", action="append", metavar="KEY=VALUE", help="activation scheme config, repeatable")
+    parser.add_argument("--kv-cache", action="store_true", help="also store attention keys/values quantized (the "
+                        "scheme's bits, absmax per token and head)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -754,6 +777,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="add a rank-RANK correction of every quantized layer's error (W ~ Q + U V; harness-computed, "
                           "activation-aware when the plugin calibrates)")
     run.add_argument("--lowrank-dtype", choices=["float16", "int8"], help="storage of the low-rank factors (default float16)")
+    add_activation_arguments(run)
+    run.add_argument("--encoder-seconds", type=float, metavar="S", help="audio per encoder pass: Whisper windows of S "
+                     "seconds instead of 30 (whisper.cpp's audio_ctx), wav2vec2 chunks of S seconds")
     run.add_argument("--calibration-subset", default="dev-clean")
     run.add_argument("--calibration-limit", type=int, default=None)
     run.add_argument("--calibration-ids", metavar="FILE",
@@ -786,6 +812,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="add a rank-RANK correction of every quantized layer's error (W ~ Q + U V; harness-computed, "
                           "activation-aware when the plugin calibrates)")
     quantize.add_argument("--lowrank-dtype", choices=["float16", "int8"], help="storage of the low-rank factors (default float16)")
+    add_activation_arguments(quantize)
     quantize.add_argument("--data-dir", help="folder holding LibriSpeech/ with the calibration subset")
     quantize.add_argument("--calibration-subset", default="dev-clean")
     quantize.add_argument("--calibration-limit", type=int, default=None)

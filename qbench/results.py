@@ -125,6 +125,9 @@ class RunResult(BaseModel):
     dataset: DatasetRef
     quantization: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None
+    activations: dict[str, Any] | None = Field(None, description="activation quantization (qbench.quant.activation_scheme."
+                                                                 "ActivationRecord); None: float32 activations")
+    encoder_seconds: float | None = Field(None, description="audio per encoder pass (None: the model's default)")
     device: dict[str, Any] | None = None
     metrics: Metrics | None = None
     hypotheses_sha256: str | None = None

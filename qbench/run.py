@@ -47,6 +47,9 @@ from qbench.journal import JournalHeader, RunJournal, claim_output, journal_path
 from qbench.leaderboard.entry import SAFE_NAME_PATTERN, LeaderboardEntry
 from qbench.models.parallel import compute_threads, using_threads
 from qbench.models.speech_model import SpeechModel
+from qbench.quant.activation_calibration import static_scales
+from qbench.quant.activation_scheme import ActivationChoice, ActivationRecord
+from qbench.quant.activation_store import ActivationQuantizingStore
 from qbench.quant.apply import (
     QuantizationPolicy,
     QuantizerIdentity,
@@ -57,7 +60,11 @@ from qbench.quant.apply import (
 )
 from qbench.quant.artifact import build_manifest, read_artifact, write_artifact
 from qbench.quant.plan import PLAN_QUANTIZER, QuantizationPlan
-from qbench.quant.plugin_process import PluginProcess, device_profiles_from_plugins
+from qbench.quant.plugin_process import (
+    ActivationSchemeProcess,
+    PluginProcess,
+    device_profiles_from_plugins,
+)
 from qbench.results import DatasetRef, MachineInfo, ModelRef, RunResult
 
 #: Utterances per batch without a device (a workstation run); on a device the default is the
@@ -87,6 +94,11 @@ class RunSpec(BaseModel):
     config: dict[str, Any] = Field(default_factory=dict, description="the quantizer's settings (JSON values)")
     plan: QuantizationPlan | None = Field(None, description="a quantizer (or float) per layer, instead of plugin + config")
     policy: QuantizationPolicy = Field(default_factory=QuantizationPolicy)
+    activations: ActivationChoice | None = Field(None, description="an activation scheme every linear input (and, "
+                                                                   "optionally, the KV cache) is quantized by; None: float32")
+    encoder_seconds: float | None = Field(None, gt=0, description="audio per encoder pass: Whisper windows shorter than "
+                                                                  "30 s (whisper.cpp's audio_ctx), wav2vec2 chunks; None: "
+                                                                  "the model's default")
     calibration_subset: str = "dev-clean"
     calibration_limit: int | None = Field(None, ge=1)
     calibration_ids: tuple[str, ...] | None = None
@@ -105,13 +117,27 @@ class RunSpec(BaseModel):
         if self.artifact is not None:
             return Path(self.artifact).stem
         if self.plan is not None:
-            return f"plan-{self.plan.name}"
+            return f"plan-{self.plan.name}" + self.activation_label + self.encoder_label
         if self.plugin is None:
-            return "fp"
+            return "fp" + self.activation_label + self.encoder_label
         settings = "".join(f"_{k}{v if isinstance(v, str) else json.dumps(v)}" for k, v in sorted(self.config.items()))
         lowrank = self.policy.lowrank
         suffix = "" if lowrank is None else f"_lr{lowrank.rank}" + ("i8" if lowrank.dtype == "int8" else "")
-        return self.plugin + settings + suffix + ("_emb" if self.policy.quantize_embeddings else "")
+        return (self.plugin + settings + suffix + ("_emb" if self.policy.quantize_embeddings else "") + self.activation_label
+                + self.encoder_label)
+
+    @property
+    def activation_label(self) -> str:
+        """`_a-absmax-bits8` (and `-kv`) for a run with quantized activations, else empty."""
+        act = self.activations
+        if act is None:
+            return ""
+        settings = "".join(f"-{k}{v if isinstance(v, str) else json.dumps(v)}" for k, v in sorted(act.config.items()))
+        return f"_a-{act.name}{settings}" + ("-kv" if act.kv_cache else "")
+
+    @property
+    def encoder_label(self) -> str:
+        return "" if self.encoder_seconds is None else f"_enc{self.encoder_seconds:g}s"
 
     @property
     def model_label(self) -> str:
@@ -179,7 +205,10 @@ class RunSpec(BaseModel):
             fields["calibration_ids"], fields["calibration_limit"] = sorted(set(self.calibration_ids)), None
         if fields["plan"] is None:
             fields.pop("plan")  # specs from before plans existed keep their identity
-        if self.plugin is None and self.plan is None:
+        for key in ("activations", "encoder_seconds"):
+            if fields[key] is None:
+                fields.pop(key)  # and so do those from before activation schemes and encoder windows
+        if self.plugin is None and self.plan is None and self.activations is None:
             for key in ("calibration_subset", "calibration_limit", "calibration_ids"):
                 fields.pop(key)
         return fields
@@ -205,6 +234,8 @@ class RunSpec(BaseModel):
             plan=plan,
             policy=QuantizationPolicy.model_validate(q.policy) if q else QuantizationPolicy(),
             calibration_subset=c.subset if c else "dev-clean", calibration_ids=tuple(c.utterance_ids) if c else None,
+            activations=ActivationRecord.model_validate(entry.activations.model_dump()).choice() if entry.activations else None,
+            encoder_seconds=entry.encoder_seconds,
             output=output,
         )
 
@@ -261,13 +292,15 @@ def select_utterances(present: Sequence[Utterance], limit: int | None, ids: Sequ
 def quantize_for_run(
     model: SpeechModel, model_sha256: str, spec: RunSpec, data_dir: Path, eval_ids: set[str], progress: RunProgress,
     artifact_path: Path | None = None,
-) -> tuple[SpeechModel, dict[str, Any], dict[str, Any] | None]:
+) -> tuple[SpeechModel, dict[str, Any], dict[str, Any] | None, ActivationRecord | None]:
     """The model quantized by `spec.plugin` in the plugin's own process, written as an artifact
     beside the result file; returns the packed model, the quantization record (with the
-    artifact's digest and path) and, for calibrated plugins, the calibration record.
+    artifact's digest and path), for calibrated plugins the calibration record, and the
+    activation scheme's record when the spec asks for one (stored in the artifact too).
     Calibration audio is disjoint from `eval_ids`, and read from `spec.calibration_data_dir`
     when given (else from `data_dir`)."""
     calibration_dir = data_dir
+    float_params = model.store.params
     with ExitStack() as stack:
         if spec.plan is not None:
             assigned = spec.plan.assign(model.quantizable_weights())
@@ -302,9 +335,14 @@ def quantize_for_run(
     identity = QuantizerIdentity(name=report.quantizer, version=report.quantizer_version, distribution=report.distribution,
                                  distribution_version=report.distribution_version, config=report.config,
                                  needs_calibration=report.needs_calibration)
+    activations = None
+    if spec.activations is not None:
+        activations, act_calibration = activations_for_run(model, float_params, spec, calibration_dir, eval_ids, progress,
+                                                           audios)
+        calibration = calibration or act_calibration
     packed = model.store.packed
     manifest = build_manifest(model.name, model_sha256, identity, spec.policy, report.scale_dtype, packed, calibration,
-                              plan_quantizers=report.plan_quantizers)
+                              plan_quantizers=report.plan_quantizers, activations=activations)
     path = write_artifact(artifact_path or spec.artifact_path, manifest, packed)
     progress.note(f"quantized model written to {path} (digest {manifest.digest[:12]})")
     record = report.model_dump(mode="json") | {"artifact_sha256": manifest.digest, "artifact_path": str(path)}
@@ -312,14 +350,42 @@ def quantize_for_run(
         # where the audio was read from is recorded in the result, not in the artifact: the
         # artifact's digest must not depend on a path (the ids pin the audio)
         calibration = calibration | {"data_dir": str(calibration_dir)}
-    return model, record, calibration
+    return model, record, calibration, activations
+
+
+def activations_for_run(
+    model: SpeechModel, float_params: dict[str, Any], spec: RunSpec, data_dir: Path, eval_ids: set[str],
+    progress: RunProgress, audios: list | None = None,
+) -> tuple[ActivationRecord, dict[str, Any] | None]:
+    """The run's activation scheme as its plugin declares it (in the plugin's process) and, for a
+    static one, every layer input's scale, calibrated on `model` (weights as quantized) over the
+    calibration audio (`audios` when the weights' calibration loaded it); returns the record and
+    the calibration record when this step loaded the audio."""
+    choice = spec.activations
+    loaded = None
+    with ActivationSchemeProcess(choice.name, choice.config, spec.plugin_timeout) as scheme:
+        scales = None
+        if scheme.needs_calibration:
+            if audios is None:
+                ids = list(spec.calibration_ids) if spec.calibration_ids is not None else None
+                if spec.calibration_data_dir is not None:
+                    data_dir = find_data_dir(spec.calibration_data_dir, spec.calibration_subset)
+                audios, record = load_calibration(data_dir, spec.calibration_subset, spec.calibration_limit, eval_ids, ids)
+                loaded = record.model_dump()
+            progress.note(f"calibrating activation scheme {scheme.name} on {len(audios)} utterances")
+            scales = static_scales(model, audios, float_params, scheme.calibrate)
+        record = scheme.record(choice.kv_cache, scales)
+    progress.note(f"activations: {record.label} ({record.scheme.granularity}, "
+                  f"{'symmetric' if record.scheme.symmetric else 'asymmetric'}, "
+                  f"{'dynamic' if record.scheme.dynamic else 'static'})")
+    return record, loaded
 
 
 def model_from_artifact(
     model: SpeechModel, model_sha256: str, spec: RunSpec, eval_ids: set[str]
-) -> tuple[SpeechModel, dict[str, Any], dict[str, Any] | None]:
+) -> tuple[SpeechModel, dict[str, Any], dict[str, Any] | None, ActivationRecord | None]:
     """The float `model` with the packed layers of `spec.artifact` swapped in (no plugin code
-    runs), and the same records `quantize_for_run` gives."""
+    runs), and the same records `quantize_for_run` gives (the activations the artifact holds)."""
     manifest, packed = read_artifact(Path(spec.artifact))
     if manifest.model != model.name or manifest.model_sha256 != model_sha256:
         raise RunSpecError(f"{spec.artifact}: quantizes {manifest.model} (weights sha256 {manifest.model_sha256[:12]}…), "
@@ -333,7 +399,7 @@ def model_from_artifact(
     store, report = packed_model_report(model, manifest.quantizer, manifest.policy, packed, scale_dtype=manifest.scale_dtype)
     report.plan_quantizers = manifest.plan_quantizers
     record = report.model_dump(mode="json") | {"artifact_sha256": manifest.digest, "artifact_path": str(spec.artifact)}
-    return model.with_store(store), record, calibration
+    return model.with_store(store), record, calibration, manifest.activations
 
 
 def quantize_to_artifact(spec: RunSpec, artifact_path: Path | None = None,
@@ -348,7 +414,7 @@ def quantize_to_artifact(spec: RunSpec, artifact_path: Path | None = None,
         loaded = load_model(spec.model, spec.weights)
         # only calibration audio is read here: its own folder when given
         data_dir = find_data_dir(spec.calibration_data_dir or spec.data_dir, spec.calibration_subset)
-        _, record, _ = quantize_for_run(loaded.model, loaded.sha256, spec, data_dir, set(), progress, artifact_path)
+        _, record, _, _ = quantize_for_run(loaded.model, loaded.sha256, spec, data_dir, set(), progress, artifact_path)
     return Path(record["artifact_path"]), record
 
 
@@ -364,11 +430,12 @@ def longest_readable(utterances: Sequence[Utterance]) -> float | None:
     return max(seconds, default=None)
 
 
-def devices_fitted(model: SpeechModel, profiles: dict[str, DeviceProfile]) -> list[str]:
+def devices_fitted(model: SpeechModel, profiles: dict[str, DeviceProfile],
+                   activations: ActivationRecord | None = None) -> list[str]:
     """Device profiles the model fits, by the same accounting `qbench fit` uses, on one thread
     (a count the accountant's per-thread buffers would otherwise take from this machine)."""
     with using_threads(1):
-        return sorted(name for name, device in profiles.items() if fit_model(model, device).fits)
+        return sorted(name for name, device in profiles.items() if fit_model(model, device, activations=activations).fits)
 
 
 def device_profile(profiles: dict[str, DeviceProfile], name: str) -> DeviceProfile:
@@ -416,6 +483,8 @@ def run_benchmark(spec: RunSpec, progress: RunProgress | None = None, force: boo
         utterances = select_utterances(present, spec.limit, spec.utterance_ids)
         loaded = load_model(spec.model, spec.weights)
         model = loaded.model
+        if spec.encoder_seconds is not None:
+            model = model.with_encoder_seconds(spec.encoder_seconds)
         if loaded.pin_note is not None:
             progress.note(loaded.pin_note)
         # third-party device profiles are plugin code: collected in a plugin process, as data;
@@ -424,17 +493,32 @@ def run_benchmark(spec: RunSpec, progress: RunProgress | None = None, force: boo
         profiles, _ = device_profiles_from_plugins(spec.plugin_timeout)
         device = device_profile(profiles, spec.device) if spec.device != NO_DEVICE else None
         progress.note(setup_note(data_dir, spec.subset, len(utterances), len(present), loaded.path, loaded.sha256, device))
-        quantization = calibration = None
+        quantization = calibration = activations = None
         eval_ids = {u.id for u in utterances}
+        float_params = model.store.params
         if spec.plugin is not None or spec.plan is not None:
-            model, quantization, calibration = quantize_for_run(model, loaded.sha256, spec, data_dir, eval_ids, progress)
+            model, quantization, calibration, activations = quantize_for_run(model, loaded.sha256, spec, data_dir,
+                                                                             eval_ids, progress)
         elif spec.artifact is not None:
-            model, quantization, calibration = model_from_artifact(model, loaded.sha256, spec, eval_ids)
+            model, quantization, calibration, activations = model_from_artifact(model, loaded.sha256, spec, eval_ids)
+            if spec.activations is not None:
+                activations = None  # the spec's scheme, not the one the artifact was made with
+        if spec.activations is not None and activations is None:
+            # float weights, or an artifact: the scheme on its own
+            activations, act_calibration = activations_for_run(model, float_params, spec, data_dir, eval_ids, progress)
+            if act_calibration is not None:
+                calibration = act_calibration | {"data_dir": str(data_dir)}
         batch_size = spec.effective_batch_size
         session = None
         if device is not None:
-            session = DeviceSession(model, device, batch_size, longest_seconds=longest_readable(utterances))
+            session = DeviceSession(model, device, batch_size, longest_seconds=longest_readable(utterances),
+                                    activations=activations)
             batch_size = session.batch_size
+        evaluated = model
+        if session is not None:
+            evaluated = session.model
+        elif activations is not None:
+            evaluated = model.with_store(ActivationQuantizingStore(model.store, activations))
         warnings = [present.skipped.warning] if present.skipped.warning else []
         utterances, unscored = split_unscorable(utterances)
         if unscored:
@@ -450,7 +534,9 @@ def run_benchmark(spec: RunSpec, progress: RunProgress | None = None, force: boo
             dataset=DatasetRef(subset=spec.subset, data_dir=str(data_dir), limit=spec.limit,
                                utterance_count=len(utterances), utterance_ids_sha256=utterance_digest(u.id for u in utterances),
                                partial_subset=len(present) < OFFICIAL_COUNTS.get(spec.subset, 0)),
-            quantization=quantization, calibration=calibration, machine=MachineInfo.current(),
+            quantization=quantization, calibration=calibration,
+            activations=activations.model_dump(mode="json") if activations is not None else None,
+            encoder_seconds=spec.encoder_seconds, machine=MachineInfo.current(),
             device=session.record() if session else None, identity=spec.identity(), warnings=warnings, unscored=unscored,
         )
         output = spec.output_path
@@ -466,13 +552,13 @@ def run_benchmark(spec: RunSpec, progress: RunProgress | None = None, force: boo
         def finish(result: RunResult) -> None:
             # what is known only at the end goes in before the file says complete, so a rerun
             # that finds a complete result finds all of it
-            result.devices_fitted = devices_fitted(model, profiles)
+            result.devices_fitted = devices_fitted(model, profiles, activations)
             if session is not None:
                 result.device = session.record()
 
         progress.transcribing(f"{loaded.name} {spec.label} {spec.subset}", len(utterances))
         try:
-            evaluate(session.model if session else model, utterances, result, output, batch_size=batch_size,
+            evaluate(evaluated, utterances, result, output, batch_size=batch_size,
                      on_batch=lambda n, _wall: progress.transcribed(n), journal=journal, finish=finish)
         except RunFailed as exc:
             if session is not None and session.exceeded:

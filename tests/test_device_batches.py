@@ -104,7 +104,7 @@ def test_a_measured_peak_above_the_budget_fails_on_a_sampled_batch(small, monkey
     the check before it runs, and the first batch fits the 2 MiB device, but the 45 s batch
     is measured (its estimate is a new highest) and its real peak stops the run."""
 
-    def blind(model, store, device, utterances=1, audio_seconds=None):
+    def blind(model, store, device, utterances=1, audio_seconds=None, activations=None):
         seconds = 30.0 if audio_seconds is None else audio_seconds
         work = int(1024 * seconds)
         return MemoryBreakdown(weights_stored_bytes=1, weights_ram_bytes=1, activations_bytes=work, kv_cache_bytes=0,
@@ -131,7 +131,7 @@ def _rows_estimate(monkeypatch, per_row: int = 10 * MiB, weights: int = MiB) -> 
     """An accountant whose working peak is `per_row` bytes per batch row (the small test
     model's peak is in its log-mel, which one utterance at a time holds whatever the batch)."""
 
-    def estimate(model, store, device, utterances=1, audio_seconds=None):
+    def estimate(model, store, device, utterances=1, audio_seconds=None, activations=None):
         work = per_row * utterances + sum(store.cached_layers().values())
         return MemoryBreakdown(weights_stored_bytes=weights, weights_ram_bytes=weights, activations_bytes=work,
                                kv_cache_bytes=0, weight_block_bytes=0, buffers_bytes=0, working_peak_bytes=work,

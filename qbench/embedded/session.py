@@ -38,6 +38,8 @@ from qbench.embedded.devices import DeviceProfile
 from qbench.embedded.memory import FitReport, MemoryBreakdown, check_fit, measure_peak
 from qbench.errors import QBenchError
 from qbench.models.speech_model import SpeechModel
+from qbench.quant.activation_scheme import ActivationRecord
+from qbench.quant.activation_store import ActivationQuantizingStore
 
 #: Batch sizes a device run chooses from when none is given (the largest that fits).
 DEVICE_BATCH_SIZES = (1, 2, 4, 8)
@@ -58,11 +60,27 @@ class BatchSizeError(QBenchError, ValueError):
 
 
 def estimate_memory(model: SpeechModel, store: DeviceWeightStore, device: DeviceProfile | None, utterances: int = 1,
-                    audio_seconds: float | None = None) -> MemoryBreakdown:
+                    audio_seconds: float | None = None, activations: ActivationRecord | None = None) -> MemoryBreakdown:
     """The model's memory model for `utterances` utterances of up to `audio_seconds` each
-    (default: what `qbench fit` assumes, `model.fit_audio_seconds`) on `store`, and the weights."""
+    (default: what `qbench fit` assumes, `model.fit_audio_seconds`) on `store`, and the weights.
+
+    Float32 activations: the numpy implementation's own memory model (`working_memory`, held to
+    tracemalloc by the tests). Quantized activations: the lean embedded runtime's
+    (`lean_memory`), with activations and the KV cache at their stored precision; the numpy
+    emulation, which computes in float32 and float64, is then not what a device would hold."""
     seconds = model.fit_audio_seconds if audio_seconds is None else audio_seconds
-    return MemoryBreakdown.of(model.working_memory(store, utterances, seconds), store, device)
+    if activations is None:
+        return MemoryBreakdown.of(model.working_memory(store, utterances, seconds), store, device)
+    act_bytes, kv_bytes = stored_activation_bytes(activations)
+    return MemoryBreakdown.of(model.lean_memory(store, utterances, seconds, act_bytes, kv_bytes), store, device)
+
+
+def stored_activation_bytes(activations: ActivationRecord | None) -> tuple[float, float]:
+    """Bytes per stored activation value and per KV-cache value (packed codes: bits / 8)."""
+    if activations is None:
+        return 4.0, 4.0
+    bits = activations.scheme.bits / 8
+    return bits, bits if activations.kv_cache else 4.0
 
 
 def fit_audio(model: SpeechModel) -> str:
@@ -70,11 +88,12 @@ def fit_audio(model: SpeechModel) -> str:
     return model.fit_audio
 
 
-def fit_model(model: SpeechModel, device: DeviceProfile, batch_size: int = 1) -> FitReport:
-    """Whether `model` (as quantized) fits `device` for `batch_size` rows of `fit_audio(model)`,
-    no audio run."""
+def fit_model(model: SpeechModel, device: DeviceProfile, batch_size: int = 1,
+              activations: ActivationRecord | None = None) -> FitReport:
+    """Whether `model` (as quantized, with `activations` quantized so) fits `device` for
+    `batch_size` rows of `fit_audio(model)`, no audio run."""
     store = DeviceWeightStore.from_store(model.store)
-    report = check_fit(estimate_memory(model, store, device, batch_size), device)
+    report = check_fit(estimate_memory(model, store, device, batch_size, activations=activations), device)
     report.batch_size = batch_size
     return report
 
@@ -105,8 +124,10 @@ class DeviceSession:
     """
 
     def __init__(self, model: SpeechModel, device: DeviceProfile, batch_size: int | None = 1,
-                 block_bytes: int = DEFAULT_BLOCK_BYTES, longest_seconds: float | None = None):
+                 block_bytes: int = DEFAULT_BLOCK_BYTES, longest_seconds: float | None = None,
+                 activations: ActivationRecord | None = None):
         self.device = device
+        self.activations = activations
         self._base = model
         self._block_bytes = block_bytes
         # a batch size is chosen (and a given one refused) for the run's longest utterance (a
@@ -133,8 +154,10 @@ class DeviceSession:
             cache = max(0, (device.ram_bytes - plain.breakdown.total_ram_bytes) // 2) if plain.fits else 0
         self.batch_size = batch_size
         self.store = DeviceWeightStore.from_store(model.store, cache, block_bytes, _threads_for(batch_size))
-        self.counter = ComputeCountingStore(self.store)
-        self.report: FitReport = check_fit(estimate_memory(model, self.store, device, batch_size), device)
+        inner = self.store if activations is None else ActivationQuantizingStore(self.store, activations)
+        self.counter = ComputeCountingStore(inner)
+        self.report: FitReport = check_fit(estimate_memory(model, self.store, device, batch_size,
+                                                           activations=activations), device)
         self.report.batch_size = batch_size
         self.report.batch_size_chosen = chosen
         self.report.measurement = MEASUREMENT
@@ -147,7 +170,7 @@ class DeviceSession:
         known; None: the model's fit length) with a `cache`-byte layer cache."""
         seconds = self._seconds if seconds == "longest" else seconds
         store = DeviceWeightStore.from_store(self._base.store, cache, self._block_bytes, _threads_for(batch_size))
-        return check_fit(estimate_memory(self._base, store, self.device, batch_size, seconds), self.device)
+        return check_fit(estimate_memory(self._base, store, self.device, batch_size, seconds, self.activations), self.device)
 
     def _largest_batch(self, cache: int) -> int:
         """The largest of `DEVICE_BATCH_SIZES` that fits with a `cache`-byte layer cache and
@@ -162,8 +185,8 @@ class DeviceSession:
     def _before(self, audios: list[np.ndarray]) -> bool:
         """Check the batch against the budget before it runs; True if it is to be measured."""
         seconds = max(len(a) for a in audios) / self._base.sample_rate
-        estimate = estimate_memory(self._base, self.store, self.device, len(audios), seconds)
-        verdict = check_fit(estimate, self.device, self.report.measured_peak_bytes)
+        estimate = estimate_memory(self._base, self.store, self.device, len(audios), seconds, self.activations)
+        verdict = check_fit(estimate, self.device, self._binding_peak())
         if not verdict.fits:
             self._fail(verdict)
         index = self.report.batches
@@ -179,9 +202,16 @@ class DeviceSession:
         # so are the float layers cached by earlier batches (`held`), which the estimate counts
         working = peak + held + sum(int(np.asarray(a).nbytes) for a in audios)
         self.report.measured_peak_bytes = max(self.report.measured_peak_bytes or 0, working)
-        verdict = check_fit(self.report.breakdown, self.device, self.report.measured_peak_bytes)
+        verdict = check_fit(self.report.breakdown, self.device, self._binding_peak())
         if not verdict.fits:
             self._fail(verdict)
+
+    def _binding_peak(self) -> int | None:
+        """The measured peak the budget holds a run to: tracemalloc's where the numpy
+        implementation is what the device runs (float32 activations); with quantized activations
+        the emulation's float buffers are not a device's, and the lean accountant alone binds
+        (the measurement stays in the record)."""
+        return self.report.measured_peak_bytes if self.activations is None else None
 
     def _fail(self, verdict: FitReport) -> None:
         verdict.measured_peak_bytes = self.report.measured_peak_bytes

@@ -215,6 +215,42 @@ class EntryQuantizer(_Strict):
         None, description="for a plan (name 'plan', config the whole plan): every quantizer it ran, in rule order")
 
 
+class EntryActivationScheme(_Strict):
+    """`qbench.quant.activation_scheme.ActivationScheme`, field for field."""
+
+    bits: Annotated[int, Field(ge=2, le=8)]
+    granularity: Literal["token", "tensor"]
+    symmetric: bool
+    rounding: Literal["half_even", "half_away"]
+    dynamic: bool
+
+
+class EntryStaticScale(_Strict):
+    scale: Annotated[float, Field(gt=0)]
+    zero: Annotated[int, Field(ge=0, le=255)]
+
+
+class EntryActivations(_Strict):
+    """The activation scheme a run quantized every linear input by
+    (`qbench.quant.activation_scheme.ActivationRecord`)."""
+
+    name: SafeName
+    version: SafeName
+    distribution: SafeName | None = None
+    distribution_version: SafeName | None = None
+    config: dict[SafeName, ConfigValue]
+    scheme: EntryActivationScheme
+    kv_cache: bool
+    static_scales: dict[SafeName, EntryStaticScale] | None = Field(
+        None, description="a static scheme's scale and zero point per layer input, from calibration")
+
+    @property
+    def label(self) -> str:
+        """The file-name part: `a-absmax-bits8-roundinghalf_even`, plus `-kv` with a quantized KV cache."""
+        parts = ["a", self.name] + [f"{key}{_slug(value)}" for key, value in sorted(self.config.items())]
+        return "-".join(re.sub(r"[^A-Za-z0-9_.]+", "", p) for p in parts) + ("-kv" if self.kv_cache else "")
+
+
 class EntryCalibration(_Strict):
     subset: SafeName
     utterance_count: Count
@@ -268,6 +304,9 @@ class EntryCompute(_Strict):
     input_scale_muls: Count = 0
     transform_additions: Count = 0
     lowrank_macs: Count = 0
+    operations: dict[SafeName, Count] = Field(default_factory=dict, description="the work by operand widths "
+                                              "(fp32_mac, int8xint4_mac, int8xternary_add, ...)")
+    arithmetic_energy_pj: NonNegative = Field(0.0, description="operations priced by Horowitz, ISSCC 2014 (45 nm)")
     encoder_windows: Count
     decode_steps: Count
     decoded_token_rows: Count
@@ -308,6 +347,9 @@ class LeaderboardEntry(_Strict):
     dataset: EntryDataset
     quantizer: EntryQuantizer | None = Field(description="None for the float baseline")
     calibration: EntryCalibration | None
+    activations: EntryActivations | None = Field(None, description="the activation scheme; None: float32 activations")
+    encoder_seconds: Annotated[float, Field(gt=0, le=3600)] | None = Field(
+        None, description="audio per encoder pass (Whisper windows below 30 s, wav2vec2 chunks); None: the model's default")
     wer: NonNegative
     cer: NonNegative
     subsets: dict[SafeName, SubsetScore]
@@ -322,7 +364,19 @@ class LeaderboardEntry(_Strict):
 
     @property
     def label(self) -> str:
-        return entry_label(self.quantizer)
+        base = entry_label(self.quantizer)
+        if self.activations is not None:
+            base = f"{base}-{self.activations.label}"
+        return base if self.encoder_seconds is None else f"{base}-enc{self.encoder_seconds:g}s"
+
+    @model_serializer(mode="wrap")
+    def _without_float_activations(self, handler: Any) -> dict[str, Any]:
+        # an entry with float activations is written as before activation schemes existed
+        data = handler(self)
+        for key in ("activations", "encoder_seconds"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
 
     @property
     def bits_class(self) -> str:
@@ -435,7 +489,9 @@ def _entry_of(result: RunResult, devices_fitted: list[str]) -> LeaderboardEntry:
                          sha256=result.model.sha256, parameters=result.model.parameters),
         dataset=EntryDataset(subset=result.dataset.subset, limit=result.dataset.limit, utterance_count=result.dataset.utterance_count,
                              utterance_ids_sha256=result.dataset.utterance_ids_sha256, partial_subset=result.dataset.partial_subset),
-        quantizer=quantizer, calibration=calibration, wer=score.wer, cer=score.cer, subsets={result.dataset.subset: score},
+        quantizer=quantizer, calibration=calibration,
+        activations=EntryActivations.model_validate(result.activations) if result.activations else None,
+        encoder_seconds=result.encoder_seconds, wer=score.wer, cer=score.cer, subsets={result.dataset.subset: score},
         model_bytes=m.model_bytes, audio_seconds=m.audio_seconds, device=device, devices_fitted=sorted(devices_fitted),
         compute=compute, hypotheses_sha256=result.hypotheses_sha256 or "", submitted_measurements=measurements,
         utterances=utterances,

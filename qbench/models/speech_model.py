@@ -39,6 +39,20 @@ class SpeechModel(Protocol):
         """The same model running on other parameters (same names and shapes)."""
         ...
 
+    def with_encoder_seconds(self, seconds: float | None) -> SpeechModel:
+        """The same model encoding at most `seconds` of audio at a time (None: its default, a
+        30 s Whisper window or a whole wav2vec2 utterance): Whisper encodes shorter windows
+        (fewer positions, as whisper.cpp's `audio_ctx`), wav2vec2 independent chunks."""
+        ...
+
+    def lean_memory(self, store: StreamingStore, utterances: int, audio_seconds: float,
+                    activation_bytes: float, kv_bytes: float) -> WorkingMemory:
+        """What a lean embedded runtime holds, phase by phase, to transcribe like `transcribe`:
+        only the buffers the computation needs alive, in the order the model runs, activations
+        at `activation_bytes` per value where a linear's input is stored quantized, the KV cache
+        at `kv_bytes`, the residual stream and accumulators in float32, weights read in place."""
+        ...
+
     def transcribe(self, audios: list[np.ndarray]) -> list[str]:
         """Raw (unnormalized) transcripts of a batch of 16 kHz mono float32 waveforms."""
         ...

@@ -199,10 +199,10 @@ class Wav2Vec2:
     #: what `qbench fit` assumes per batch row when no audio is at hand: wav2vec2 has no fixed
     #: window, its memory grows with the utterance, and 35 s is about the longest LibriSpeech
     #: test utterance
-    fit_audio_seconds: float = 35.0
+    UTTERANCE_FIT_SECONDS = 35.0
 
     def __init__(self, config: Wav2Vec2Config, store: WeightStore, vocab: Sequence[str],
-                 name: str = "wav2vec2", chunk_frames: int = CHUNK_FRAMES):
+                 name: str = "wav2vec2", chunk_frames: int = CHUNK_FRAMES, encoder_seconds: float | None = None):
         """`vocab[i]` is token id i's string; `chunk_frames` output frames (20 ms each) per
         feature-encoder chunk bounds that stage's memory whatever the utterance length."""
         if len(vocab) != config.vocab_size:
@@ -212,6 +212,19 @@ class Wav2Vec2:
         self.vocab = list(vocab)
         self.name = name
         self.chunk_frames = chunk_frames
+        if encoder_seconds is not None and not encoder_seconds > 0:
+            raise ValueError(f"encoder window of {encoder_seconds:g} s: give a positive length")
+        #: seconds of audio per independent encoder pass (None: the whole utterance at once);
+        #: the CTC frames of consecutive chunks are concatenated before decoding
+        self.encoder_seconds = encoder_seconds
+
+    @property
+    def fit_audio_seconds(self) -> float:
+        return self.UTTERANCE_FIT_SECONDS if self.encoder_seconds is None else self.encoder_seconds
+
+    def with_encoder_seconds(self, seconds: float | None) -> Wav2Vec2:
+        """The same model encoding audio in independent chunks of `seconds` (None: whole)."""
+        return Wav2Vec2(self.config, self.store, self.vocab, self.name, self.chunk_frames, seconds)
 
     @classmethod
     def from_params(cls, config: Wav2Vec2Config, params: Mapping[str, np.ndarray],
@@ -224,12 +237,21 @@ class Wav2Vec2:
         return weight_infos(self.config)
 
     def with_store(self, store: WeightStore) -> Wav2Vec2:
-        return Wav2Vec2(self.config, store, self.vocab, self.name, self.chunk_frames)
+        return Wav2Vec2(self.config, store, self.vocab, self.name, self.chunk_frames, self.encoder_seconds)
 
     def transcribe(self, audios: list[np.ndarray]) -> list[str]:
         """Greedy CTC transcripts; each utterance runs alone, so no padding or attention mask
         is needed and results do not depend on batch composition."""
-        return [self.decode(self.logits(audio)) for audio in audios]
+        return [self.decode(self.chunked_logits(audio)) for audio in audios]
+
+    def chunked_logits(self, audio: np.ndarray) -> np.ndarray:
+        """`logits` of the whole utterance, or with an encoder window, of each chunk on its own
+        (each normalised alone, as a streaming device sees it), concatenated."""
+        if self.encoder_seconds is None:
+            return self.logits(audio)
+        step = max(1, int(round(self.encoder_seconds * self.sample_rate)))
+        chunks = [self.logits(audio[i : i + step]) for i in range(0, max(1, len(audio)), step)]
+        return np.concatenate(chunks, axis=0)
 
     def calibration_forward(self, audios: list[np.ndarray], max_seconds: float | None = 4.0) -> None:
         """One pass over all utterances with every matrix applied once to the stacked inputs.
@@ -252,7 +274,7 @@ class Wav2Vec2:
         return [None for _ in audios]  # CTC: every frame's distribution is scored as it is
 
     def output_log_probs(self, audios: list[np.ndarray], targets: list[None], cache: dict | None = None) -> np.ndarray:
-        return log_softmax(np.concatenate([self.logits(audio) for audio in audios], axis=0), axis=1)
+        return log_softmax(np.concatenate([self.chunked_logits(audio) for audio in audios], axis=0), axis=1)
 
     @property
     def fit_audio(self) -> str:
@@ -261,7 +283,14 @@ class Wav2Vec2:
     def working_memory(self, store: StreamingStore, utterances: int, audio_seconds: float) -> WorkingMemory:
         """`logits_memory` of the longest of `utterances` utterances of up to `audio_seconds`
         (`transcribe` runs them one at a time: only their waveforms add up)."""
-        return logits_memory(self.config, store, audio_seconds, self.chunk_frames, utterances)
+        seconds = audio_seconds if self.encoder_seconds is None else min(audio_seconds, self.encoder_seconds)
+        return logits_memory(self.config, store, seconds, self.chunk_frames, utterances)
+
+    def lean_memory(self, store: StreamingStore, utterances: int, audio_seconds: float,
+                    activation_bytes: float, kv_bytes: float) -> WorkingMemory:
+        """`lean_logits_memory` of the longest utterance (or encoder chunk); CTC keeps no KV cache."""
+        seconds = audio_seconds if self.encoder_seconds is None else min(audio_seconds, self.encoder_seconds)
+        return lean_logits_memory(self.config, seconds, activation_bytes, self.chunk_frames)
 
     # -- single-utterance inference ----------------------------------------------------------
     def logits(self, audio: np.ndarray) -> np.ndarray:
@@ -606,4 +635,47 @@ def logits_memory(config: Wav2Vec2Config, store: StreamingStore, audio_seconds: 
     return WorkingMemory(phases={
         name: MemoryPhase(buffers_bytes=buffers, activations_bytes=activations, weight_block_bytes=block, cache_bytes=cache)
         for name, (buffers, activations, block, cache) in phases.items()
+    })
+
+
+def lean_logits_memory(config: Wav2Vec2Config, audio_seconds: float, activation_bytes: float,
+                       chunk_frames: int | None = CHUNK_FRAMES) -> WorkingMemory:
+    """What a lean embedded runtime holds for `Wav2Vec2.logits` of `audio_seconds` of audio, phase
+    by phase (the same arithmetic, scheduled to keep only what the next step needs; see
+    `qbench.models.whisper.lean_transcribe_memory` for the rules): 16-bit PCM of the utterance,
+    the feature encoder one chunk of `chunk_frames` frames at a time with each conv's input
+    stored at `activation_bytes` per value and its output accumulating in float32, the
+    features stored for the feature projection, then the transformer: a float32 residual, the
+    positional conv's stored input, attention head by head, the MLP one token at a time, and the
+    CTC logits."""
+    c = config
+    a = activation_bytes
+    token_scale = F32 if a < F32 else 0
+    stored = lambda rows, width: int(a * rows * width) + token_scale * rows  # noqa: E731
+    samples = int(round(audio_seconds * Wav2Vec2.sample_rate))
+    t = c.num_frames(samples)
+    pcm = 2 * samples
+    if t == 0:
+        return WorkingMemory(phases={"normalize": MemoryPhase(buffers_bytes=pcm)})
+    frames = t if chunk_frames is None else min(t, chunk_frames)
+    n = (frames - 1) * c.total_stride + c.receptive_field
+    conv_peak, c_in = 0, 1
+    for c_out, k, st in zip(c.conv_dim, c.conv_kernel, c.conv_stride):
+        n_out = (n - k) // st + 1
+        conv_peak = max(conv_peak, stored(n, c_in) + F32 * n_out * c_out)
+        n, c_in = n_out, c_out
+    d, heads, ff = c.hidden_size, c.num_attention_heads, c.intermediate_size
+    features = stored(t, c.conv_dim[-1])
+    x = F32 * t * d
+
+    def phase(buffers: int, activations: int) -> MemoryPhase:
+        return MemoryPhase(buffers_bytes=buffers, activations_bytes=activations)
+
+    return WorkingMemory(phases={
+        "feature-encoder": phase(pcm, features + conv_peak),
+        "feature-projection": phase(pcm, features + x),
+        "positional-conv": phase(pcm, x + stored(t, d) + F32 * t * d),
+        "attention": phase(pcm, x + stored(t, d) + 3 * F32 * t * (d // heads) + F32 * t + x),
+        "mlp": phase(pcm, x + F32 * d + F32 * ff + stored(1, ff)),
+        "ctc-head": phase(pcm, x + F32 * t * c.vocab_size),
     })

@@ -140,8 +140,10 @@ def log_mel_spectrogram(audio: np.ndarray, n_mels: int = 80, padding: int = 0) -
     return ((log_spec + 4.0) / 4.0).astype(np.float32)
 
 
-def audio_windows(audio: np.ndarray, n_mels: int = 80, padding: str = "audio") -> list[np.ndarray]:
-    """30 s log-mel windows `[N_FRAMES, n_mels]` covering an utterance, as whisper seeks them.
+def audio_windows(audio: np.ndarray, n_mels: int = 80, padding: str = "audio", frames: int = N_FRAMES) -> list[np.ndarray]:
+    """30 s log-mel windows `[N_FRAMES, n_mels]` covering an utterance, as whisper seeks them
+    (`frames` < N_FRAMES: shorter windows, for an encoder context below 30 s as whisper.cpp's
+    `audio_ctx` runs it; the padding is then that window's length of silence).
 
     Without timestamps the seek advances a full window. `padding` says what fills a window past
     the end of the audio:
@@ -153,16 +155,16 @@ def audio_windows(audio: np.ndarray, n_mels: int = 80, padding: str = "audio") -
     the peer's convention so that it compares the networks, not the padding.
     """
     if padding == "audio":
-        mel = log_mel_spectrogram(audio, n_mels, padding=N_SAMPLES)
-        content_frames = max(1, mel.shape[0] - N_FRAMES)
-        return [mel[start : start + N_FRAMES] for start in range(0, content_frames, N_FRAMES)]
+        mel = log_mel_spectrogram(audio, n_mels, padding=frames * HOP_LENGTH)
+        content_frames = max(1, mel.shape[0] - frames)
+        return [mel[start : start + frames] for start in range(0, content_frames, frames)]
     if padding == "zeros":
         mel = log_mel_spectrogram(audio, n_mels, padding=HOP_LENGTH)
         content_frames = max(1, mel.shape[0] - 1)
         windows = []
-        for start in range(0, content_frames, N_FRAMES):
-            window = mel[start : min(start + N_FRAMES, content_frames)]
-            windows.append(np.pad(window, ((0, N_FRAMES - window.shape[0]), (0, 0))))
+        for start in range(0, content_frames, frames):
+            window = mel[start : min(start + frames, content_frames)]
+            windows.append(np.pad(window, ((0, frames - window.shape[0]), (0, 0))))
         return windows
     raise ValueError(f"unknown mel padding {padding!r} (expected 'audio' or 'zeros')")
 
@@ -268,8 +270,8 @@ def _fill_cross_kv(store: WeightStore, dims: ModelDimensions, audio_features: np
     h, dh = dims.n_text_head, dims.text_head_dim
     for i in range(dims.n_text_layer):
         kv = store.linear(f"decoder.blocks.{i}.cross_attn.kv", audio_features).reshape(b, t, 2, h, dh)
-        state.cross_k[i][rows] = kv[:, :, 0].transpose(0, 2, 1, 3)
-        state.cross_v[i][rows] = kv[:, :, 1].transpose(0, 2, 1, 3)
+        state.cross_k[i][rows] = store.kv_cache_value("cross", i, kv[:, :, 0].transpose(0, 2, 1, 3))
+        state.cross_v[i][rows] = store.kv_cache_value("cross", i, kv[:, :, 1].transpose(0, 2, 1, 3))
 
 
 def decode_step(store: WeightStore, dims: ModelDimensions, tokens: np.ndarray, state: DecoderState) -> np.ndarray:
@@ -287,8 +289,8 @@ def decode_step(store: WeightStore, dims: ModelDimensions, tokens: np.ndarray, s
         p = f"decoder.blocks.{i}"
         qkv = store.linear(f"{p}.attn.qkv", _ln(store, f"{p}.attn_ln", x))
         q, k, v = np.split(qkv, 3, axis=-1)
-        state.self_k[i][:, :, offset : offset + t] = split_heads(k, h)
-        state.self_v[i][:, :, offset : offset + t] = split_heads(v, h)
+        state.self_k[i][:, :, offset : offset + t] = store.kv_cache_value("decoder_self", i, split_heads(k, h))
+        state.self_v[i][:, :, offset : offset + t] = store.kv_cache_value("decoder_self", i, split_heads(v, h))
         keys = state.self_k[i][:, :, : offset + t]
         values = state.self_v[i][:, :, : offset + t]
         x += store.linear(f"{p}.attn.out", store.attention("decoder_self", i, q, keys, values, h, causal_offset=offset))
@@ -415,16 +417,18 @@ def _greedy_loop(
 # ----------------------------------------------------------------------------------------------
 # Memory on a device store: what transcribing holds at its peak
 # ----------------------------------------------------------------------------------------------
-def transcribe_memory(dims: ModelDimensions, store: StreamingStore, windows: int, audio_seconds: float) -> WorkingMemory:
+def transcribe_memory(dims: ModelDimensions, store: StreamingStore, windows: int, audio_seconds: float,
+                      positions: int | None = None) -> WorkingMemory:
     """Working memory of transcribing one utterance of `audio_seconds` as a batch of `windows`
-    30 s windows on a device store (`greedy_decode` on `windows` rows).
+    30 s windows (of `positions` encoder positions: default the model's 1500) on a device store
+    (`greedy_decode` on `windows` rows).
 
     Each phase lists what is alive at its own high-water mark in the code above as written
     (which temporaries numpy makes there): activations, the decoder's KV caches, one block of
     dequantized weight, buffers (audio, log-mel, one (utterance, head) attention score block),
     and what the store's cache holds by the end of the run.
     """
-    b, t, d = windows, dims.n_audio_ctx, dims.n_audio_state
+    b, t, d = windows, positions or dims.n_audio_ctx, dims.n_audio_state
     dt, lt, ctx = dims.n_text_state, dims.n_text_layer, dims.n_text_ctx
     # the encoder runs a few of the batch's windows at once: its activations scale with that,
     # the decoder's caches with the whole batch
@@ -432,7 +436,7 @@ def transcribe_memory(dims: ModelDimensions, store: StreamingStore, windows: int
     e = min(b, calls * ENCODER_WINDOWS)
     frames_in = 2 * t
     samples = int(round(audio_seconds * SAMPLE_RATE))
-    pad = N_SAMPLES
+    pad = 2 * t * HOP_LENGTH
     mel_frames = (samples + pad) // HOP_LENGTH
     stft_bins = N_FFT // 2 + 1
     audio = F32 * samples
@@ -474,6 +478,64 @@ def transcribe_memory(dims: ModelDimensions, store: StreamingStore, windows: int
     })
 
 
+def lean_transcribe_memory(dims: ModelDimensions, windows: int, audio_seconds: float, positions: int,
+                           activation_bytes: float, kv_bytes: float, prompt_tokens: int = 4) -> WorkingMemory:
+    """What a lean embedded runtime holds to transcribe `windows` windows of `positions` encoder
+    positions as `greedy_decode` does, phase by phase (the same arithmetic, scheduled to keep
+    only what the next step needs):
+
+    * audio: one window of 16-bit PCM at a time, streamed from storage;
+    * a linear's input is stored at `activation_bytes` per value (its per-token float32 scales
+      besides) and read by the kernel in place; a linear's output accumulates in float32;
+    * the residual stream is float32; norms, GELU and the MLP run one token at a time (fc1's
+      4d outputs for one token, never the `[t, 4d]` hidden state);
+    * encoder attention runs head by head: that head's Q, K, V (float32 `[t, dh]`) from the
+      normalised input, one query row of scores, the head's output into a float32 `[t, d]`
+      buffer that the output projection reads once every head is done;
+    * the cross-attention keys/values of every window of the batch, and the self-attention
+      cache up to the prompt plus the longest transcript, at `kv_bytes` per value (plus a
+      float32 scale per token and head when quantized); the windows are encoded one at a time;
+    * weights execute in place (integer kernels read packed codes): no dequantized block.
+    """
+    b, t, d = windows, positions, dims.n_audio_state
+    dt, lt, lh = dims.n_text_state, dims.n_text_layer, dims.n_text_head
+    dh = dims.audio_head_dim
+    a = activation_bytes
+    quantized = a < F32
+    token_scale = F32 if quantized else 0  # one scale per token of a stored linear input
+    kv_scale = F32 * lh if kv_bytes < F32 else 0  # per token, one per head, for K and for V each
+    window_samples = 2 * t * HOP_LENGTH
+    pcm = 2 * min(window_samples, int(round(audio_seconds * SAMPLE_RATE)))
+    mel = F32 * dims.n_mels * 2 * t
+    x = F32 * t * d
+    stored = lambda rows, width: int(a * rows * width) + token_scale * rows  # noqa: E731
+    ctx = prompt_tokens + dims.n_text_ctx // 2
+    cross_kv = b * lt * 2 * t * (int(kv_bytes * dt) + kv_scale)
+    self_kv = b * lt * 2 * ctx * (int(kv_bytes * dt) + kv_scale)
+    # caches of the windows encoded before the last one (all windows decode together)
+    earlier = cross_kv * (b - 1) // b
+
+    def phase(buffers: int, activations: int, kv: int = 0) -> MemoryPhase:
+        return MemoryPhase(buffers_bytes=buffers, activations_bytes=activations, kv_cache_bytes=kv)
+
+    return WorkingMemory(phases={
+        # STFT one frame at a time into the log-mel window
+        "mel": phase(pcm + mel + 3 * F32 * N_FFT, 0, earlier),
+        # conv1's output (conv2's input) stored, conv2 accumulating into the residual stream
+        "conv": phase(mel, stored(2 * t, d) + x, earlier),
+        # residual, normalised input, one head's Q/K/V, a score row, the heads' output
+        "encoder-attention": phase(0, x + stored(t, d) + 3 * F32 * t * dh + F32 * t + x, earlier),
+        # residual plus one token's norm, fc1 output and stored GELU
+        "encoder-mlp": phase(0, x + F32 * d + F32 * 4 * d + stored(1, 4 * d), earlier),
+        # the normalised encoder output stored, every layer's cross K/V filled
+        "decoder-start": phase(0, stored(t, d), cross_kv + self_kv),
+        # per row: residual, norm, q, one head's scores, one token's MLP; the logits row
+        "decode": phase(F32 * b * dims.n_vocab,
+                        b * (F32 * dt + stored(1, dt) + F32 * dt + F32 * max(t, ctx) + F32 * 4 * dt + stored(1, 4 * dt)),
+                        cross_kv + self_kv),
+    })
+
+
 # ----------------------------------------------------------------------------------------------
 # The model object the harness drives (satisfies qbench.models.speech_model.SpeechModel)
 # ----------------------------------------------------------------------------------------------
@@ -481,16 +543,33 @@ class Whisper:
     """A Whisper checkpoint ready to transcribe: dimensions, parameters (via a store), vocabulary."""
 
     sample_rate = SAMPLE_RATE
-    #: `qbench fit` assumes one 30 s window per batch row: the encoder's input, whatever the audio
-    fit_audio_seconds = float(CHUNK_LENGTH)
 
     def __init__(self, dims: ModelDimensions, store: WeightStore, vocab: WhisperVocabulary, name: str = "whisper",
-                 mel_padding: str = "audio"):
+                 mel_padding: str = "audio", encoder_seconds: float | None = None):
         self.dims = dims
         self.store = store
         self.vocab = vocab
         self.name = name
         self.mel_padding = mel_padding  # see `audio_windows`
+        full = dims.n_audio_ctx * 2 * HOP_LENGTH / SAMPLE_RATE
+        if encoder_seconds is not None and not 0 < encoder_seconds <= full:
+            raise ValueError(f"encoder window of {encoder_seconds:g} s: Whisper's encoder takes at most {full:g} s")
+        #: seconds of audio per encoder window (None: the full 30 s); shorter windows encode
+        #: fewer positions, as whisper.cpp's `audio_ctx` does
+        self.encoder_seconds = encoder_seconds
+        self.window_frames = N_FRAMES if encoder_seconds is None else 2 * max(1, round(encoder_seconds * SAMPLE_RATE / HOP_LENGTH / 2))
+
+    @property
+    def fit_audio_seconds(self) -> float:
+        """`qbench fit` assumes one window per batch row: the encoder's input, whatever the audio."""
+        return self.window_frames * HOP_LENGTH / SAMPLE_RATE
+
+    def with_encoder_seconds(self, seconds: float | None) -> Whisper:
+        """The same model with encoder windows of `seconds` (None: 30 s)."""
+        return Whisper(self.dims, self.store, self.vocab, self.name, self.mel_padding, seconds)
+
+    def _windows(self, audio: np.ndarray) -> list[np.ndarray]:
+        return audio_windows(audio, self.dims.n_mels, self.mel_padding, self.window_frames)
 
     @staticmethod
     def weight_infos(dims: ModelDimensions) -> list[WeightInfo]:
@@ -528,7 +607,7 @@ class Whisper:
         return self.store.weight_infos()
 
     def with_store(self, store: WeightStore) -> Whisper:
-        return Whisper(self.dims, store, self.vocab, self.name, self.mel_padding)
+        return Whisper(self.dims, store, self.vocab, self.name, self.mel_padding, self.encoder_seconds)
 
     def transcribe(self, audios: list[np.ndarray]) -> list[str]:
         texts = []
@@ -540,7 +619,7 @@ class Whisper:
         """Token ids per utterance and 30 s window; all windows of the batch decode together."""
         windows, owner = [], []
         for i, audio in enumerate(audios):
-            for window in audio_windows(audio, self.dims.n_mels, self.mel_padding):
+            for window in self._windows(audio):
                 windows.append(window)
                 owner.append(i)
         decoded = greedy_decode(self.store, self.dims, self.vocab, np.stack(windows))
@@ -556,19 +635,26 @@ class Whisper:
     def working_memory(self, store: StreamingStore, utterances: int, audio_seconds: float) -> WorkingMemory:
         """`transcribe_memory` of `utterances` utterances of up to `audio_seconds`: each counted
         as long as the longest, all their windows decoded together."""
-        windows = utterances * max(1, math.ceil(audio_seconds / CHUNK_LENGTH))
-        return transcribe_memory(self.dims, store, windows, audio_seconds)
+        windows = utterances * max(1, math.ceil(audio_seconds / self.fit_audio_seconds))
+        return transcribe_memory(self.dims, store, windows, audio_seconds, self.window_frames // 2)
+
+    def lean_memory(self, store: StreamingStore, utterances: int, audio_seconds: float,
+                    activation_bytes: float, kv_bytes: float) -> WorkingMemory:
+        """`lean_transcribe_memory` of `utterances` utterances of up to `audio_seconds`."""
+        windows = utterances * max(1, math.ceil(audio_seconds / self.fit_audio_seconds))
+        return lean_transcribe_memory(self.dims, windows, audio_seconds, self.window_frames // 2, activation_bytes,
+                                      kv_bytes, len(self.vocab.sot_sequence()))
 
     def teacher_forcing_targets(self, audios: list[np.ndarray]) -> list[list[int]]:
         float_model = self.with_store(WeightStore(self.store.params, self.store.weight_infos()))
-        mels = np.stack([w for audio in audios for w in audio_windows(audio, self.dims.n_mels, self.mel_padding)])
+        mels = np.stack([w for audio in audios for w in self._windows(audio)])
         return greedy_decode(float_model.store, self.dims, self.vocab, mels)
 
     def output_log_probs(self, audios: list[np.ndarray], targets: list[list[int]], cache: dict | None = None) -> np.ndarray:
         cache = {} if cache is None else cache
         mels = cache.get("mels")
         if mels is None:
-            mels = cache["mels"] = np.stack([w for a in audios for w in audio_windows(a, self.dims.n_mels, self.mel_padding)])
+            mels = cache["mels"] = np.stack([w for a in audios for w in self._windows(a)])
         packed = getattr(self.store, "packed", None) or {}
         # a store whose encoder is float encodes exactly as the float model: encode once
         float_encoder = not any(name.startswith("encoder.") for name in packed)
@@ -602,7 +688,7 @@ class Whisper:
         computed first with a plain float store over the same parameters.
         """
         float_model = self.with_store(WeightStore(self.store.params, self.store.weight_infos()))
-        windows = [w for audio in audios for w in audio_windows(audio, self.dims.n_mels, self.mel_padding)]
+        windows = [w for audio in audios for w in self._windows(audio)]
         mels = np.stack(windows)
         targets = greedy_decode(float_model.store, self.dims, self.vocab, mels)
         tokens, _ = self._teacher_forced_tokens(targets)

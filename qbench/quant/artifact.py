@@ -26,6 +26,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError, model_serializer
 
 from qbench.errors import QBenchError, one_line
+from qbench.quant.activation_scheme import ActivationRecord
 from qbench.quant.apply import QuantizationPolicy, QuantizerIdentity
 from qbench.quant.packing import PackedTensor, check_packed_layout, packed_code_bytes
 
@@ -73,14 +74,18 @@ class ArtifactManifest(_Strict):
     layers: list[LayerLayout]
     #: for a plan (`quantizer.name == "plan"`, its config the plan): every quantizer it ran
     plan_quantizers: list[QuantizerIdentity] | None = None
+    #: the activation scheme the model runs with, static scales included (None: float activations)
+    activations: ActivationRecord | None = None
     digest: str = ""
 
     @model_serializer(mode="wrap")
     def _without_unset_plan(self, handler: Any) -> dict[str, Any]:
-        # a manifest of a single quantizer serializes as before plans existed: its digest holds
+        # a manifest of a single quantizer with float activations serializes as before plans
+        # and activation schemes existed: its digest holds
         data = handler(self)
-        if data.get("plan_quantizers") is None:
-            data.pop("plan_quantizers", None)
+        for key in ("plan_quantizers", "activations"):
+            if data.get(key) is None:
+                data.pop(key, None)
         return data
 
 
@@ -107,7 +112,8 @@ def artifact_digest(manifest: ArtifactManifest, tensors: dict[str, np.ndarray]) 
 def build_manifest(model: str, model_sha256: str, identity: QuantizerIdentity, policy: QuantizationPolicy,
                    scale_dtype: str, packed: dict[str, PackedTensor],
                    calibration: dict[str, Any] | None = None,
-                   plan_quantizers: list[QuantizerIdentity] | None = None) -> ArtifactManifest:
+                   plan_quantizers: list[QuantizerIdentity] | None = None,
+                   activations: ActivationRecord | None = None) -> ArtifactManifest:
     """The manifest of `packed`, digest included."""
     layers = [LayerLayout(name=name, shape=pt.shape, code_bits=pt.code_bits, packing=pt.packing, group_size=pt.group_size,
                           offset=pt.offset, buffers=[b for b in _BUFFERS if getattr(pt, b) is not None])
@@ -117,7 +123,8 @@ def build_manifest(model: str, model_sha256: str, identity: QuantizerIdentity, p
         cal = ArtifactCalibration(subset=calibration["subset"], utterance_ids=list(calibration["utterance_ids"]),
                                   utterance_ids_sha256=calibration["utterance_ids_sha256"])
     manifest = ArtifactManifest(model=model, model_sha256=model_sha256, quantizer=identity, policy=policy,
-                                scale_dtype=scale_dtype, calibration=cal, layers=layers, plan_quantizers=plan_quantizers)
+                                scale_dtype=scale_dtype, calibration=cal, layers=layers, plan_quantizers=plan_quantizers,
+                                activations=activations)
     manifest.digest = artifact_digest(manifest, _tensors(packed))
     return manifest
 
