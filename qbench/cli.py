@@ -460,15 +460,17 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     import json as _json
 
     from qbench.embedded.devices import discover_device_profiles
-    from qbench.plugin_manager import discover_quantizers
+    from qbench.plugin_manager import discover_activation_schemes, discover_quantizers
 
     entries, errors = discover_quantizers()
-    # a device-profile hook can fail too; import failures are in both lists, print them once
-    errors += [e for e in discover_device_profiles()[1] if e not in errors]
+    schemes, scheme_errors = discover_activation_schemes()
+    # a device-profile hook can fail too; import failures are in every list, print them once
+    errors += [e for e in discover_device_profiles()[1] + scheme_errors if e not in errors]
     if args.show:
-        if args.show not in entries:
-            raise CliError(f"unknown quantizer {args.show!r}; available: {', '.join(entries) or 'none'}")
-        e = entries[args.show]
+        e = entries.get(args.show) or schemes.get(args.show)
+        if e is None:
+            raise CliError(f"unknown quantizer or activation scheme {args.show!r}; available: "
+                           f"{', '.join(list(entries) + list(schemes)) or 'none'}")
         # plugin-supplied text is printed as it is, never read as markup
         out.print(Text(f"{e.name} {e.version} from {e.distribution or e.plugin} {e.distribution_version or ''}".strip(),
                        style="bold"))
@@ -479,7 +481,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             if "enum" in prop:
                 kind = " | ".join(map(str, prop["enum"]))
             rows.append([key, str(kind), _json.dumps(prop.get("default")), prop.get("description", "")])
-        show_table("config (qbench run --plugin NAME --set KEY=VALUE ...)", ["key", "type", "default", "description"], rows,
+        how = "--act NAME --act-set" if args.show in schemes and args.show not in entries else "--plugin NAME --set"
+        show_table(f"config (qbench run {how} KEY=VALUE ...)", ["key", "type", "default", "description"], rows,
                    left_columns=4, prose_columns=(1, 3))
         return 0
     rows = []
@@ -489,6 +492,12 @@ def cmd_plugins(args: argparse.Namespace) -> int:
                      ", ".join(e.config_schema.get("properties", {})), e.description])
     show_table("quantizer plugins", ["name", "version", "distribution", "calibrated", "config keys", "description"], rows,
                left_columns=6, prose_columns=(2, 4, 5))
+    rows = []
+    for e in schemes.values():
+        dist = f"{e.distribution} {e.distribution_version}" if e.distribution else e.plugin
+        rows.append([e.name, e.version, dist, ", ".join(e.config_schema.get("properties", {})), e.description])
+    show_table("activation schemes (qbench run --act NAME; absmax8 = absmax at 8 bits)",
+               ["name", "version", "distribution", "config keys", "description"], rows, left_columns=5, prose_columns=(2, 3, 4))
     for err in errors:
         say(f"plugin error: {err}", "red")
     return 0
