@@ -513,11 +513,22 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     model = load_model(args.model, args.weights).model
     args.model = model.name  # --weights alone: the name the checkpoint is known by
+    if args.encoder_seconds is not None:
+        model = model.with_encoder_seconds(args.encoder_seconds)
+    devices = [get_device_profile(args.device)] if args.device else list(get_device_profiles().values())
+    if args.ladder:
+        return fit_ladder_table(model, devices, args.json)
     quantization = None
     if args.plugin:
         model, quantization = quantize_for_fit(model, args)
-    devices = [get_device_profile(args.device)] if args.device else list(get_device_profiles().values())
-    reports = [fit_model(model, device) for device in devices]
+    activations = None
+    choice = activations_from_args(args)
+    if choice is not None:
+        from qbench.quant.plugin_process import ActivationSchemeProcess
+
+        with ActivationSchemeProcess(choice.name, choice.config) as scheme:
+            activations = scheme.record(choice.kv_cache, None)
+    reports = [fit_model(model, device, activations=activations) for device in devices]
     if args.json:
         print(_json.dumps({"model": args.model, "quantization": quantization,
                            "devices": [r.model_dump(mode="json") for r in reports]}, indent=2))
@@ -528,8 +539,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
         rows.append([p.name, _mib(p.ram_bytes), _mib(p.storage_bytes), "yes" if p.weights_execute_in_place else "no",
                      _mib(b.weights_stored_bytes), _mib(b.weights_ram_bytes), _mib(b.working_peak_bytes),
                      _mib(b.total_ram_bytes), Text("yes", style="green") if r.fits else Text("no", style="red")])
+    act = f" {activations.label} (lean runtime)" if activations is not None else ""
     show_table(
-        f"{args.model} {args.plugin or 'as stored'} {' '.join(args.set or [])}: {fit_audio(model)}, batch 1",
+        f"{args.model} {args.plugin or 'as stored'} {' '.join(args.set or [])}{act}: {fit_audio(model)}, batch 1",
         ["device", "device RAM MiB", "storage MiB", "XIP", "weights MiB", "weights in RAM MiB", "working peak MiB",
          "total RAM* MiB", "fits"],
         rows, left_columns=1,
@@ -539,6 +551,37 @@ def cmd_fit(args: argparse.Namespace) -> int:
     )
     if quantization and quantization.get("estimated_with"):
         say(f"note: {quantization['estimated_with']}")
+    return 0
+
+
+def fit_ladder_table(model, devices, as_json: bool) -> int:
+    """`qbench fit --ladder`: per device rung, the best configuration that fits and what binds."""
+    import json as _json
+
+    from qbench.embedded.fit_ladder import CONFIGURATIONS, ladder_fits
+
+    rungs = ladder_fits(model, devices)
+    if as_json:
+        print(_json.dumps([r.model_dump(mode="json") for r in rungs], indent=2))
+        return 0
+    rows = []
+    for r in rungs:
+        p, b = r.device, r.best
+        best = Text("none", style="red") if b is None else b.configuration.label
+        rows.append([p.name, _mib(p.ram_bytes), _mib(p.storage_bytes), "yes" if p.weights_execute_in_place else "no", best,
+                     "" if b is None else _mib(b.weights_bytes),
+                     "" if b is None else f"{_mib(b.working_peak_bytes)} ({b.peak_phase})",
+                     f"{r.fitting}/{len(CONFIGURATIONS)}", r.binding or "nothing: the best configuration fits"])
+    show_table(
+        f"{model.name}: the best configuration each device fits (batch 1)",
+        ["device", "RAM MiB", "storage MiB", "XIP", "best configuration", "weights MiB", "working peak MiB",
+         "fit", "binding constraint (the next better configuration)"],
+        rows, left_columns=1, prose_columns=(8,),
+        notes=["Configurations, best first: weights as stored (fp16), then 8.25, 4.25, 3.25 and 2.25 bits per parameter "
+               "(embedding included); for each, encoder windows of the model's default, 10 s and 5 s; for each, "
+               "activations float32 (the numpy implementation's memory model), then A8, A8 with an 8-bit KV cache, A4 "
+               "with a 4-bit KV cache (a lean embedded runtime's memory model, `SpeechModel.lean_memory`)."],
+    )
     return 0
 
 
@@ -847,6 +890,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "activation-aware when the plugin calibrates)")
     fit.add_argument("--lowrank-dtype", choices=["float16", "int8"], help="storage of the low-rank factors (default float16)")
     fit.add_argument("--device", help="only this profile")
+    add_activation_arguments(fit)
+    fit.add_argument("--encoder-seconds", type=float, metavar="S", help="audio per encoder pass (as for qbench run)")
+    fit.add_argument("--ladder", action="store_true", help="for each device, the best of a grid of weight bits, "
+                     "activation bits, KV-cache bits and encoder windows that fits, and what binds")
     fit.add_argument("--json", action="store_true", help="print JSON instead of a table")
     fit.set_defaults(func=cmd_fit)
 

@@ -339,3 +339,33 @@ def test_wav2vec2_runs_with_quantized_activations_and_in_chunks():
     store = DeviceWeightStore.from_store(model.store)
     lean = model.lean_memory(store, 1, 3.0, 1.0, 4.0)
     assert lean.peak.total_bytes < model.lean_memory(store, 1, 3.0, 4.0, 4.0).peak.total_bytes
+
+
+def test_the_fit_ladder_finds_the_best_configuration_and_what_binds(small_rtn4):
+    from qbench.embedded.fit_ladder import (
+        CONFIGURATIONS,
+        configuration_fit,
+        ladder_fits,
+        weights_bytes,
+    )
+
+    small, _ = small_rtn4
+    matrices = sum(info.numel for info in small.store.weight_infos())
+    rest = small.store.stored_bytes() - sum(np.asarray(small.store.params[i.name + ".weight"]).nbytes
+                                            for i in small.store.weight_infos())
+    assert weights_bytes(small, 4.0) == rest + matrices // 2
+    by_label = {c.label: c for c in CONFIGURATIONS}
+    a32 = configuration_fit(small, DeviceProfile(name="big", ram_bytes=2**40, storage_bytes=2**40, part="t", note="t"),
+                            by_label["W4.25 A32"])
+    a8kv8 = configuration_fit(small, DeviceProfile(name="big", ram_bytes=2**40, storage_bytes=2**40, part="t", note="t"),
+                              by_label["W4.25 A8 KV8"])
+    assert a8kv8.working_peak_bytes < a32.working_peak_bytes and a8kv8.weights_bytes == a32.weights_bytes
+    # RAM between the two, flash for 4.25 bits but not 8.25: the best is W4.25 with quantized activations
+    w8 = weights_bytes(small, 8.25)
+    device = DeviceProfile(name="mcu", ram_bytes=(a8kv8.working_peak_bytes + a32.working_peak_bytes) // 2,
+                           storage_bytes=w8 - 1, weights_execute_in_place=True, part="t", note="t")
+    (rung,) = ladder_fits(small, [device])
+    assert rung.best is not None and rung.best.configuration.weight_bits == 4.25
+    assert rung.best.configuration.activation_bits is not None and "RAM" in rung.binding
+    (nothing,) = ladder_fits(small, [device.model_copy(update={"storage_bytes": 1000})])
+    assert nothing.best is None and nothing.fitting == 0 and "storage" in nothing.binding
