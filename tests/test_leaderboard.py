@@ -203,6 +203,15 @@ def test_submit_validate_verify_end_to_end(tiny_en, data_dir, tmp_path, capsys):
 
     result = RunResult.model_validate_json((tmp_path / "r.json").read_text())
     assert compare_rerun(entry, result) == []
+    # an entry from before the compute report split operations is checked on what it holds
+    old = json.loads(path.read_text())
+    assert old["compute"].pop("operations")["fp32_mac"] > 0 and old["compute"].pop("arithmetic_energy_pj") > 0
+    older = tmp_path / "older.json"
+    older.write_text(json.dumps(old))
+    assert compare_rerun(read_entry(older), result) == []
+    old["compute"]["total_macs"] += 1
+    older.write_text(json.dumps(old))
+    assert any(p.startswith("compute.total_macs") for p in compare_rerun(read_entry(older), result))
     entry.utterances[0].hypothesis += " extra"
     entry.hypotheses_sha256 = hypotheses_digest((u.id, u.hypothesis) for u in entry.utterances)
     assert "hypotheses differ from the entry's on the same qbench version" in compare_rerun(entry, result)

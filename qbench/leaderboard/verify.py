@@ -119,7 +119,13 @@ def _device_differences(entry: LeaderboardEntry, result: RunResult) -> list[str]
             rerun_counts = entry_compute(here["compute"])[0].model_dump() if here.get("compute") is not None else None
         except EntryError as exc:
             return problems + [f"compute: {exc}"]
-        problems += _differences("compute", rerun_counts, entry.compute.model_dump() if entry.compute else None)
+        recorded = entry.compute.model_dump() if entry.compute else None
+        if recorded is not None and rerun_counts is not None:
+            # an entry made before a count existed is checked on the counts it holds
+            held = entry.compute.model_fields_set
+            rerun_counts = {k: v for k, v in rerun_counts.items() if k in held}
+            recorded = {k: v for k, v in recorded.items() if k in held}
+        problems += _differences("compute", rerun_counts, recorded)
     return problems
 
 
