@@ -227,10 +227,11 @@ def activations_from_args(args: argparse.Namespace):
     name = getattr(args, "act", None)
     settings = getattr(args, "act_set", None) or []
     if name is None:
-        if settings or getattr(args, "kv_cache", False):
-            raise CliError("--act-set and --kv-cache configure an activation scheme: give --act NAME too")
+        if settings or getattr(args, "kv_cache", False) or getattr(args, "act_attention", False):
+            raise CliError("--act-set, --kv-cache and --act-attention configure an activation scheme: give --act NAME too")
         return None
-    return ActivationChoice(name=name, config=parse_setting_values(settings, name), kv_cache=bool(args.kv_cache))
+    return ActivationChoice(name=name, config=parse_setting_values(settings, name), kv_cache=bool(args.kv_cache),
+                            attention=bool(getattr(args, "act_attention", False)))
 
 
 def add_activation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -239,6 +240,8 @@ def add_activation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--act-set", action="append", metavar="KEY=VALUE", help="activation scheme config, repeatable")
     parser.add_argument("--kv-cache", action="store_true", help="also store attention keys/values quantized (the "
                         "scheme's bits, absmax per token and head)")
+    parser.add_argument("--act-attention", action="store_true", help="also run attention on quantized Q, K, V (per "
+                        "token and head) and probabilities (unsigned codes at the scheme's bits)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -133,7 +133,7 @@ class RunSpec(BaseModel):
         if act is None:
             return ""
         settings = "".join(f"-{k}{v if isinstance(v, str) else json.dumps(v)}" for k, v in sorted(act.config.items()))
-        return f"_a-{act.name}{settings}" + ("-kv" if act.kv_cache else "")
+        return f"_a-{act.name}{settings}" + ("-kv" if act.kv_cache else "") + ("-att" if act.attention else "")
 
     @property
     def encoder_label(self) -> str:
@@ -374,7 +374,7 @@ def activations_for_run(
                 loaded = record.model_dump()
             progress.note(f"calibrating activation scheme {scheme.name} on {len(audios)} utterances")
             scales = static_scales(model, audios, float_params, scheme.calibrate)
-        record = scheme.record(choice.kv_cache, scales)
+        record = scheme.record(choice.kv_cache, scales, choice.attention)
     progress.note(f"activations: {record.label} ({record.scheme.granularity}, "
                   f"{'symmetric' if record.scheme.symmetric else 'asymmetric'}, "
                   f"{'dynamic' if record.scheme.dynamic else 'static'})")

@@ -334,6 +334,9 @@ def test_wav2vec2_runs_with_quantized_activations_and_in_chunks():
     assert float_logits.shape == a8_logits.shape and not np.array_equal(float_logits, a8_logits)
     # A8 on the real base widths stays close to float (the seeded model's logits are small)
     assert np.abs(a8_logits - float_logits).max() < 0.1 * np.abs(float_logits).max()
+    with_attention = model.with_store(ActivationQuantizingStore(model.store, _record().model_copy(update={"attention": True})))
+    att_logits = with_attention.logits(audio)
+    assert not np.array_equal(att_logits, a8_logits) and np.abs(att_logits - float_logits).max() < 0.2 * np.abs(float_logits).max()
     chunked = model.with_encoder_seconds(1.0)
     assert chunked.chunked_logits(audio).shape[0] == 3 * model.logits(audio[:16000]).shape[0]
     store = DeviceWeightStore.from_store(model.store)
@@ -369,3 +372,32 @@ def test_the_fit_ladder_finds_the_best_configuration_and_what_binds(small_rtn4):
     assert rung.best.configuration.activation_bits is not None and "RAM" in rung.binding
     (nothing,) = ladder_fits(small, [device.model_copy(update={"storage_bytes": 1000})])
     assert nothing.best is None and nothing.fitting == 0 and "storage" in nothing.binding
+
+
+def test_attention_on_quantized_operands_matches_its_definition():
+    from qbench.models.attention import attention
+    from qbench.quant.integer_attention import integer_attention
+
+    rng = np.random.default_rng(4)
+    b, tq, tk, h, dh = 2, 5, 7, 2, 8
+    q = rng.standard_normal((b, tq, h * dh)).astype(np.float32)
+    k = rng.standard_normal((b, h, tk, dh)).astype(np.float32)
+    v = rng.standard_normal((b, h, tk, dh)).astype(np.float32)
+    out = integer_attention(q, k, v, h, A8, causal_offset=2)
+    # the reference, written out: dequantized Q and K, float softmax, 8-bit probabilities
+    a_q, s_q = quantize_activations(q.reshape(b, tq, h, dh), A8)
+    a_k, s_k = quantize_activations(k, A8)
+    a_v, s_v = quantize_activations(v, A8)
+    for i in range(b):
+        for j in range(h):
+            scores = (a_q[i, :, j].astype(np.int64) @ a_k[i, j].astype(np.int64).T) * s_q[i, :, j] * s_k[i, j, :, 0] / np.sqrt(dh)
+            scores[np.arange(tk)[None, :] > 2 + np.arange(tq)[:, None]] = -np.inf
+            p = np.exp(scores - scores.max(axis=1, keepdims=True))
+            p /= p.sum(axis=1, keepdims=True)
+            ref = np.rint(p * 255) @ (a_v[i, j] * s_v[i, j]) / 255
+            np.testing.assert_allclose(out[i, :, j * dh:(j + 1) * dh], ref, rtol=1e-4, atol=1e-5)
+    # and close to float attention, which it approximates
+    np.testing.assert_allclose(out, attention(q, k, v, h, causal_offset=2), atol=0.05)
+    with pytest.raises(ValueError, match="not be exact"):
+        integer_attention(np.zeros((1, 1, 2048), np.float32), np.zeros((1, 1, 1, 2048), np.float32),
+                          np.zeros((1, 1, 1, 2048), np.float32), 1, A8)

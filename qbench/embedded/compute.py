@@ -146,6 +146,7 @@ class ComputeCountingStore:
         self._nonzero: dict[str, float] = {}
         self.operations: dict[str, float] = defaultdict(float)
         self._act_bits = getattr(inner, "activation_bits", None)
+        self._quantized_attention = bool(getattr(inner, "quantizes_attention", False))
 
     def __getattr__(self, attr: str) -> Any:
         return getattr(self.inner, attr)
@@ -221,7 +222,14 @@ class ComputeCountingStore:
         with self._lock:
             # q.k and scores.v: every query row against every key row, over all heads' d channels
             self.attention_macs[kind] += 2 * b * tq * k.shape[2] * d
-            self.operations["fp32_mac"] += 2 * b * tq * k.shape[2] * d
+            if self._quantized_attention:
+                # q.k on integer codes; the probabilities' codes times the values as stored
+                a = self._act_bits
+                self.operations[f"int{a}xint{a}_mac"] += b * tq * k.shape[2] * d
+                self.operations[f"int{a}xfp16_mac"] += b * tq * k.shape[2] * d
+                self.operations["act_quantize"] += q.size + k.size + v.size
+            else:
+                self.operations["fp32_mac"] += 2 * b * tq * k.shape[2] * d
             if layer == 0 and kind == "encoder_self":
                 self.encoder_windows += b
             elif layer == 0 and kind == "decoder_self":

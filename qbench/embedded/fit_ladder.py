@@ -21,7 +21,6 @@ from qbench.embedded.device_store import DeviceWeightStore
 from qbench.embedded.memory import MemoryBreakdown, check_fit
 from qbench.embedded.profile import DeviceProfile
 from qbench.models.speech_model import SpeechModel
-from qbench.models.working_memory import F32
 
 
 class FitConfiguration(BaseModel):
@@ -88,8 +87,8 @@ def configuration_fit(model: SpeechModel, device: DeviceProfile, config: FitConf
     if config.activation_bits is None and config.kv_cache_bits is None:
         working = m.working_memory(store, 1, seconds)
     else:
-        act = F32 if config.activation_bits is None else config.activation_bits / 8
-        kv = F32 if config.kv_cache_bits is None else config.kv_cache_bits / 8
+        act = 4.0 if config.activation_bits is None else config.activation_bits / 8  # float32: 4 bytes
+        kv = 4.0 if config.kv_cache_bits is None else config.kv_cache_bits / 8
         working = m.lean_memory(store, 1, seconds, act, kv)
     stored = weights_bytes(m, config.weight_bits)
     peak = working.peak

@@ -241,6 +241,7 @@ class EntryActivations(_Strict):
     config: dict[SafeName, ConfigValue]
     scheme: EntryActivationScheme
     kv_cache: bool
+    attention: bool = False
     static_scales: dict[SafeName, EntryStaticScale] | None = Field(
         None, description="a static scheme's scale and zero point per layer input, from calibration")
 
@@ -248,7 +249,8 @@ class EntryActivations(_Strict):
     def label(self) -> str:
         """The file-name part: `a-absmax-bits8-roundinghalf_even`, plus `-kv` with a quantized KV cache."""
         parts = ["a", self.name] + [f"{key}{_slug(value)}" for key, value in sorted(self.config.items())]
-        return "-".join(re.sub(r"[^A-Za-z0-9_.]+", "", p) for p in parts) + ("-kv" if self.kv_cache else "")
+        return ("-".join(re.sub(r"[^A-Za-z0-9_.]+", "", p) for p in parts) + ("-kv" if self.kv_cache else "")
+                + ("-att" if self.attention else ""))
 
 
 class EntryCalibration(_Strict):

@@ -245,6 +245,8 @@ class ActivationChoice(BaseModel):
     config: dict[str, Any] = Field(default_factory=dict, description="the scheme's settings (JSON values)")
     kv_cache: bool = Field(False, description="also store attention keys/values (self and cross) at the scheme's "
                                               "bits, symmetric absmax per token and head")
+    attention: bool = Field(False, description="also run every attention on quantized Q, K, V (per token and head) "
+                                               "and probabilities (unsigned, the scheme's bits)")
 
 
 class ActivationRecord(BaseModel):
@@ -261,13 +263,15 @@ class ActivationRecord(BaseModel):
     config: dict[str, Any]
     scheme: ActivationScheme
     kv_cache: bool = False
+    attention: bool = False
     static_scales: dict[str, StaticActivationScale] | None = None
 
     @property
     def label(self) -> str:
-        """`A8 absmax`, `A8 static, KV8`: how tables name it."""
+        """`A8 absmax`, `A8 static, KV8`, `A8 absmax, attention A8`: how tables name it."""
         kv = f", KV{self.scheme.bits}" if self.kv_cache else ""
-        return f"A{self.scheme.bits} {self.name}{kv}"
+        att = f", attention A{self.scheme.bits}" if self.attention else ""
+        return f"A{self.scheme.bits} {self.name}{kv}{att}"
 
     def choice(self) -> ActivationChoice:
-        return ActivationChoice(name=self.name, config=dict(self.config), kv_cache=self.kv_cache)
+        return ActivationChoice(name=self.name, config=dict(self.config), kv_cache=self.kv_cache, attention=self.attention)

@@ -9,7 +9,8 @@ transform, AWQ's scales or QuIP's rotation, as a kernel would) and multiplies:
 * a codebook layer (NF4, SqueezeLLM) or a float one: the dequantized activations times the
   float32 weights, as a lookup-table or float kernel would.
 
-A low-rank correction and the bias stay float. With `kv_cache`, the keys and values the decoder
+A low-rank correction and the bias stay float. With `attention`, every attention runs on
+quantized Q, K, V and probabilities (`qbench.quant.integer_attention`). With `kv_cache`, the keys and values the decoder
 attends to (its own, and the cross-attention's encoder keys/values computed once per
 utterance) are stored quantized, symmetric absmax per token and head at the scheme's bits,
 as the model writes them into its cache (`kv_cache_value`); attention reads them as stored.
@@ -29,6 +30,7 @@ from qbench.quant.activation_scheme import (
     ActivationScheme,
     quantize_activations,
 )
+from qbench.quant.integer_attention import integer_attention
 from qbench.quant.integer_matmul import (
     IntegerWeights,
     integer_linear,
@@ -92,6 +94,18 @@ class ActivationQuantizingStore:
         if bias_name in self.inner.params:
             y += self.inner.param(bias_name)
         return y
+
+    @property
+    def quantizes_attention(self) -> bool:
+        return self.record.attention
+
+    def attention(self, kind: AttentionKind, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head: int,
+                  causal_offset: int | None = None, threads: int = 1) -> np.ndarray:
+        """The inner store's attention, or with `attention` every product on quantized operands
+        (`qbench.quant.integer_attention`)."""
+        if not self.record.attention:
+            return self.inner.attention(kind, layer, q, k, v, n_head, causal_offset, threads)
+        return integer_attention(q, k, v, n_head, self.scheme, causal_offset, threads)
 
     def kv_cache_value(self, kind: AttentionKind, layer: int, x: np.ndarray) -> np.ndarray:
         """New keys or values `[b, heads, t, dh]` as the cache stores them: quantized per token

@@ -274,9 +274,9 @@ class ActivationSchemeProcess(PluginProcess):
                                      "but declared a symmetric scheme")
         return scale
 
-    def record(self, kv_cache: bool, static_scales: dict | None) -> Any:
+    def record(self, kv_cache: bool, static_scales: dict | None, attention: bool = False) -> Any:
         from qbench.quant.activation_scheme import ActivationRecord
 
         return ActivationRecord(name=self.name, version=self.version, distribution=self.distribution,
                                 distribution_version=self.distribution_version, config=self.config.model_dump(mode="json"),
-                                scheme=self.scheme, kv_cache=kv_cache, static_scales=static_scales)
+                                scheme=self.scheme, kv_cache=kv_cache, attention=attention, static_scales=static_scales)
