@@ -74,8 +74,8 @@ def main() -> None:
     with using_threads(1):
         _, peak = measure_peak(lambda: W.greedy_decode(store, model.dims, model.vocab, np.stack(W.audio_windows(audio)),
                                                        max_new_tokens=4))
+        estimate = estimate_memory(model, store, None, 1, 30.0)  # at the measurement's thread count
     measured = peak + audio.nbytes
-    estimate = estimate_memory(model, store, None, 1, 30.0)
     acc = Table(title="float32: the numpy implementation's accountant against tracemalloc (one 30 s window, batch 1)")
     for col in ("tracemalloc MiB", "accountant MiB", "accountant / measured", "peak phase"):
         acc.add_column(col, justify="right")

@@ -86,7 +86,7 @@ def test_accountant_agrees_with_tracemalloc_on_tiny_en(tiny_en):
     _, peak = measure_peak(lambda: _decode_window(model, store, audio, 4))
     measured = peak + audio.nbytes
     estimate = estimate_memory(model, store, None, 1, 30.0)
-    assert abs(estimate.working_peak_bytes - measured) <= 0.10 * measured, (estimate.phases, measured)
+    assert abs(estimate.working_peak_bytes - measured) <= 0.05 * measured, (estimate.phases, measured)
     assert estimate.working_peak_bytes == max(estimate.phases.values())
     # the decoder-start phase holds every layer's cross-attention K/V: 4 layers x K,V x [1500, 384]
     assert estimate.phases["decoder-start"] > 2 * 4 * 1500 * 384 * 4
@@ -99,7 +99,7 @@ def test_accountant_agrees_with_tracemalloc_on_a_packed_random_model(small_rtn4)
     _, peak = measure_peak(lambda: _decode_window(model, store, audio, 3))
     estimate = estimate_memory(model, store, None, 1, 30.0)
     measured = peak + audio.nbytes
-    assert abs(estimate.working_peak_bytes - measured) <= 0.10 * measured, (estimate.phases, measured)
+    assert abs(estimate.working_peak_bytes - measured) <= 0.05 * measured, (estimate.phases, measured)
 
 
 def test_the_store_caches_the_layers_its_memory_model_counts(small_rtn4):

@@ -462,8 +462,11 @@ def transcribe_memory(dims: ModelDimensions, store: StreamingStore, windows: int
                            weight_block_bytes=block if linear_runs else 0, cache_bytes=cached)
 
     return WorkingMemory(phases={
-        # STFT: |X|^2 of cos and sin parts alive together with their sum, plus two padded copies
-        "mel": phase(audio + 2 * F32 * (samples + pad) + 3 * F32 * stft_bins * mel_frames),
+        # STFT: two padded copies of the audio, then the larger of the cos and sin products
+        # (numpy squares and adds them in place) and, at the end, the power spectrum with the
+        # mel, log and output arrays `log_mel_spectrogram` keeps until it returns
+        "mel": phase(audio + 2 * F32 * (samples + pad)
+                     + max(2 * F32 * stft_bins * mel_frames, F32 * stft_bins * mel_frames + 4 * F32 * dims.n_mels * mel_frames)),
         # conv2: conv1's [2t, d] output, its padded copy, the [t, 3d] im2col columns, the output
         "conv": phase(buffers, 2 * td + 2 * td + 3 * td + td + product("encoder.conv2"), kv, linear_runs=True),
         # x, fused qkv, split K and V copies, scaled q, output, the score block
