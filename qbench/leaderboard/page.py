@@ -234,6 +234,12 @@ def render_markdown(entries: list[LeaderboardEntry]) -> str:
                 if q is not None and q.plan_quantizers is not None:
                     name = f"plan (qbench {q.version}; " + ", ".join(
                         f"{p.distribution or p.name} {p.distribution_version or p.version}" for p in q.plan_quantizers) + ")"
+                if e.activations is not None:
+                    a = e.activations
+                    name += f" + A{a.scheme.bits} {a.name}" + (f", KV{a.scheme.bits}" if a.kv_cache else "") + (
+                        ", attention" if a.attention else "")
+                if e.encoder_seconds is not None:
+                    name += f", {e.encoder_seconds:g} s encoder windows"
                 bits = f"{q.mean_bits_per_weight:.2f}" if q else "16"
                 rel = f"{model}/{subset}/{e.label}.json"
                 fits = ", ".join(e.devices_fitted) or "none"
@@ -265,6 +271,25 @@ def render_markdown(entries: list[LeaderboardEntry]) -> str:
                 "",
             ]
             lines += [f"- {md(label)}: {md(wer_points(d))}" for label, d in by_speaker]
+            lines.append("")
+        counted = [e for e in group if e.compute is not None and e.compute.operations]
+        if counted:
+            lines += [
+                "Arithmetic by operand width (the compute report: MACs of float32 activations are `fp32`, integer "
+                "activations times integer codes `int`, times fp16 values `int x fp16`; ternary weights are additions), "
+                "priced with Horowitz, ISSCC 2014, 45 nm (arithmetic only, memory traffic not included), per utterance:",
+                "",
+            ]
+            for e in sorted(counted, key=lambda e: e.compute.arithmetic_energy_pj):
+                ops = e.compute.operations
+                n = max(1, e.dataset.utterance_count)
+                fp32 = ops.get("fp32_mac", 0)
+                integer = sum(v for k, v in ops.items() if k.startswith("int") and k.endswith("_mac") and "fp16" not in k)
+                mixed = sum(v for k, v in ops.items() if k.endswith("xfp16_mac"))
+                adds = sum(v for k, v in ops.items() if k.endswith("xternary_add"))
+                lines.append(f"- {md(e.label)}: {e.compute.arithmetic_energy_pj / n / 1e9:.1f} mJ; G operations: "
+                             f"fp32 {fp32 / n / 1e9:.2f}, int {integer / n / 1e9:.2f}, int x fp16 {mixed / n / 1e9:.2f}, "
+                             f"ternary additions {adds / n / 1e9:.2f}")
             lines.append("")
         lines += ["Machines the speed was measured on, by their submitters:", ""]
         lines += [f"- {md(label)}: {md(description)}" for description, label in machines.items()]
