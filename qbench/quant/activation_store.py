@@ -55,6 +55,7 @@ class ActivationQuantizingStore:
         self.thread_safe = bool(getattr(inner, "thread_safe", False))
         self._static = record.static_scales or {}
         self._integer: dict[str, IntegerWeights] = {}
+        self._float_t: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
         self._kv = kv_scheme(record) if record.kv_cache else None
 
@@ -78,6 +79,20 @@ class ActivationQuantizingStore:
                     self._integer[name] = w
         return w
 
+    def _float_weights_t(self, name: str) -> np.ndarray:
+        """The float32 right-hand side of a codebook or float layer, made once: the emulation
+        keeps it (a device reads the stored weights in place, which the lean memory model
+        counts), where a device store without room would rebuild a 51864-row embedding on
+        every decoder step."""
+        wt = self._float_t.get(name)
+        if wt is None:
+            with self._lock:
+                wt = self._float_t.get(name)
+                if wt is None:
+                    wt = np.ascontiguousarray(self.inner.matrix_t(name))
+                    self._float_t[name] = wt
+        return wt
+
     def linear(self, name: str, x: np.ndarray) -> np.ndarray:
         pt = (getattr(self.inner, "packed", None) or {}).get(name)
         x_in = pt.transform_input(x) if pt is not None and pt.transforms_input else np.asarray(x, dtype=np.float32)
@@ -87,7 +102,7 @@ class ActivationQuantizingStore:
         if runs_on_integers(pt):
             y = integer_linear(a, s, self._weights(name), self.scheme.max_operand)
         else:
-            y = (a * s) @ self.inner.matrix_t(name)
+            y = (a * s) @ self._float_weights_t(name)
         if pt is not None and pt.lowrank_u is not None:
             y += pt.lowrank_product(x)
         bias_name = name + ".bias"
