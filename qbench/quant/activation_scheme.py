@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from qbench.quant.contract import QuantizerConfig
 
@@ -248,6 +248,15 @@ class ActivationChoice(BaseModel):
     attention: bool = Field(False, description="also run every attention on quantized Q, K, V (per token and head) "
                                                "and probabilities (unsigned, the scheme's bits)")
 
+    @model_serializer(mode="wrap")
+    def _without_float_attention(self, handler: Any) -> dict[str, Any]:
+        # without quantized attention a choice serializes as before the option existed, so
+        # the identity of such a run (and a resume of it) does not change
+        data = handler(self)
+        if not data.get("attention"):
+            data.pop("attention", None)
+        return data
+
 
 class ActivationRecord(BaseModel):
     """What a result, an artifact and an entry record of a run's activation quantization: the
@@ -265,6 +274,14 @@ class ActivationRecord(BaseModel):
     kv_cache: bool = False
     attention: bool = False
     static_scales: dict[str, StaticActivationScale] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_float_attention(self, handler: Any) -> dict[str, Any]:
+        # as `ActivationChoice`: artifacts made before the option keep their digests
+        data = handler(self)
+        if not data.get("attention"):
+            data.pop("attention", None)
+        return data
 
     @property
     def label(self) -> str:
