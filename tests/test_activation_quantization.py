@@ -401,3 +401,19 @@ def test_attention_on_quantized_operands_matches_its_definition():
     with pytest.raises(ValueError, match="not be exact"):
         integer_attention(np.zeros((1, 1, 2048), np.float32), np.zeros((1, 1, 1, 2048), np.float32),
                           np.zeros((1, 1, 1, 2048), np.float32), 1, A8)
+
+
+def test_an_entry_s_activations_must_agree_with_their_scheme():
+    from pydantic import ValidationError
+
+    from qbench.leaderboard.entry import EntryActivations
+
+    good = {"name": "static", "version": "1.0", "config": {"bits": 8}, "kv_cache": False,
+            "scheme": {"bits": 8, "granularity": "tensor", "symmetric": True, "rounding": "half_even", "dynamic": False},
+            "static_scales": {"encoder.conv1": {"scale": 0.01, "zero": 0}}}
+    assert EntryActivations.model_validate(good).label == "a-static-bits8"
+    for change, message in (({"static_scales": None}, "needs a scale"),
+                            ({"static_scales": {"encoder.conv1": {"scale": 0.01, "zero": 3}}}, "zero point 3"),
+                            ({"scheme": {**good["scheme"], "dynamic": True, "granularity": "token"}}, "no static scales")):
+        with pytest.raises(ValidationError, match=message):
+            EntryActivations.model_validate({**good, **change})

@@ -39,6 +39,7 @@ from pydantic import (
     ValidationError,
     WithJsonSchema,
     model_serializer,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -244,6 +245,20 @@ class EntryActivations(_Strict):
     attention: bool = False
     static_scales: dict[SafeName, EntryStaticScale] | None = Field(
         None, description="a static scheme's scale and zero point per layer input, from calibration")
+
+    @model_validator(mode="after")
+    def _scales_match_the_scheme(self) -> EntryActivations:
+        if self.scheme.dynamic and self.static_scales is not None:
+            raise ValueError("a dynamic scheme has no static scales")
+        if not self.scheme.dynamic and not self.static_scales:
+            raise ValueError("a static scheme needs a scale for every layer input")
+        if self.scheme.granularity == "token" and not self.scheme.dynamic:
+            raise ValueError("a static scale cannot be per token")
+        limit = 2**self.scheme.bits - 1
+        for layer, scale in (self.static_scales or {}).items():
+            if scale.zero > limit or (self.scheme.symmetric and scale.zero != 0):
+                raise ValueError(f"static scale of {layer}: zero point {scale.zero} outside the scheme's codes")
+        return self
 
     @property
     def label(self) -> str:
