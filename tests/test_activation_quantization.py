@@ -262,6 +262,8 @@ def test_lean_memory_counts_activations_and_cache_at_their_precision(small_rtn4)
         4 * dims.n_text_head * 2 * dims.n_text_layer * (dims.n_audio_ctx + dims.n_text_ctx)
     for phase in ("conv", "encoder-attention", "decoder-start"):
         assert a8.phases[phase].activations_bytes < f32.phases[phase].activations_bytes, phase
+    # one window at a time, whatever the batch and however long the utterance
+    assert model.lean_memory(store, 8, 35.0, 1.0, 1.0) == a8kv8
     # a shorter encoder window holds proportionally fewer positions
     short = model.with_encoder_seconds(10.0).lean_memory(store, 1, 10.0, 1.0, 1.0)
     assert short.phases["decoder-start"].kv_cache_bytes < a8kv8.phases["decoder-start"].kv_cache_bytes / 2

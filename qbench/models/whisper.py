@@ -484,7 +484,8 @@ def transcribe_memory(dims: ModelDimensions, store: StreamingStore, windows: int
 def lean_transcribe_memory(dims: ModelDimensions, windows: int, audio_seconds: float, positions: int,
                            activation_bytes: float, kv_bytes: float, prompt_tokens: int = 4) -> WorkingMemory:
     """What a lean embedded runtime holds to transcribe `windows` windows of `positions` encoder
-    positions as `greedy_decode` does, phase by phase (the same arithmetic, scheduled to keep
+    positions decoded together as `greedy_decode` does (`Whisper.lean_memory` counts one: a
+    runtime takes the windows one at a time), phase by phase (the same arithmetic, scheduled to keep
     only what the next step needs):
 
     * audio: one window of 16-bit PCM at a time, streamed from storage;
@@ -643,10 +644,11 @@ class Whisper:
 
     def lean_memory(self, store: StreamingStore, utterances: int, audio_seconds: float,
                     activation_bytes: float, kv_bytes: float) -> WorkingMemory:
-        """`lean_transcribe_memory` of `utterances` utterances of up to `audio_seconds`."""
-        windows = utterances * max(1, math.ceil(audio_seconds / self.fit_audio_seconds))
-        return lean_transcribe_memory(self.dims, windows, audio_seconds, self.window_frames // 2, activation_bytes,
-                                      kv_bytes, len(self.vocab.sot_sequence()))
+        """`lean_transcribe_memory` of one window: a lean runtime encodes and decodes one window
+        at a time, whatever the batch the emulation runs (windows decode independently here,
+        and no transcript depends on the batch, so the order changes nothing but the memory)."""
+        return lean_transcribe_memory(self.dims, 1, min(audio_seconds, self.fit_audio_seconds), self.window_frames // 2,
+                                      activation_bytes, kv_bytes, len(self.vocab.sot_sequence()))
 
     def teacher_forcing_targets(self, audios: list[np.ndarray]) -> list[list[int]]:
         float_model = self.with_store(WeightStore(self.store.params, self.store.weight_infos()))
