@@ -284,7 +284,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 3
     print_summary(result)
     if result.device is not None:
-        print_device_summary(result.device)
+        print_device_summary(result.device, lean=result.activations is not None)
     say(f"result written to {spec.output_path}")
     if args.submit:
         submit_entry(result, Path(args.leaderboards))
@@ -401,22 +401,31 @@ VERDICT_NOTE = ("* the fit verdict: total RAM = weights in RAM + working peak mu
                 "and the weights at most its storage")
 
 
-def print_device_summary(device: dict) -> None:
-    """The device part of a result: the fit verdict, the memory it rests on, the compute."""
+def print_device_summary(device: dict, lean: bool = False) -> None:
+    """The device part of a result: the fit verdict, the memory it rests on, the compute.
+    `lean`: a run with quantized activations, budgeted by the lean runtime's memory model alone."""
     b, profile, c = device["breakdown"], device["profile"], device["compute"]
     measured = device.get("measured_peak_bytes")
-    # the verdict takes the larger of the two working peaks (qbench.embedded.memory.check_fit)
-    total = b["weights_ram_bytes"] + max(b["working_peak_bytes"], measured or 0)
+    # the verdict takes the larger of the two working peaks (qbench.embedded.memory.check_fit),
+    # or with quantized activations the lean runtime's alone
+    total = b["weights_ram_bytes"] + (b["working_peak_bytes"] if lean else max(b["working_peak_bytes"], measured or 0))
+    if lean:
+        note = (f"{VERDICT_NOTE}; with quantized activations the working peak is the lean embedded runtime's memory "
+                "model (activations and KV cache at their stored precision, one window at a time); the measured "
+                "column is the numpy emulation's own tracemalloc peak (float32 and float64 buffers, integer codes "
+                "kept as float32), which is not what the device holds and does not enter the verdict.")
+    else:
+        note = (f"{VERDICT_NOTE}; during a run the working peak is the larger of the estimate (the model's memory model "
+                f"at batch {device.get('batch_size') or 1}, with {_mib(b.get('cache_bytes', 0))} MiB of whole layers "
+                "cached in float where the RAM leaves room; `qbench fit` counts batch 1 and no cache) and the measurement "
+                "(tracemalloc, per batch).")
     show_table(
         f"memory on {profile['name']} ({profile['part']}), batch {device.get('batch_size') or 1}",
-        ["weights MiB", "weights in RAM MiB", "working peak estimated MiB", "working peak measured MiB",
-         "total RAM* MiB", "device RAM MiB", "fits"],
+        ["weights MiB", "weights in RAM MiB", "working peak estimated MiB",
+         "emulation measured MiB" if lean else "working peak measured MiB", "total RAM* MiB", "device RAM MiB", "fits"],
         [[_mib(b["weights_stored_bytes"]), _mib(b["weights_ram_bytes"]), _mib(b["working_peak_bytes"]), _mib(measured),
           _mib(total), _mib(profile["ram_bytes"]), "yes" if device["fits"] else "no"]],
-        notes=[f"{VERDICT_NOTE}; during a run the working peak is the larger of the estimate (the model's memory model "
-               f"at batch {device.get('batch_size') or 1}, with {_mib(b.get('cache_bytes', 0))} MiB of whole layers cached "
-               "in float where the RAM leaves room; `qbench fit` counts batch 1 and no cache) and the measurement "
-               "(tracemalloc, per batch)."],
+        notes=[note],
     )
     show_table("compute on the device", ["MACs G", "bit ops T", "wall s"],
                [[f"{c['total_macs'] / 1e9:.2f}", f"{c['total_bit_ops'] / 1e12:.2f}", f"{c['wall_seconds']:.1f}"]])

@@ -309,6 +309,9 @@ def test_a_w8a8_run_is_bit_identical_on_one_and_two_threads(tmp_path, tiny_en, d
     ops = one.device["compute"]["operations"]
     assert ops["int8xint8_mac"] > 0 and ops["act_quantize"] > 0 and ops["int8xfp16_mac"] > 0  # the fp16 embedding
     entry = entry_from_result(one, [])
+    from qbench.leaderboard.validate import _compute_problems
+
+    assert _compute_problems(entry) == [] and entry.compute.attention_bits == 32
     assert entry.activations.name == "absmax" and entry.label.endswith("-a-absmax-bits8-roundinghalfeven-kv")
     again = RunSpec.from_entry(entry)
     assert again.activations == ActivationChoice(name="absmax", config={"bits": 8, "rounding": "half_even"}, kv_cache=True)

@@ -100,6 +100,8 @@ class ComputeReport(BaseModel):
     total_macs: int
     total_bit_ops: int
     activation_bits: int = ACTIVATION_BITS
+    attention_bits: int = Field(ACTIVATION_BITS, description="operand bits of the attention products: float32 unless "
+                                                             "the run quantizes attention")
     #: MACs whose weight is ternary: done as additions/subtractions, no multiplier
     ternary_macs: int = 0
     #: of those, the ones with a nonzero code (zero codes skip the work)
@@ -242,13 +244,14 @@ class ComputeCountingStore:
         attention = dict(self.attention_macs)
         total_macs = sum(self.linear_macs.values()) + sum(attention.values()) + self.lowrank_macs
         # attention multiplies two float32 activations
-        bit_ops = (sum(self.linear_bit_ops.values()) + sum(attention.values()) * ACTIVATION_BITS * ACTIVATION_BITS
+        attention_bits = self._act_bits if self._quantized_attention and self._act_bits else ACTIVATION_BITS
+        bit_ops = (sum(self.linear_bit_ops.values()) + sum(attention.values()) * attention_bits * attention_bits
                    + self._lowrank_bit_ops)
         operations = {op: int(round(n)) for op, n in sorted(self.operations.items())}
         return ComputeReport(
             operations=operations,
             arithmetic_energy_pj=float(sum(n * operation_energy_pj(op) for op, n in operations.items())),
-            activation_bits=self._act_bits or ACTIVATION_BITS,
+            activation_bits=self._act_bits or ACTIVATION_BITS, attention_bits=attention_bits,
             linear=linear, attention_macs=attention, total_macs=total_macs, total_bit_ops=bit_ops,
             ternary_macs=self.ternary_macs, ternary_additions=self.ternary_additions,
             input_scale_muls=self.input_scale_muls, transform_additions=self.transform_additions,

@@ -316,6 +316,7 @@ class EntryCompute(_Strict):
     total_macs: Count
     total_bit_ops: Count
     activation_bits: Positive
+    attention_bits: Positive = 32
     ternary_macs: Count
     ternary_additions: Count
     input_scale_muls: Count = 0

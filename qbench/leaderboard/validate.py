@@ -196,7 +196,8 @@ def _compute_problems(entry: LeaderboardEntry) -> list[str]:
     attention = sum(c.attention_macs.values())
     if c.total_macs != linear_macs + attention:
         problems.append(f"compute.total_macs: {c.total_macs}, but linear and attention MACs sum to {linear_macs + attention}")
-    bit_ops = sum(k.bit_ops for k in c.linear.values()) + attention * c.activation_bits ** 2
+    # attention multiplies two activations: float32 unless the run quantized attention
+    bit_ops = sum(k.bit_ops for k in c.linear.values()) + attention * c.attention_bits ** 2
     if c.total_bit_ops != bit_ops:
         problems.append(f"compute.total_bit_ops: {c.total_bit_ops}, but its parts sum to {bit_ops}")
     if not c.ternary_additions <= c.ternary_macs <= linear_macs:
