@@ -316,13 +316,9 @@ def quantize_for_run(
             what = spec.plugin
         audios = calibration = None
         if any(q.needs_calibration for q in processes.values()):
-            ids = list(spec.calibration_ids) if spec.calibration_ids is not None else None
-            if spec.calibration_data_dir is not None:
-                calibration_dir = find_data_dir(spec.calibration_data_dir, spec.calibration_subset)
-            audios, record = load_calibration(calibration_dir, spec.calibration_subset, spec.calibration_limit, eval_ids, ids)
-            calibration = record.model_dump()
-            progress.note(f"calibrating {what} on {record.utterance_count} {record.subset} utterances "
-                          f"({record.audio_seconds:.0f} s) from {calibration_dir / 'LibriSpeech' / record.subset}")
+            audios, calibration, calibration_dir = calibration_audio(spec, data_dir, eval_ids)
+            progress.note(f"calibrating {what} on {calibration['utterance_count']} {calibration['subset']} utterances "
+                          f"({calibration['audio_seconds']:.0f} s) from {calibration_dir / 'LibriSpeech' / calibration['subset']}")
         if assignment is None:
             model, report = quantize_model(model, quantizer, spec.policy, audios, progress=progress.quantizing)
         else:
@@ -337,9 +333,11 @@ def quantize_for_run(
                                  needs_calibration=report.needs_calibration)
     activations = None
     if spec.activations is not None:
-        activations, act_calibration = activations_for_run(model, float_params, spec, calibration_dir, eval_ids, progress,
+        activations, act_calibration = activations_for_run(model, float_params, spec, data_dir, eval_ids, progress,
                                                            audios)
-        calibration = calibration or act_calibration
+        if act_calibration is not None:
+            calibration = {k: v for k, v in act_calibration.items() if k != "data_dir"}
+            calibration_dir = Path(act_calibration["data_dir"])
     packed = model.store.packed
     manifest = build_manifest(model.name, model_sha256, identity, spec.policy, report.scale_dtype, packed, calibration,
                               plan_quantizers=report.plan_quantizers, activations=activations)
@@ -353,6 +351,16 @@ def quantize_for_run(
     return model, record, calibration, activations
 
 
+def calibration_audio(spec: RunSpec, data_dir: Path, eval_ids: set[str]) -> tuple[list, dict[str, Any], Path]:
+    """The spec's calibration audio (disjoint from `eval_ids`), its record, and the folder it
+    was read from: `spec.calibration_data_dir` when given, else `data_dir`."""
+    if spec.calibration_data_dir is not None:
+        data_dir = find_data_dir(spec.calibration_data_dir, spec.calibration_subset)
+    ids = list(spec.calibration_ids) if spec.calibration_ids is not None else None
+    audios, record = load_calibration(data_dir, spec.calibration_subset, spec.calibration_limit, eval_ids, ids)
+    return audios, record.model_dump(), data_dir
+
+
 def activations_for_run(
     model: SpeechModel, float_params: dict[str, Any], spec: RunSpec, data_dir: Path, eval_ids: set[str],
     progress: RunProgress, audios: list | None = None,
@@ -360,18 +368,15 @@ def activations_for_run(
     """The run's activation scheme as its plugin declares it (in the plugin's process) and, for a
     static one, every layer input's scale, calibrated on `model` (weights as quantized) over the
     calibration audio (`audios` when the weights' calibration loaded it); returns the record and
-    the calibration record when this step loaded the audio."""
+    the calibration record (with the folder it was read from) when this step loaded the audio."""
     choice = spec.activations
     loaded = None
     with ActivationSchemeProcess(choice.name, choice.config, spec.plugin_timeout) as scheme:
         scales = None
         if scheme.needs_calibration:
             if audios is None:
-                ids = list(spec.calibration_ids) if spec.calibration_ids is not None else None
-                if spec.calibration_data_dir is not None:
-                    data_dir = find_data_dir(spec.calibration_data_dir, spec.calibration_subset)
-                audios, record = load_calibration(data_dir, spec.calibration_subset, spec.calibration_limit, eval_ids, ids)
-                loaded = record.model_dump()
+                audios, loaded, read_from = calibration_audio(spec, data_dir, eval_ids)
+                loaded = loaded | {"data_dir": str(read_from)}
             progress.note(f"calibrating activation scheme {scheme.name} on {len(audios)} utterances")
             scales = static_scales(model, audios, float_params, scheme.calibrate)
         record = scheme.record(choice.kv_cache, scales, choice.attention)
@@ -507,7 +512,7 @@ def run_benchmark(spec: RunSpec, progress: RunProgress | None = None, force: boo
             # float weights, or an artifact: the scheme on its own
             activations, act_calibration = activations_for_run(model, float_params, spec, data_dir, eval_ids, progress)
             if act_calibration is not None:
-                calibration = act_calibration | {"data_dir": str(data_dir)}
+                calibration = act_calibration
         batch_size = spec.effective_batch_size
         session = None
         if device is not None:

@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
-from qbench.quant.contract import QuantizerConfig
+from qbench.quant.contract import QuantizerConfig, validated_config
 
 #: bins of the histograms `ActivationStats` carries (signed over [min, max], and of |x|)
 HISTOGRAM_BINS = 4096
@@ -144,11 +144,7 @@ class ActivationQuantizer(ABC):
     config: BaseModel
 
     def __init__(self, config: BaseModel | dict[str, Any] | None = None):
-        if config is None:
-            config = self.Config()
-        elif isinstance(config, dict):
-            config = self.Config.model_validate(config)
-        self.config = config
+        self.config = validated_config(self, config)
 
     @abstractmethod
     def scheme(self) -> ActivationScheme:
@@ -236,6 +232,12 @@ def collect_stats(chunks: list[np.ndarray]) -> ActivationStats:
 # -- what a run asks for and what it records ----------------------------------------------------
 
 
+def _without_false_attention(data: dict[str, Any]) -> dict[str, Any]:
+    if not data.get("attention"):
+        data.pop("attention", None)
+    return data
+
+
 class ActivationChoice(BaseModel):
     """The activation quantization a run asks for (`qbench run --act NAME [--act-set k=v] [--kv-cache]`)."""
 
@@ -252,10 +254,7 @@ class ActivationChoice(BaseModel):
     def _without_float_attention(self, handler: Any) -> dict[str, Any]:
         # without quantized attention a choice serializes as before the option existed, so
         # the identity of such a run (and a resume of it) does not change
-        data = handler(self)
-        if not data.get("attention"):
-            data.pop("attention", None)
-        return data
+        return _without_false_attention(handler(self))
 
 
 class ActivationRecord(BaseModel):
@@ -278,10 +277,7 @@ class ActivationRecord(BaseModel):
     @model_serializer(mode="wrap")
     def _without_float_attention(self, handler: Any) -> dict[str, Any]:
         # as `ActivationChoice`: artifacts made before the option keep their digests
-        data = handler(self)
-        if not data.get("attention"):
-            data.pop("attention", None)
-        return data
+        return _without_false_attention(handler(self))
 
     @property
     def label(self) -> str:

@@ -19,6 +19,7 @@ as the model writes them into its cache (`kv_cache_value`); attention reads them
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -69,29 +70,25 @@ class ActivationQuantizingStore:
     def runs_on_integers(self, name: str) -> bool:
         return runs_on_integers((getattr(self.inner, "packed", None) or {}).get(name))
 
-    def _weights(self, name: str) -> IntegerWeights:
-        w = self._integer.get(name)
-        if w is None:
+    def _once(self, cache: dict[str, Any], name: str, build: Callable[[], Any]) -> Any:
+        """`cache[name]`, built under the lock the first time (encoder windows run in threads)."""
+        value = cache.get(name)
+        if value is None:
             with self._lock:
-                w = self._integer.get(name)
-                if w is None:
-                    w = integer_weights(self.inner.packed[name])
-                    self._integer[name] = w
-        return w
+                value = cache.get(name)
+                if value is None:
+                    value = cache[name] = build()
+        return value
+
+    def _weights(self, name: str) -> IntegerWeights:
+        return self._once(self._integer, name, lambda: integer_weights(self.inner.packed[name]))
 
     def _float_weights_t(self, name: str) -> np.ndarray:
         """The float32 right-hand side of a codebook or float layer, made once: the emulation
         keeps it (a device reads the stored weights in place, which the lean memory model
         counts), where a device store without room would rebuild a 51864-row embedding on
         every decoder step."""
-        wt = self._float_t.get(name)
-        if wt is None:
-            with self._lock:
-                wt = self._float_t.get(name)
-                if wt is None:
-                    wt = np.ascontiguousarray(self.inner.matrix_t(name))
-                    self._float_t[name] = wt
-        return wt
+        return self._once(self._float_t, name, lambda: np.ascontiguousarray(self.inner.matrix_t(name)))
 
     def linear(self, name: str, x: np.ndarray) -> np.ndarray:
         pt = (getattr(self.inner, "packed", None) or {}).get(name)

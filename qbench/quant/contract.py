@@ -307,6 +307,17 @@ def dequantize(qt: QuantizedTensor) -> np.ndarray:
     return np.asarray(w, dtype=np.float32)
 
 
+def validated_config(plugin: Any, config: BaseModel | dict[str, Any] | None) -> BaseModel:
+    """A plugin object's `Config` from None (the defaults), a dict, or a `Config` itself."""
+    if config is None:
+        return plugin.Config()
+    if isinstance(config, dict):
+        return plugin.Config.model_validate(config)
+    if not isinstance(config, plugin.Config):
+        raise TypeError(f"{type(plugin).__name__} expects a {plugin.Config.__qualname__}, got {type(config).__name__}")
+    return config
+
+
 class QuantizerConfig(BaseModel):
     """Base of a quantizer's knobs (`qbench run --set key=value`), each with a default and
     validation. Unknown keys are errors, so a typo in `--set` fails instead of silently running
@@ -338,13 +349,7 @@ class Quantizer(ABC):
     config: BaseModel
 
     def __init__(self, config: BaseModel | dict[str, Any] | None = None):
-        if config is None:
-            config = self.Config()
-        elif isinstance(config, dict):
-            config = self.Config.model_validate(config)
-        elif not isinstance(config, self.Config):
-            raise TypeError(f"{type(self).__name__} expects a {self.Config.__qualname__}, got {type(config).__name__}")
-        self.config = config
+        self.config = validated_config(self, config)
 
     @abstractmethod
     def quantize(self, weight: np.ndarray, stats: LayerStats | None) -> QuantizedTensor:

@@ -100,11 +100,10 @@ def integer_linear(a: np.ndarray, s: np.ndarray, w: IntegerWeights, max_operand:
     lead = a.shape[:-1]
     a2 = a.reshape(-1, a.shape[-1])
     y = np.zeros((a2.shape[0], w.codes_t.shape[1]), dtype=np.float64)
-    for (g0, g1), acc, scale, i in zip(w.groups, integer_accumulators(a2, w, max_operand), w.scales,
-                                       range(len(w.scales)), strict=True):
+    for i, ((g0, g1), acc) in enumerate(zip(w.groups, integer_accumulators(a2, w, max_operand), strict=True)):
         if w.zeros is not None:
             acc -= w.zeros[i] * a2[:, g0:g1].sum(axis=1, dtype=np.float64)[:, None]
-        acc *= scale
+        acc *= w.scales[i]
         y += acc
     y = y.reshape(*lead, -1)
     y *= np.broadcast_to(np.asarray(s, dtype=np.float64), (*lead, 1))
