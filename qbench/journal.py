@@ -183,6 +183,9 @@ def claim_output(
             raise OutputInUseError(f"{output} is not a readable qbench result ({one_line(exc.errors()[0]['msg'])}); "
                                    "pass --force to keep it aside and start fresh") from None
         if result.status == "complete":
+            # a kill between writing the complete result and discarding the journal leaves the
+            # journal behind; the result holds every utterance, so the journal is spent
+            journal.unlink(missing_ok=True)
             return PriorRun(complete=result)
 
     if journal.exists():

@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import soundfile as sf
 
@@ -134,7 +133,8 @@ def test_kill_9_at_random_moments_then_rerun_gives_the_uninterrupted_result(shor
             assert header.identity == uninterrupted["identity"]
             if out.exists():  # the result file never claims an utterance the journal lacks
                 on_disk = json.loads(out.read_text())
-                assert on_disk["status"] == "running"
+                # complete only when the kill came after the final write, with every record in
+                assert on_disk["status"] == "running" or len(records) == len(SHORT_IDS)
                 assert {u["id"] for u in on_disk["utterances"]} <= set(records)
     # the first two kills landed in a live run (the last one may find the run just finished)
     assert killed[:2] == [True, True]
@@ -236,6 +236,18 @@ def test_a_complete_result_is_returned_without_recomputing(fake_model, four, tmp
     assert len(fake_model) == 4  # nothing transcribed the second time
     assert again == first and Path(spec.output).read_bytes() == before
     assert any("already holds this run's complete result" in n for n in notes)
+
+
+def test_a_journal_left_beside_a_complete_result_is_spent_not_resumed(fake_model, four, tmp_path, monkeypatch):
+    # a kill between the final write and the journal's removal leaves both files behind
+    spec = spec_for(tmp_path)
+    with monkeypatch.context() as patch:
+        patch.setattr(RunJournal, "discard", lambda self: None)
+        first = run_benchmark(spec)
+    assert journal_path(Path(spec.output)).exists()
+    again = run_benchmark(spec)
+    assert again == first and len(fake_model) == 4
+    assert not journal_path(Path(spec.output)).exists()
 
 
 def test_a_different_spec_refuses_in_one_line_and_force_keeps_the_old_file(fake_model, four, tmp_path, capsys):
