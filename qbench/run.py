@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -43,7 +44,13 @@ from qbench.embedded.profile import DeviceProfile
 from qbench.embedded.session import DeviceSession, fit_model
 from qbench.errors import QBenchError
 from qbench.evaluate import RunFailed, evaluate, split_unscorable, unscored_warning
-from qbench.journal import JournalHeader, RunJournal, claim_output, journal_path
+from qbench.journal import (
+    JournalHeader,
+    JournalRecord,
+    RunJournal,
+    claim_output,
+    journal_path,
+)
 from qbench.leaderboard.entry import SAFE_NAME_PATTERN, LeaderboardEntry
 from qbench.models.parallel import compute_threads, using_threads
 from qbench.models.speech_model import SpeechModel
@@ -58,7 +65,13 @@ from qbench.quant.apply import (
     quantize_model,
     quantizer_identity,
 )
-from qbench.quant.artifact import build_manifest, read_artifact, write_artifact
+from qbench.quant.artifact import (
+    ArtifactManifest,
+    build_manifest,
+    read_artifact,
+    write_artifact,
+)
+from qbench.quant.packing import PackedTensor
 from qbench.quant.plan import PLAN_QUANTIZER, QuantizationPlan
 from qbench.quant.plugin_process import (
     ActivationSchemeProcess,
@@ -392,18 +405,26 @@ def model_from_artifact(
     """The float `model` with the packed layers of `spec.artifact` swapped in (no plugin code
     runs), and the same records `quantize_for_run` gives (the activations the artifact holds)."""
     manifest, packed = read_artifact(Path(spec.artifact))
+    return model_with_packed(model, model_sha256, manifest, packed, spec.artifact, eval_ids)
+
+
+def model_with_packed(
+    model: SpeechModel, model_sha256: str, manifest: ArtifactManifest, packed: dict[str, PackedTensor], source: str,
+    eval_ids: set[str],
+) -> tuple[SpeechModel, dict[str, Any], dict[str, Any] | None, ActivationRecord | None]:
+    """`model_from_artifact` of an artifact already read (`read_artifact`) from `source`."""
     if manifest.model != model.name or manifest.model_sha256 != model_sha256:
-        raise RunSpecError(f"{spec.artifact}: quantizes {manifest.model} (weights sha256 {manifest.model_sha256[:12]}…), "
+        raise RunSpecError(f"{source}: quantizes {manifest.model} (weights sha256 {manifest.model_sha256[:12]}…), "
                            f"not the {model.name} loaded here (sha256 {model_sha256[:12]}…)")
     calibration = None
     if manifest.calibration is not None:
         overlap = sorted(eval_ids.intersection(manifest.calibration.utterance_ids))
         if overlap:
-            raise RunSpecError(f"{spec.artifact}: calibrated on {len(overlap)} of the utterances to score (e.g. {overlap[0]})")
+            raise RunSpecError(f"{source}: calibrated on {len(overlap)} of the utterances to score (e.g. {overlap[0]})")
         calibration = manifest.calibration.model_dump()
     store, report = packed_model_report(model, manifest.quantizer, manifest.policy, packed, scale_dtype=manifest.scale_dtype)
     report.plan_quantizers = manifest.plan_quantizers
-    record = report.model_dump(mode="json") | {"artifact_sha256": manifest.digest, "artifact_path": str(spec.artifact)}
+    record = report.model_dump(mode="json") | {"artifact_sha256": manifest.digest, "artifact_path": str(source)}
     return model.with_store(store), record, calibration, manifest.activations
 
 
@@ -483,96 +504,140 @@ def run_benchmark(spec: RunSpec, progress: RunProgress | None = None, force: boo
                       "(pass --force to run it again)")
         return prior.complete
     with using_threads(spec.threads):
-        data_dir = find_data_dir(spec.data_dir, spec.subset)
-        present = list_utterances(data_dir, spec.subset)
-        utterances = select_utterances(present, spec.limit, spec.utterance_ids)
-        loaded = load_model(spec.model, spec.weights)
-        model = loaded.model
-        if spec.encoder_seconds is not None:
-            model = model.with_encoder_seconds(spec.encoder_seconds)
-        if loaded.pin_note is not None:
-            progress.note(loaded.pin_note)
-        # third-party device profiles are plugin code: collected in a plugin process, as data;
-        # before quantizing, so the note below can say the device (and an unknown one stops
-        # the run before minutes of work)
-        profiles, _ = device_profiles_from_plugins(spec.plugin_timeout)
-        device = device_profile(profiles, spec.device) if spec.device != NO_DEVICE else None
-        progress.note(setup_note(data_dir, spec.subset, len(utterances), len(present), loaded.path, loaded.sha256, device))
-        quantization = calibration = activations = None
-        eval_ids = {u.id for u in utterances}
-        float_params = model.store.params
-        if spec.plugin is not None or spec.plan is not None:
-            model, quantization, calibration, activations = quantize_for_run(model, loaded.sha256, spec, data_dir,
-                                                                             eval_ids, progress)
-        elif spec.artifact is not None:
-            model, quantization, calibration, activations = model_from_artifact(model, loaded.sha256, spec, eval_ids)
-            if spec.activations is not None:
-                activations = None  # the spec's scheme, not the one the artifact was made with
-        if spec.activations is not None and activations is None:
-            # float weights, or an artifact: the scheme on its own
-            activations, act_calibration = activations_for_run(model, float_params, spec, data_dir, eval_ids, progress)
-            if act_calibration is not None:
-                calibration = act_calibration
-        batch_size = spec.effective_batch_size
-        session = None
-        if device is not None:
-            session = DeviceSession(model, device, batch_size, longest_seconds=longest_readable(utterances),
-                                    activations=activations)
-            batch_size = session.batch_size
-        evaluated = model
+        prepared = prepare_run(spec, progress)
+        if prepared.session is not None and not prepared.session.fits:
+            return _does_not_fit(prepared.session, prepared.result, spec.output_path)
+        return evaluate_prepared(prepared, spec.output_path, prior.records.values(), progress)
+
+
+@dataclass
+class PreparedRun:
+    """A run up to its first utterance: what `run_benchmark` transcribes, with what, in which
+    batches, and the result file's every field but the utterances. `qbench sweep` prepares a
+    point once (`prepare_run`) and evaluates its utterance shards elsewhere, each a
+    `PreparedRun` of its own built around the point's artifact."""
+
+    spec: RunSpec
+    model: SpeechModel  # as quantized, before a device or an activation scheme wraps it
+    evaluated: SpeechModel  # what transcribes: the device's budgeted model, or the activation-quantizing store
+    session: DeviceSession | None
+    batch_size: int
+    utterances: list[Utterance]  # the scored ones, in the order (and so the batches) a run transcribes them
+    result: RunResult  # status running, no utterances yet
+    activations: ActivationRecord | None
+    #: the device profiles `devices_fitted` is computed over at the end; None: not computed (a
+    #: sweep's shard: its point computes it once)
+    profiles: dict[str, DeviceProfile] | None
+
+
+def prepare_run(spec: RunSpec, progress: RunProgress) -> PreparedRun:
+    """Everything `run_benchmark` does before transcribing (call it inside `using_threads`):
+    read the utterances, load and quantize the model (writing its artifact), choose the
+    device's batch size and build the result's header."""
+    data_dir = find_data_dir(spec.data_dir, spec.subset)
+    present = list_utterances(data_dir, spec.subset)
+    utterances = select_utterances(present, spec.limit, spec.utterance_ids)
+    loaded = load_model(spec.model, spec.weights)
+    model = loaded.model
+    if spec.encoder_seconds is not None:
+        model = model.with_encoder_seconds(spec.encoder_seconds)
+    if loaded.pin_note is not None:
+        progress.note(loaded.pin_note)
+    # third-party device profiles are plugin code: collected in a plugin process, as data;
+    # before quantizing, so the note below can say the device (and an unknown one stops
+    # the run before minutes of work)
+    profiles, _ = device_profiles_from_plugins(spec.plugin_timeout)
+    device = device_profile(profiles, spec.device) if spec.device != NO_DEVICE else None
+    progress.note(setup_note(data_dir, spec.subset, len(utterances), len(present), loaded.path, loaded.sha256, device))
+    quantization = calibration = activations = None
+    eval_ids = {u.id for u in utterances}
+    float_params = model.store.params
+    if spec.plugin is not None or spec.plan is not None:
+        model, quantization, calibration, activations = quantize_for_run(model, loaded.sha256, spec, data_dir,
+                                                                         eval_ids, progress)
+    elif spec.artifact is not None:
+        model, quantization, calibration, activations = model_from_artifact(model, loaded.sha256, spec, eval_ids)
+        if spec.activations is not None:
+            activations = None  # the spec's scheme, not the one the artifact was made with
+    if spec.activations is not None and activations is None:
+        # float weights, or an artifact: the scheme on its own
+        activations, act_calibration = activations_for_run(model, float_params, spec, data_dir, eval_ids, progress)
+        if act_calibration is not None:
+            calibration = act_calibration
+    session, evaluated, batch_size = device_evaluation(model, device, spec.effective_batch_size, utterances, activations)
+    warnings = [present.skipped.warning] if present.skipped.warning else []
+    utterances, unscored = split_unscorable(utterances)
+    if unscored:
+        warnings.append(unscored_warning(unscored))
+    if not utterances:
+        raise RunSpecError(f"none of the selected utterances has a reference with words to score ({warnings[-1]})")
+    for warning in warnings:
+        progress.note(f"warning: {warning}")
+    result = RunResult(
+        model=ModelRef(name=loaded.name, architecture=loaded.architecture, format=loaded.format,
+                       path=str(loaded.path), sha256=loaded.sha256, parameters=loaded.parameters,
+                       card=loaded.card.name if loaded.card is not None else None, pinned=loaded.pinned),
+        dataset=DatasetRef(subset=spec.subset, data_dir=str(data_dir), limit=spec.limit,
+                           utterance_count=len(utterances), utterance_ids_sha256=utterance_digest(u.id for u in utterances),
+                           partial_subset=len(present) < OFFICIAL_COUNTS.get(spec.subset, 0)),
+        quantization=quantization, calibration=calibration,
+        activations=activations.model_dump(mode="json") if activations is not None else None,
+        encoder_seconds=spec.encoder_seconds, machine=MachineInfo.current(),
+        device=session.record() if session else None, identity=spec.identity(), warnings=warnings, unscored=unscored,
+    )
+    return PreparedRun(spec=spec, model=model, evaluated=evaluated, session=session, batch_size=batch_size,
+                       utterances=utterances, result=result, activations=activations, profiles=profiles)
+
+
+def device_evaluation(model: SpeechModel, device: DeviceProfile | None, batch_size: int | None,
+                      utterances: Sequence[Utterance], activations: ActivationRecord | None,
+                      ) -> tuple[DeviceSession | None, SpeechModel, int]:
+    """`(session, evaluated model, batch size)`: on a device, the session (which chooses the
+    batch size when none is given, for the longest of `utterances`) and its budgeted model;
+    without one, `model` (wrapped by the activation scheme when there is one)."""
+    if device is not None:
+        session = DeviceSession(model, device, batch_size, longest_seconds=longest_readable(utterances),
+                                activations=activations)
+        return session, session.model, session.batch_size
+    if activations is not None:
+        return None, model.with_store(ActivationQuantizingStore(model.store, activations)), batch_size
+    return None, model, batch_size
+
+
+def evaluate_prepared(prepared: PreparedRun, output: Path, records: Iterable[JournalRecord],
+                      progress: RunProgress) -> RunResult:
+    """Transcribe and score `prepared`, journaled beside `output` and resumed from `records`
+    (an earlier attempt's, as `claim_output` found them); returns the complete result, or the
+    does-not-fit verdict when a batch exceeds the device. Raises `RunFailed` on bad input."""
+    result, session, spec = prepared.result, prepared.session, prepared.spec
+    header = JournalHeader(identity=result.identity, model_sha256=result.model.sha256, created_at=result.created_at,
+                           spec=spec.identity_fields())
+    journal = RunJournal.start(journal_path(output), header, records)
+    resumable = sum(u.id in journal.records for u in prepared.utterances)
+    if resumable:
+        progress.note(f"resuming from {journal.path}: {resumable} of {len(prepared.utterances)} utterances were "
+                      "transcribed before")
+
+    def finish(result: RunResult) -> None:
+        # what is known only at the end goes in before the file says complete, so a rerun
+        # that finds a complete result finds all of it
+        if prepared.profiles is not None:
+            result.devices_fitted = devices_fitted(prepared.model, prepared.profiles, prepared.activations)
         if session is not None:
-            evaluated = session.model
-        elif activations is not None:
-            evaluated = model.with_store(ActivationQuantizingStore(model.store, activations))
-        warnings = [present.skipped.warning] if present.skipped.warning else []
-        utterances, unscored = split_unscorable(utterances)
-        if unscored:
-            warnings.append(unscored_warning(unscored))
-        if not utterances:
-            raise RunSpecError(f"none of the selected utterances has a reference with words to score ({warnings[-1]})")
-        for warning in warnings:
-            progress.note(f"warning: {warning}")
-        result = RunResult(
-            model=ModelRef(name=loaded.name, architecture=loaded.architecture, format=loaded.format,
-                           path=str(loaded.path), sha256=loaded.sha256, parameters=loaded.parameters,
-                           card=loaded.card.name if loaded.card is not None else None, pinned=loaded.pinned),
-            dataset=DatasetRef(subset=spec.subset, data_dir=str(data_dir), limit=spec.limit,
-                               utterance_count=len(utterances), utterance_ids_sha256=utterance_digest(u.id for u in utterances),
-                               partial_subset=len(present) < OFFICIAL_COUNTS.get(spec.subset, 0)),
-            quantization=quantization, calibration=calibration,
-            activations=activations.model_dump(mode="json") if activations is not None else None,
-            encoder_seconds=spec.encoder_seconds, machine=MachineInfo.current(),
-            device=session.record() if session else None, identity=spec.identity(), warnings=warnings, unscored=unscored,
-        )
-        output = spec.output_path
-        if session is not None and not session.fits:
-            return _does_not_fit(session, result, output)
-        header = JournalHeader(identity=result.identity, model_sha256=loaded.sha256, created_at=result.created_at,
-                               spec=spec.identity_fields())
-        journal = RunJournal.start(journal_path(output), header, prior.records.values())
-        resumable = sum(u.id in prior.records for u in utterances)
-        if resumable:
-            progress.note(f"resuming from {journal.path}: {resumable} of {len(utterances)} utterances were transcribed before")
+            result.device = session.record()
 
-        def finish(result: RunResult) -> None:
-            # what is known only at the end goes in before the file says complete, so a rerun
-            # that finds a complete result finds all of it
-            result.devices_fitted = devices_fitted(model, profiles, activations)
-            if session is not None:
-                result.device = session.record()
-
-        progress.transcribing(f"{loaded.name} {spec.label} {spec.subset}", len(utterances))
-        try:
-            evaluate(evaluated, utterances, result, output, batch_size=batch_size,
-                     on_batch=lambda n, _wall: progress.transcribed(n), journal=journal, finish=finish)
-        except RunFailed as exc:
-            if session is not None and session.exceeded:
-                return _does_not_fit(session, exc.result, output)
-            raise
-        finally:
-            journal.close()  # on failure or interruption it stays, for the next run to resume from
-        journal.discard()  # the result file now holds every utterance
-        return result
+    progress.transcribing(f"{result.model.name} {spec.label} {spec.subset}", len(prepared.utterances))
+    try:
+        evaluate(prepared.evaluated, prepared.utterances, result, output, batch_size=prepared.batch_size,
+                 on_batch=lambda n, _wall: progress.transcribed(n), journal=journal, finish=finish)
+    except RunFailed as exc:
+        if session is not None and session.exceeded:
+            return _does_not_fit(session, exc.result, output)
+        raise
+    finally:
+        journal.close()  # on failure or interruption it stays, for the next run to resume from
+    journal.discard()  # the result file now holds every utterance
+    return result
 
 
 def _does_not_fit(session: DeviceSession, result: RunResult, output: Path) -> RunResult:
