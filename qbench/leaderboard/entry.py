@@ -399,13 +399,17 @@ class LeaderboardEntry(_Strict):
     @property
     def bits_class(self) -> str:
         """Bit-width class the leaderboard ranks within."""
-        if self.quantizer is None:
-            return "float"
-        bits = self.quantizer.mean_bits_per_weight
-        for limit, name in ((2.5, "<=2 bits"), (3.5, "3 bits"), (5.0, "4 bits"), (9.0, "8 bits")):
-            if bits < limit:
-                return name
+        return bits_class_of(None if self.quantizer is None else self.quantizer.mean_bits_per_weight)
+
+
+def bits_class_of(mean_bits_per_weight: float | None) -> str:
+    """The bit-width class of a quantizer's mean bits per weight (None: float weights)."""
+    if mean_bits_per_weight is None:
         return "float"
+    for limit, name in ((2.5, "<=2 bits"), (3.5, "3 bits"), (5.0, "4 bits"), (9.0, "8 bits")):
+        if mean_bits_per_weight < limit:
+            return name
+    return "float"
 
 
 def _slug(value: Any) -> str:

@@ -22,6 +22,7 @@ import json
 import re
 import xml.etree.ElementTree as ElementTree
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
@@ -112,7 +113,35 @@ def chart_name(model: str, subset: str) -> str:
     return f"{model}__{subset}__pareto.svg"
 
 
+@dataclass(frozen=True)
+class ChartPoint:
+    """One marker of a Pareto chart: weights in MiB against WER in %, its bit-width class (one
+    of `CLASS_ORDER`, which picks the marker) and its label."""
+
+    mib: float
+    wer_percent: float
+    bits_class: str
+    label: str
+
+
 def render_chart(entries: list[LeaderboardEntry], path: Path) -> None:
+    points = []
+    for e in entries:
+        if e.quantizer is None:
+            text = e.label.split("-")[0]
+        elif e.quantizer.plan_quantizers is not None:
+            text = f"plan {e.quantizer.config.get('name')}"
+        else:
+            text = f"{e.quantizer.name} {e.quantizer.mean_bits_per_weight:.1f}b"
+        points.append(ChartPoint(e.model_bytes / 2**20, 100 * e.wer, e.bits_class, text))
+    e0 = entries[0] if entries else None
+    title = f"{e0.model.name} on {e0.dataset.subset} ({e0.dataset.utterance_count} utterances)" if e0 else ""
+    draw_pareto_chart(points, title, path)
+
+
+def draw_pareto_chart(points: list[ChartPoint], title: str, path: Path) -> None:
+    """WER against weights, one marker per point, the Pareto front dashed, written as SVG to
+    `path` deterministically (the leaderboard's charts and `qbench sweep`'s)."""
     try:
         import matplotlib
     except ImportError:  # an optional extra: running and testing need no plotting library
@@ -124,29 +153,22 @@ def render_chart(entries: list[LeaderboardEntry], path: Path) -> None:
     # fixed ids and no timestamp: the SVG is a function of the entries alone
     plt.rcParams["svg.hashsalt"] = "qbench"
     plt.rcParams["svg.fonttype"] = "none"
-    points = [(e.model_bytes / 2**20, 100 * e.wer) for e in entries]
-    front = pareto_front(points)
+    xy = [(p.mib, p.wer_percent) for p in points]
+    front = pareto_front(xy)
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for cls, marker in zip(CLASS_ORDER, "osD^v"):
-        xs = [p for p, e in zip(points, entries) if e.bits_class == cls]
+        xs = [q for q, p in zip(xy, points) if p.bits_class == cls]
         if xs:
             ax.scatter([x for x, _ in xs], [y for _, y in xs], marker=marker, label=chart_text(cls), zorder=3)
-    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "k--", lw=1, label="Pareto front", zorder=2)
-    for (x, y), e in zip(points, entries):
-        if e.quantizer is None:
-            text = e.label.split("-")[0]
-        elif e.quantizer.plan_quantizers is not None:
-            text = f"plan {e.quantizer.config.get('name')}"
-        else:
-            text = f"{e.quantizer.name} {e.quantizer.mean_bits_per_weight:.1f}b"
-        ax.annotate(chart_text(text), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.plot([xy[i][0] for i in front], [xy[i][1] for i in front], "k--", lw=1, label="Pareto front", zorder=2)
+    for (x, y), p in zip(xy, points):
+        ax.annotate(chart_text(p.label), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
     ax.set_xlabel("weights (MiB: packed codes, scales, unquantized tensors)")
     ax.set_ylabel("WER (%)")
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    e0 = entries[0]
-    ax.set_title(chart_text(f"{e0.model.name} on {e0.dataset.subset} ({e0.dataset.utterance_count} utterances)"))
+    ax.set_title(chart_text(title))
     fig.tight_layout()
     fig.savefig(path, format="svg", metadata={"Date": None})
     plt.close(fig)
