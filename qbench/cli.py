@@ -306,6 +306,134 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------
+# qbench sweep
+# ------------------------------------------------------------------------------------------------
+#: `qbench sweep` flags that set a RunSpec field of every point (over the sweep file's [base])
+SWEEP_BASE_FLAGS = ("model", "weights", "subset", "data_dir", "limit", "device", "batch_size", "calibration_subset",
+                    "calibration_limit", "calibration_data_dir", "plugin_timeout")
+
+
+def sweep_from_args(args: argparse.Namespace):
+    """The `SweepSpec` of a sweep file and/or `--grid`, with the flags' settings over its base."""
+    from qbench.sweep.spec import SweepSpec, grid_name, parse_grid, read_sweep
+
+    if args.spec is None and not args.grid:
+        raise CliError("qbench sweep needs a sweep file (qbench sweep SPEC.toml) or --grid KEY=V1,V2 ...")
+    sweep = read_sweep(Path(args.spec)) if args.spec is not None else None
+    base = dict(sweep.base) if sweep is not None else {}
+    for flag in SWEEP_BASE_FLAGS:
+        if getattr(args, flag) is not None:
+            base[flag] = getattr(args, flag)
+    if args.utterance_ids:
+        base["utterance_ids"] = read_ids(args.utterance_ids, "scored")
+    if args.calibration_ids:
+        base["calibration_ids"] = read_ids(args.calibration_ids, "calibration")
+    grid = {**(sweep.grid if sweep is not None else {}), **parse_grid(args.grid or [])}
+    name = args.name or (sweep.name if sweep is not None and not args.grid else grid_name(base, grid))
+    return SweepSpec(name=name, base=base, grid=grid, points=sweep.points if sweep is not None else [],
+                     shards=sweep.shards if sweep is not None else None)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import os
+    import signal
+    import threading
+
+    from qbench.evaluate import RunInterrupted
+    from qbench.sweep.progress import RichSweepProgress
+    from qbench.sweep.runner import run_sweep
+
+    sweep = sweep_from_args(args)
+    out = Path(args.out or Path("results") / "sweeps" / sweep.name)
+    specs = sweep.run_specs(out / "points")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if args.executor == "ray":
+        from qbench.sweep.ray_executor import RayExecutor
+
+        threads = args.threads or sweep.base.get("threads") or 1
+        executor = RayExecutor(args.address, args.workers, cpus_per_task=threads)
+        say(f"Ray cluster: {executor.workers} tasks at once ({threads} CPU each)")
+    else:
+        from qbench.sweep.local import LocalExecutor, pool_size
+
+        if args.address:
+            raise CliError("--address names a Ray cluster: give --executor ray too")
+        workers, why = (args.workers, f"{args.workers} local workers (--workers)") if args.workers else pool_size(specs)
+        # every worker gets its share of the cores (a run's result is the same on any count)
+        threads = args.threads or sweep.base.get("threads") or max(1, cores // workers)
+        executor = LocalExecutor(workers)
+        say(f"{why}, {threads} thread{'s' if threads > 1 else ''} each")
+    shards = args.shards or sweep.shards or executor.workers
+    say(f"sweep {sweep.name}: {len(specs)} points, up to {shards} shards each, in {out}")
+    progress = RichSweepProgress(console, args.quiet)
+
+    def stop(signum: int, _frame) -> None:
+        raise RunInterrupted(signum)
+
+    stopping = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    previous = {signum: signal.signal(signum, stop) for signum in stopping}
+    try:
+        outcome = run_sweep(sweep.name, specs, out, executor, shards, threads, progress)
+    except KeyboardInterrupt as exc:
+        progress.close()
+        say(f"interrupted by {exc.args[0] if exc.args else 'SIGINT'}: finished points, shards and artifacts are kept "
+            f"in {out}; run the same command again to resume", "red")
+        return 128 + (exc.signum if isinstance(exc, RunInterrupted) else signal.SIGINT)
+    finally:
+        progress.close()
+        executor.close()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    print_sweep_summary(outcome)
+    draw_sweep_charts(outcome, out)
+    failed = outcome.failed
+    say(f"sweep results in {out / 'points'}; manifest {out / 'sweep.json'}")
+    if failed:
+        say(f"{len(failed)} of {len(outcome.points)} points failed", "red")
+    return 1 if failed else 0
+
+
+def print_sweep_summary(outcome) -> None:
+    rows = []
+    for point in outcome.points:
+        r, m = point.result, point.result.metrics if point.result is not None else None
+        rows.append([point.record.label, point.record.status, f"{100 * m.wer:.2f}" if m else "-",
+                     _mib(m.model_bytes) if m else "-", str(m.utterances) if m else "-",
+                     f"{m.wall_seconds:.1f}" if m else "-",
+                     point.record.reason or (f"{r.resumed_utterances} resumed" if r is not None and r.resumed_utterances
+                                             else "")])
+    show_table(f"sweep {outcome.name}", ["point", "status", "WER %", "weights MiB", "utterances", "wall s", "reason"],
+               rows, left_columns=2, prose_columns=(6,),
+               notes=["wall s: the model's time summed over the point's shards (as a single run's, whichever worker ran them)"])
+
+
+def draw_sweep_charts(outcome, out: Path) -> None:
+    """One Pareto chart (WER against weights) per model and subset of the complete points."""
+    from qbench.leaderboard.entry import bits_class_of
+    from qbench.leaderboard.page import ChartPoint, LeaderboardError, draw_pareto_chart
+    from qbench.sweep.state import SweepLayout
+
+    groups: dict[tuple[str, str], list] = {}
+    for point in outcome.points:
+        r = point.result
+        if point.record.status == "complete" and r is not None and r.metrics is not None:
+            bits = (r.quantization or {}).get("mean_bits_per_weight")
+            groups.setdefault((r.model.name, r.dataset.subset), []).append(
+                (ChartPoint(r.metrics.model_bytes / 2**20, 100 * r.metrics.wer, bits_class_of(bits), point.record.label),
+                 r.dataset.utterance_count))
+    for (model, subset), points in groups.items():
+        path = SweepLayout(out).chart(model, subset)
+        count = max(n for _, n in points)
+        try:
+            draw_pareto_chart([p for p, _ in points], f"{model} on {subset} ({count} utterances)", path,
+                              log_wer=all(p.wer_percent > 0 for p, _ in points))
+        except LeaderboardError as exc:
+            say(f"no chart: {exc}")
+            return
+        say(f"Pareto chart (WER against weights) written to {path}")
+
+
 def committed_utterances(root: Path, model: str, subset: str) -> tuple[list[str], Path] | None:
     """The utterance ids the committed entries of `model` on `subset` scored, and the entry
     they come from: the first that parses in `qbench validate`'s order (`entry_files`), the
@@ -890,6 +1018,41 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--quiet", "-q", action="store_true")
     quantize.set_defaults(func=cmd_quantize, subset="test-clean", limit=None, utterance_ids=None, device="none",
                           batch_size=None, output=None, artifact=None)
+
+    sweep = sub.add_parser("sweep", help="run a grid of runs (plugins x settings x models x subsets), each point "
+                           "sharded by utterance over a local process pool or a Ray cluster; resumable")
+    sweep.add_argument("spec", nargs="?", metavar="SPEC", help="a sweep file (.toml or .json: [base], [grid], "
+                       "[[points]]; README, Sweeps)")
+    sweep.add_argument("--grid", nargs="+", metavar="KEY=V1,V2", help="axes, every combination a point: RunSpec fields "
+                       "(plugin, model, subset, device, batch_size, ...) or quantizer settings (bits=2,3,4); "
+                       "plugin=none is the float baseline")
+    sweep.add_argument("--name", help="the sweep's name (default: the file's stem, or grid-<digest of the grid>)")
+    sweep.add_argument("--out", metavar="DIR", help="the sweep's folder (default results/sweeps/<name>); running the "
+                       "same sweep into it again resumes it")
+    sweep.add_argument("--model", help="as for qbench run, for every point")
+    sweep.add_argument("--weights")
+    sweep.add_argument("--subset")
+    sweep.add_argument("--limit", type=int, help="first N utterances in sorted id order")
+    sweep.add_argument("--utterance-ids", metavar="FILE", help="exactly these utterances (one id a line, or an entry's)")
+    sweep.add_argument("--data-dir")
+    sweep.add_argument("--device", help="emulated target or 'none' (default: qbench run's)")
+    sweep.add_argument("--batch-size", type=int)
+    sweep.add_argument("--calibration-subset")
+    sweep.add_argument("--calibration-limit", type=int)
+    sweep.add_argument("--calibration-ids", metavar="FILE")
+    sweep.add_argument("--calibration-data-dir", metavar="DIR")
+    sweep.add_argument("--plugin-timeout", type=float, metavar="SECONDS")
+    sweep.add_argument("--shards", type=int, metavar="K", help="utterance shards per point (default: one per worker); "
+                       "shards are whole batches, so results are the same for any K")
+    sweep.add_argument("--workers", type=int, metavar="W", help="tasks at once (local default: one per core, fewer "
+                       "when the memory holds fewer workers)")
+    sweep.add_argument("--threads", type=int, help="threads per task (default: the cores shared among the workers)")
+    sweep.add_argument("--executor", choices=["local", "ray"], default="local",
+                       help="a local process pool (default) or a Ray cluster (pip install 'qbench[ray]')")
+    sweep.add_argument("--address", help="with --executor ray: the cluster's address (ray start --head prints it; "
+                       "'auto' finds a local one); default: start a local Ray instance")
+    sweep.add_argument("--quiet", "-q", action="store_true")
+    sweep.set_defaults(func=cmd_sweep)
 
     fit = sub.add_parser("fit", help="which device profiles a (quantized) model fits, without running audio")
     fit.add_argument("--model", default=None, help="as for qbench run")

@@ -145,14 +145,19 @@ class RunResult(BaseModel):
 
     def write(self, path: str | Path) -> Path:
         """Write atomically (temp file + rename) so a reader never sees half a file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(self.model_dump_json(indent=2))
-            f.write("\n")
-        os.replace(tmp, path)
-        return path
+        return write_atomically(path, self.model_dump_json(indent=2) + "\n")
+
+
+def write_atomically(path: str | Path, data: str | bytes) -> Path:
+    """Write `data` to `path` through a temporary file and a rename: a reader (or a run killed
+    mid-write) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+    os.replace(tmp, path)
+    return path
 
 
 def audio_digest(audio: np.ndarray) -> str:

@@ -506,7 +506,7 @@ def run_benchmark(spec: RunSpec, progress: RunProgress | None = None, force: boo
     with using_threads(spec.threads):
         prepared = prepare_run(spec, progress)
         if prepared.session is not None and not prepared.session.fits:
-            return _does_not_fit(prepared.session, prepared.result, spec.output_path)
+            return does_not_fit(prepared.session, prepared.result, spec.output_path)
         return evaluate_prepared(prepared, spec.output_path, prior.records.values(), progress)
 
 
@@ -632,7 +632,7 @@ def evaluate_prepared(prepared: PreparedRun, output: Path, records: Iterable[Jou
                  on_batch=lambda n, _wall: progress.transcribed(n), journal=journal, finish=finish)
     except RunFailed as exc:
         if session is not None and session.exceeded:
-            return _does_not_fit(session, exc.result, output)
+            return does_not_fit(session, exc.result, output)
         raise
     finally:
         journal.close()  # on failure or interruption it stays, for the next run to resume from
@@ -640,9 +640,11 @@ def evaluate_prepared(prepared: PreparedRun, output: Path, records: Iterable[Jou
     return result
 
 
-def _does_not_fit(session: DeviceSession, result: RunResult, output: Path) -> RunResult:
-    """Record the run as not fitting its device (a verdict, not a crash)."""
+def does_not_fit(session: DeviceSession, result: RunResult, output: Path | None) -> RunResult:
+    """Record the run as not fitting its device (a verdict, not a crash), in the result file at
+    `output` when given."""
     result.status, result.error = "failed", session.report.reason
     result.device = session.record()
-    result.write(output)
+    if output is not None:
+        result.write(output)
     return result

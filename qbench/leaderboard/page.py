@@ -139,9 +139,10 @@ def render_chart(entries: list[LeaderboardEntry], path: Path) -> None:
     draw_pareto_chart(points, title, path)
 
 
-def draw_pareto_chart(points: list[ChartPoint], title: str, path: Path) -> None:
+def draw_pareto_chart(points: list[ChartPoint], title: str, path: Path, log_wer: bool = True) -> None:
     """WER against weights, one marker per point, the Pareto front dashed, written as SVG to
-    `path` deterministically (the leaderboard's charts and `qbench sweep`'s)."""
+    `path` deterministically (the leaderboard's charts and `qbench sweep`'s). `log_wer`: WER on
+    a log axis (a sweep on a few utterances may score 0 %, which a log axis cannot place)."""
     try:
         import matplotlib
     except ImportError:  # an optional extra: running and testing need no plotting library
@@ -165,7 +166,8 @@ def draw_pareto_chart(points: list[ChartPoint], title: str, path: Path) -> None:
         ax.annotate(chart_text(p.label), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
     ax.set_xlabel("weights (MiB: packed codes, scales, unquantized tensors)")
     ax.set_ylabel("WER (%)")
-    ax.set_yscale("log")
+    if log_wer:
+        ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(chart_text(title))
