@@ -359,7 +359,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
         if args.address:
             raise CliError("--address names a Ray cluster: give --executor ray too")
-        workers, why = (args.workers, f"{args.workers} local workers (--workers)") if args.workers else pool_size(specs)
+        workers, why = (args.workers, f"{args.workers} local worker{'s' if args.workers > 1 else ''} (--workers)") if args.workers else pool_size(specs)
         # every worker gets its share of the cores (a run's result is the same on any count)
         threads = args.threads or sweep.base.get("threads") or max(1, cores // workers)
         executor = LocalExecutor(workers)

@@ -84,8 +84,10 @@ class RayExecutor:
                                           f"{one_line(exc)}") from None
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.workers = max(1, cpus // cpus_per_task)
-        self._prepare = ray.remote(ray_prepare).options(num_returns=2, num_cpus=cpus_per_task, max_retries=max_retries)
-        self._shard = ray.remote(ray_shard).options(num_cpus=cpus_per_task, max_retries=max_retries)
+        # options go with each call (`.options` on a function already given options cannot take more)
+        self._options = {"num_cpus": cpus_per_task, "max_retries": max_retries}
+        self._prepare = ray.remote(ray_prepare)
+        self._shard = ray.remote(ray_shard)
         self._models: dict[tuple[str | None, str | None], tuple[Any, str]] = {}
         self._artifacts: OrderedDict[str, Any] = OrderedDict()
         self._tasks: dict[Any, tuple[PrepareTask | ShardTask, Any]] = {}
@@ -95,13 +97,13 @@ class RayExecutor:
         return self.workers
 
     def submit_prepare(self, task: PrepareTask) -> Any:
-        plan_ref, bytes_ref = self._prepare.options(name=task.name).remote(task)
+        plan_ref, bytes_ref = self._prepare.options(name=task.name, num_returns=2, **self._options).remote(task)
         self._tasks[plan_ref] = (task, bytes_ref)
         return plan_ref
 
     def submit_shard(self, task: ShardTask) -> Any:
         model, sha256 = self._float_model(task.plan)
-        ref = self._shard.options(name=task.name).remote(task, model, sha256, self._artifact(task.plan))
+        ref = self._shard.options(name=task.name, **self._options).remote(task, model, sha256, self._artifact(task.plan))
         self._tasks[ref] = (task, None)
         return ref
 
