@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from qbench.errors import QBenchError
 from qbench.models.weight_store import WeightInfo
+from qbench.quant.settings import read_toml_or_json
 
 #: the quantizer name results and entries record for a plan (its config is the whole plan)
 PLAN_QUANTIZER = "plan"
@@ -110,21 +111,7 @@ class QuantizationPlan(BaseModel):
 def read_plan(path: Path) -> QuantizationPlan:
     """A plan from a `.toml` or `.json` file; `PlanError` naming the file and the field at fault."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise PlanError(f"{path}: cannot read the plan ({exc.strerror or exc})") from None
-    try:
-        if path.suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        else:
-            data = json.loads(text)
-    except ModuleNotFoundError:
-        raise PlanError(f"{path}: TOML plans need Python 3.11+ (tomllib); write the plan as JSON") from None
-    except ValueError as exc:  # tomllib.TOMLDecodeError and json.JSONDecodeError are ValueErrors
-        raise PlanError(f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'} ({exc})") from None
+    data = read_toml_or_json(path, "plan", PlanError)
     try:
         return QuantizationPlan.model_validate(data)
     except ValidationError as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -37,16 +38,43 @@ def _as_text(value: Any) -> str:
 
 def parse_setting_values(settings: Sequence[str], plugin: str) -> dict[str, Any]:
     """`["bits=4", "group_size=null"]` -> `{"bits": 4, "group_size": None}`."""
-    values: dict[str, Any] = {}
+    return {key: parse_value(text) for key, text in split_settings(settings, f"plugin '{plugin}'").items()}
+
+
+def split_settings(settings: Sequence[str], what: str, form: str = "key=value") -> dict[str, str]:
+    """`["bits=4", "group_size=null"]` -> `{"bits": "4", "group_size": "null"}`: each key and the
+    text after its first `=`; a malformed item or a key given twice is a `SettingsError` naming
+    `what` (the plugin, or the option the settings were given to)."""
+    texts: dict[str, str] = {}
     for item in settings:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise SettingsError(f"plugin '{plugin}': setting {item!r} is not of the form key=value")
-        if key in values:
-            raise SettingsError(f"plugin '{plugin}': setting '{key}' given twice")
-        values[key] = parse_value(text.strip())
-    return values
+            raise SettingsError(f"{what}: setting {item!r} is not of the form {form}")
+        if key in texts:
+            raise SettingsError(f"{what}: setting '{key}' given twice")
+        texts[key] = text.strip()
+    return texts
+
+
+def read_toml_or_json(path: Path, what: str, error: type[QBenchError]) -> Any:
+    """The document of a `.toml` file, or of any other as JSON (plans, sweep files); `error`
+    naming the file when it cannot be read or parsed, `what` saying what the file is."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise error(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            return tomllib.loads(text)
+        return json.loads(text)
+    except ModuleNotFoundError:
+        raise error(f"{path}: TOML {what}s need Python 3.11+ (tomllib); write the {what} as JSON") from None
+    except ValueError as exc:  # tomllib.TOMLDecodeError and json.JSONDecodeError are ValueErrors
+        raise error(f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'} ({exc})") from None
 
 
 def config_from_values(values: dict[str, Any], config_cls: type[ConfigT], plugin: str) -> ConfigT:

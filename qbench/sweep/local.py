@@ -238,35 +238,3 @@ class LocalExecutor:
         """Stop every worker (a shard stopped mid-way keeps its journal for the next run)."""
         self._terminate()
         self._jobs.clear()
-
-
-@dataclass(eq=False)
-class InlineJob:
-    function: Callable[[Any], Any]
-    task: Any
-
-
-class InlineExecutor:
-    """The same tasks run one at a time in this process: for tests (a monkeypatched model
-    applies) and for debugging (a breakpoint in a task stops in it). Not offered on the command
-    line: a crash in a task here is a crash of the sweep."""
-
-    name = "inline"
-    workers = 1
-    capacity = 1
-
-    def submit_prepare(self, task: PrepareTask) -> InlineJob:
-        return InlineJob(run_prepare, task)
-
-    def submit_shard(self, task: ShardTask) -> InlineJob:
-        return InlineJob(run_shard, task)
-
-    def wait(self, jobs: list[InlineJob], timeout: float) -> list[tuple[InlineJob, Any]]:
-        job = jobs[0]
-        try:
-            return [(job, job.function(job.task))]
-        except Exception as exc:  # noqa: BLE001 - a task's failure is its point's, reported by the runner
-            return [(job, exc)]
-
-    def close(self) -> None:
-        pass

@@ -48,7 +48,7 @@ POLL_SECONDS = 0.5
 
 
 class Executor(Protocol):
-    """Where tasks run: `local.LocalExecutor`, `ray_executor.RayExecutor` (`local.InlineExecutor` in tests)."""
+    """Where tasks run: `local.LocalExecutor` or `ray_executor.RayExecutor`."""
 
     name: str
     workers: int
@@ -267,10 +267,14 @@ class SweepRunner:
         """Utterances a point will score, before its plan counts them exactly (0 when the data
         cannot be listed: the prepare task then fails with the reason)."""
         try:
-            present = list_utterances(find_data_dir(spec.data_dir, spec.subset), spec.subset)
+            present = self._listed(spec.data_dir, spec.subset)
             return len(select_utterances(present, spec.limit, spec.utterance_ids))
         except QBenchError:
             return 0
+
+    @functools.cache  # noqa: B019 - one listing per subset for the runner's lifetime (a sweep)
+    def _listed(self, data_dir: str | None, subset: str) -> list:
+        return list_utterances(find_data_dir(data_dir, subset), subset)
 
     def _report_utterances(self) -> None:
         done = total = 0

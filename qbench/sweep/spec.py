@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from qbench.errors import QBenchError, one_line
 from qbench.leaderboard.entry import SAFE_NAME_PATTERN
 from qbench.quant.plan import read_plan
-from qbench.quant.settings import parse_value
+from qbench.quant.settings import parse_value, read_toml_or_json, split_settings
 from qbench.run import RunSpec, spec_error
 
 #: plugin values that mean "no quantizer": the float baseline
@@ -142,13 +142,7 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
     Values are JSON where they parse as JSON (numbers, true, null, lists), else strings; commas
     inside brackets do not split (`group_size=[64,128]` is one list value)."""
     grid: dict[str, list[Any]] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise SweepSpecError(f"--grid: {item!r} is not of the form key=value1,value2")
-        if key in grid:
-            raise SweepSpecError(f"--grid: '{key}' given twice")
+    for key, text in split_settings(items, "--grid", "key=value1,value2").items():
         values, depth, current = [], 0, ""
         for ch in text:
             depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(ch, 0)
@@ -176,19 +170,7 @@ def read_sweep(path: Path) -> SweepSpec:
     path = Path(path)
     if path.suffix not in (".toml", ".json"):
         raise SweepSpecError(f"{path}: a sweep file is .toml or .json")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SweepSpecError(f"{path}: cannot read the sweep file ({exc.strerror or exc})") from None
-    try:
-        if path.suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        else:
-            data = json.loads(text)
-    except ValueError as exc:  # tomllib.TOMLDecodeError and json.JSONDecodeError are ValueErrors
-        raise SweepSpecError(f"{path}: not valid {path.suffix.lstrip('.')} ({one_line(exc)})") from None
+    data = read_toml_or_json(path, "sweep file", SweepSpecError)
     if not isinstance(data, dict):
         raise SweepSpecError(f"{path}: a sweep file is a table (got {type(data).__name__})")
     data.setdefault("name", path.stem)
