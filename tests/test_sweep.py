@@ -78,6 +78,9 @@ def test_a_grid_expands_into_run_specs_one_point_per_identity(tmp_path):
     clash = SweepSpec(name="c", base={"plugin": "rtn"}, grid={"device": ["none", "pi-zero-2w"]}).run_specs(tmp_path)
     assert len({s.output_path for s in clash}) == 2 and all(s.identity()[:10] in str(s.output_path) for s in clash)
     assert parse_grid(["group_size=[64,128],null"]) == {"group_size": [[64, 128], None]}
+    # README's example: 12 grid points and the float baseline
+    example = read_sweep(REPO / "sweeps" / "rtn-gptq.toml").run_specs(tmp_path)
+    assert len(example) == 13 and example[-1].plugin is None and {s.plugin for s in example[:-1]} == {"rtn", "gptq"}
 
 
 @pytest.mark.parametrize("sweep, message", [
