@@ -197,6 +197,41 @@ def test_a_sigkilled_sweep_resumes_without_recomputing_finished_points_or_shards
     same_point(json.loads(second.output_path.read_text()), single_run(second, tmp_path / "single.json"))
 
 
+def pool_worker() -> psutil.Process | None:
+    """This process's local pool worker (a spawned interpreter that is not the resource tracker)."""
+    for child in psutil.Process().children():
+        cmdline = " ".join(child.cmdline())
+        if "multiprocessing" in cmdline and "resource_tracker" not in cmdline:
+            return child
+    return None
+
+
+def test_a_local_worker_killed_mid_shard_is_replaced_and_the_shard_resumes(tiny_en, short_data, tmp_path):
+    out = tmp_path / "sweep"
+    (spec,) = SweepSpec(name="w", base={"data_dir": str(short_data), "device": "none", "batch_size": 1, "limit": 4,
+                                        "plugin": "rtn", "bits": 8}).run_specs(out / "points")
+    journal = journal_path(SweepLayout(out).shard(spec, 0))
+    executor = LocalExecutor(1)
+    outcome: list = []
+    sweep = threading.Thread(target=lambda: outcome.append(
+        run_sweep("w", [spec], out, executor, 1, 1, SilentSweepProgress())), daemon=True)
+    sweep.start()
+    deadline = time.monotonic() + 240
+    while journal_records(journal) < 1:
+        assert sweep.is_alive() and time.monotonic() < deadline, "the shard never journaled"
+        time.sleep(0.005)
+    worker = pool_worker()
+    worker.kill()
+    killed_at = journal_records(journal)
+    sweep.join(timeout=300)
+    executor.close()
+    assert not sweep.is_alive() and 1 <= killed_at < 4
+    (point,) = outcome[0].points
+    assert point.record.status == "complete", point.record.reason
+    shard = RunResult.read(SweepLayout(out).shard(spec, 0))
+    assert shard.resumed_utterances >= killed_at and len(shard.utterances) == 4
+
+
 # -- failures are per point ------------------------------------------------------------------------
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import psutil
 
 from qbench.errors import QBenchError
+from qbench.results import RunResult
 from qbench.run import RunSpec
 from qbench.sweep.state import PointPlan
 from qbench.sweep.tasks import (
@@ -140,7 +141,7 @@ def run_prepare(task: PrepareTask) -> PointPlan:
     return prepare_point(task)
 
 
-def run_shard(task: ShardTask):
+def run_shard(task: ShardTask) -> RunResult:
     model, sha256 = _float_model(task.plan.spec)
     return evaluate_shard(task, model, sha256, _artifact(task.plan))
 
@@ -217,8 +218,8 @@ class LocalExecutor:
                 continue  # it finished before the pool broke: its value is collected by wait()
             if job.attempts > self.max_retries:
                 self._jobs.discard(job)
-                failed.append((job, WorkerDiedError(f"its worker process died {job.attempts} times (killed, or out of "
-                                                    "memory)")))
+                times = f"{job.attempts} time{'s' if job.attempts > 1 else ''}"
+                failed.append((job, WorkerDiedError(f"its worker process died {times} (killed, or out of memory)")))
             else:
                 self._start(job)
         return failed
