@@ -344,6 +344,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from qbench.sweep.progress import RichSweepProgress
     from qbench.sweep.runner import run_sweep
 
+    for flag in ("shards", "workers", "threads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise CliError(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
     sweep = sweep_from_args(args)
     out = Path(args.out or Path("results") / "sweeps" / sweep.name)
     specs = sweep.run_specs(out / "points")

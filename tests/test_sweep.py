@@ -94,6 +94,22 @@ def test_a_bad_point_is_one_line_naming_it(sweep, message, tmp_path):
     assert "\n" not in str(exc.value)
 
 
+def test_another_runs_result_at_a_points_file_fails_that_point_and_is_kept(tiny_en, short_data, tmp_path):
+    out = tmp_path / "sweep"
+    (spec,) = SweepSpec(name="f", base={"data_dir": str(short_data), "device": "none"}).run_specs(out / "points")
+    spec.output_path.parent.mkdir(parents=True)
+    spec.output_path.write_text('{"status": "complete"}')
+    executor = LocalExecutor(1)
+    try:
+        outcome = run_sweep("f", [spec], out, executor, 1, 1, SilentSweepProgress())
+    finally:
+        executor.close()
+    (point,) = outcome.points
+    assert point.record.status == "failed" and "\n" not in point.record.reason
+    assert str(spec.output_path) in point.record.reason and "without a run identity" in point.record.reason
+    assert spec.output_path.read_text() == '{"status": "complete"}'
+
+
 def test_shards_are_whole_batches_of_the_single_run():
     ids = [f"u{i}" for i in range(7)]
     assert cut_shards(ids, 2, 3) == [["u0", "u1", "u2", "u3"], ["u4", "u5"], ["u6"]]

@@ -181,7 +181,8 @@ class SweepRunner:
             # another run's result at the point's file is never overwritten (one line, as for qbench run)
             prior = claim_output(spec.output_path, spec.identity(), lambda: point.sha256)
         except (OutputInUseError, JournalError) as exc:
-            self._fail(point, one_line(exc).replace("; pass --force to keep it aside and start fresh", ""))
+            # a result file is never overwritten by another run's; a sweep has no --force
+            self._fail(point, one_line(exc).split("; pass --force")[0] + "; move it away, or sweep into another --out")
             return
         except QBenchError as exc:
             self._fail(point, one_line(exc))

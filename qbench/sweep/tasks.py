@@ -20,7 +20,7 @@ from pathlib import Path
 
 from qbench.data.librispeech import find_data_dir, list_utterances
 from qbench.errors import QBenchError
-from qbench.journal import claim_output
+from qbench.journal import JournalError, OutputInUseError, claim_output
 from qbench.models.parallel import using_threads
 from qbench.models.speech_model import SpeechModel
 from qbench.quant.activation_scheme import ActivationRecord
@@ -110,7 +110,12 @@ def evaluate_shard(task: ShardTask, float_model: SpeechModel, model_sha256: str,
                                   f"point was prepared on {plan.header.model.sha256[:12]}…; run the sweep again to "
                                   "prepare it on these")
     output = Path(task.output)
-    prior = claim_output(output, task.identity, lambda: model_sha256)
+    try:
+        prior = claim_output(output, task.identity, lambda: model_sha256)
+    except (OutputInUseError, JournalError):
+        # a shard file is the sweep's own work, not a result of the user's: one that is not this
+        # shard's (a damaged or edited file) is kept aside as <name>.<UTC time>.json, never lost
+        prior = claim_output(output, task.identity, lambda: model_sha256, force=True)
     if prior.complete is not None:
         return prior.complete
     with using_threads(task.threads):
