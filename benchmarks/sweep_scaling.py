@@ -101,7 +101,8 @@ def main() -> None:
     base = runs[0][3]
     labels = ", ".join(f"{c['bits']}b g{c['group_size']}" for c in GRID[: args.points])
     print(f"\n{args.points} points (rtn {labels}) x "
-          f"{args.utterances} test-clean utterances, {SHARDS} shards per point, 1 thread per task, device none (batch 8)")
+          f"{args.utterances} test-clean utterances, up to {SHARDS} shards per point (whole batches of 8: one shard for "
+          "8 utterances or fewer), 1 thread per task, device none")
     print(f"quantized once up front (not in the times below; artifacts reused by every configuration): "
           f"{quantize_seconds:.1f} s for {args.points} points")
     header = f"{'configuration':<28} {'tasks at once':>13} {'wall s':>8} {'utt/s':>7} {'model s/utt':>11} {'vs 1 worker':>11}"
