@@ -208,11 +208,13 @@ def test_sigint_records_interrupted_exits_130_and_the_rerun_resumes(fake_model, 
     monkeypatch.setattr(Whisper, "transcribe", interrupted_after_two)
     out = tmp_path / "r.json"
     argv = ["run", "--data-dir", str(tmp_path / "data"), "--device", "none", "--batch-size", "1", "-o", str(out), "-q"]
+    # pytest's own handler, or SIG_IGN where the suite was started in the background
+    before = signal.getsignal(signal.SIGINT)
     assert main(argv) == 130
     assert "interrupted by SIGINT" in capsys.readouterr().err
     r = RunResult.read(out)
     assert r.status == "interrupted" and len(r.utterances) == 2
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # cmd_run put the handler back
+    assert signal.getsignal(signal.SIGINT) is before  # cmd_run put the handler back
 
     monkeypatch.setattr(Whisper, "transcribe", plain)
     assert main(argv) == 0
