@@ -256,8 +256,10 @@ def render_markdown(entries: list[LeaderboardEntry]) -> str:
                 q = e.quantizer
                 name = f"{q.name} ({q.distribution or '?'} {q.distribution_version or ''})".strip() if q else "float baseline"
                 if q is not None and q.plan_quantizers is not None:
-                    name = f"plan (qbench {q.version}; " + ", ".join(
-                        f"{p.distribution or p.name} {p.distribution_version or p.version}" for p in q.plan_quantizers) + ")"
+                    # one plugin at two settings is one distribution: named once
+                    distributions = dict.fromkeys(
+                        f"{p.distribution or p.name} {p.distribution_version or p.version}" for p in q.plan_quantizers)
+                    name = f"plan (qbench {q.version}; " + ", ".join(distributions) + ")"
                 if e.activations is not None:
                     a = e.activations
                     name += f" + A{a.scheme.bits} {a.name}" + (f", KV{a.scheme.bits}" if a.kv_cache else "") + (
