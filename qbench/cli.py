@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from rich import box
@@ -244,26 +245,39 @@ def add_activation_arguments(parser: argparse.ArgumentParser) -> None:
                         "token and head) and probabilities (unsigned codes at the scheme's bits)")
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def stops_raise_interrupted() -> Iterator[None]:
+    """SIGINT and SIGTERM (a scheduler, `kill`) raise `RunInterrupted` inside the block, as
+    Ctrl-C does: what is finished is saved and the journals stay for a rerun to resume from.
+    The handlers found are put back after (only the main thread may set them)."""
     import signal
     import threading
 
-    from qbench.evaluate import RunFailed, RunInterrupted
-    from qbench.run import run_benchmark
+    from qbench.evaluate import RunInterrupted
 
     def stop(signum: int, _frame) -> None:
-        # SIGTERM (a scheduler, `kill`) ends the run as Ctrl-C does: the result file records
-        # `interrupted` and the journal stays for the next run to resume from
         raise RunInterrupted(signum)
+
+    stopping = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    previous = {signum: signal.signal(signum, stop) for signum in stopping}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from qbench.evaluate import RunFailed, RunInterrupted
+    from qbench.run import run_benchmark
 
     spec = spec_from_args(args)
     progress = RichProgress(args.quiet)
     if args.submit:
         spec = plan_submission(spec, Path(args.leaderboards), progress)
-    stopping = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
-    previous = {signum: signal.signal(signum, stop) for signum in stopping}
     try:
-        result = run_benchmark(spec, progress, force=args.force)
+        with stops_raise_interrupted():
+            result = run_benchmark(spec, progress, force=args.force)
     except RunFailed as exc:
         done = len(exc.result.utterances)
         raise CliError(f"{exc} ({done} utterances finished are saved in {spec.output_path})") from None
@@ -275,8 +289,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 128 + exc.signum
     finally:
         progress.close()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
     if result.device is not None and not result.device["fits"]:
         say(result.error, "red")
         say(f"result written to {spec.output_path} (device.fits = false)"
@@ -338,7 +350,6 @@ def sweep_from_args(args: argparse.Namespace):
 def cmd_sweep(args: argparse.Namespace) -> int:
     import os
     import signal
-    import threading
 
     from qbench.evaluate import RunInterrupted
     from qbench.sweep.progress import RichSweepProgress
@@ -371,13 +382,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     say(f"sweep {sweep.name}: {len(specs)} points, up to {shards} shards each, in {out}")
     progress = RichSweepProgress(console, args.quiet)
 
-    def stop(signum: int, _frame) -> None:
-        raise RunInterrupted(signum)
-
-    stopping = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
-    previous = {signum: signal.signal(signum, stop) for signum in stopping}
     try:
-        outcome = run_sweep(sweep.name, specs, out, executor, shards, threads, progress)
+        with stops_raise_interrupted():
+            outcome = run_sweep(sweep.name, specs, out, executor, shards, threads, progress)
     except KeyboardInterrupt as exc:
         progress.close()
         say(f"interrupted by {exc.args[0] if exc.args else 'SIGINT'}: finished points, shards and artifacts are kept "
@@ -386,8 +393,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     finally:
         progress.close()
         executor.close()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
     print_sweep_summary(outcome)
     draw_sweep_charts(outcome, out)
     failed = outcome.failed
