@@ -40,6 +40,7 @@ from qbench.quant.apply import (
     quantize_model,
     quantizer_identity,
 )
+from qbench.results import write_atomically
 
 #: layer groups measured as a whole, by fnmatch globs on layer names (a group with no layer in
 #: the model is skipped)
@@ -178,12 +179,7 @@ def read_table(path: Path) -> SensitivityTable:
 
 
 def write_table(table: SensitivityTable, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(table.model_dump_json(indent=1) + "\n")
-    tmp.replace(path)
-    return path
+    return write_atomically(path, table.model_dump_json(indent=1) + "\n")
 
 
 def draw_heatmap(table: SensitivityTable, path: Path) -> Path:
