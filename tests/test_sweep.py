@@ -332,3 +332,28 @@ def test_a_ray_worker_killed_mid_shard_is_retried_and_the_result_is_the_same(tin
     # the retry resumed from the journal the killed attempt left: what it had done was kept
     assert retried.status == "complete" and retried.resumed_utterances >= killed_at
     same_point(json.loads(spec.output_path.read_text()), single_run(spec, tmp_path / "single.json"))
+
+
+def test_a_wav2vec2_sweep_merges_into_its_single_run(seeded_wav2vec2, data_dir, short_data, tmp_path):
+    # the same sharding, merge and device records for the CTC model (seeded weights of the real
+    # base-960h config, shrunk: see conftest.py), with a calibrated plugin, whose statistics
+    # are gathered once in the point's preparation and never again in a shard
+    sweep = SweepSpec(name="w2v2", base={"model": "wav2vec2-base-960h", "weights": str(seeded_wav2vec2),
+                                         "data_dir": str(short_data), "batch_size": 2, "calibration_limit": 2,
+                                         "calibration_data_dir": str(data_dir)},
+                      grid={"plugin": ["rtn", "gptq"], "bits": [4], "device": ["none", "pi-zero-2w"]})
+    specs = sweep.run_specs(tmp_path / "sweep" / "points")
+    assert len(specs) == 4
+    executor = LocalExecutor(2)
+    try:
+        outcome = run_sweep("w2v2", specs, tmp_path / "sweep", executor, 3, 1, SilentSweepProgress())
+    finally:
+        executor.close()
+    assert [p.record.status for p in outcome.points] == ["complete"] * 4, [p.record.reason for p in outcome.points]
+    for n, spec in enumerate(specs):
+        merged = json.loads(spec.output_path.read_text())
+        assert merged["model"]["architecture"] == "wav2vec2"
+        assert len(list(SweepLayout(tmp_path / "sweep").work(spec).glob("shard-*.json"))) == 3
+        same_point(merged, single_run(spec, tmp_path / f"single{n}.json"))
+        if spec.device != "none":
+            assert merged["device"]["breakdown"] == json.loads((tmp_path / f"single{n}.json").read_text())["device"]["breakdown"]
