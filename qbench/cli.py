@@ -849,7 +849,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         budget, what = args.max_bytes, f"{args.max_bytes} bytes"
     else:
         raise CliError("give --device NAME or --max-bytes N: the budget to allocate bits for")
-    allocation = allocate(table, budget, args.candidate or None, allow_float=not args.no_float)
+    allocation = allocate(table, budget, args.candidate or None, allow_float=not args.no_float,
+                          keep_float=args.keep_float or ())
     name = args.name or f"{table.model}-{args.device or args.max_bytes}"
     plan = plan_of(allocation, table, name)
     path = write_plan(plan, Path(args.plan_output or f"plans/{name}.json"))
@@ -1118,6 +1119,8 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--max-bytes", type=int, help="budget in bytes (all weights, never-quantized ones included)")
     optimize.add_argument("--candidate", action="append", metavar="LABEL", help="only these of the table's candidates")
     optimize.add_argument("--no-float", action="store_true", help="every layer must be quantized")
+    optimize.add_argument("--keep-float", action="append", metavar="GLOB",
+                          help="layers that stay float whatever the budget (repeatable), e.g. decoder.token_embedding")
     optimize.add_argument("--name", help="the plan's name (default <model>-<budget>)")
     optimize.add_argument("--plan-output", metavar="FILE", help="default plans/<name>.json")
     optimize.add_argument("--run", action="store_true", help="then run the plan (as qbench run --plan) and print "

@@ -86,6 +86,19 @@ def test_allocate_writes_a_plan_naming_every_layer_once():
     assert with_float.choice["emb"] == "float"
 
 
+def test_kept_float_layers_stay_float_and_the_rest_share_what_is_left():
+    table = _table()
+    # without --no-float the budget would buy the embedding float; kept float it must be,
+    # and every other layer must then be quantized (allow_float=False), in what is left
+    alloc = allocate(table, budget_bytes=30 + 200 + 100 + 50, allow_float=False, keep_float=["em*"])
+    assert alloc.choice == {"a": "rtn-bits8", "b": "rtn-bits4", "emb": "float"}
+    assert alloc.model_bytes == 30 + 200 + 100 + 50
+    with pytest.raises(AllocationError, match="no choice of candidates fits"):
+        allocate(table, budget_bytes=30 + 200 + 99, allow_float=False, keep_float=["emb"])
+    with pytest.raises(AllocationError, match=r"--keep-float 'decoder\.\*' matches no layer of m"):
+        allocate(table, budget_bytes=10_000, keep_float=["decoder.*"])
+
+
 def test_kl_is_zero_for_equal_distributions_and_positive_otherwise():
     lp = np.log(np.array([[0.5, 0.5], [0.9, 0.1]]))
     assert kl_divergence(lp, lp) == 0.0

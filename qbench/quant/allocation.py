@@ -15,6 +15,9 @@ so the plan is the optimum of the model it is given, not a heuristic's approxima
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Sequence
+
 import numpy as np
 from pydantic import BaseModel
 
@@ -62,17 +65,27 @@ def solve_allocation(damage: np.ndarray, sizes: np.ndarray, capacity: float) -> 
 
 
 def allocate(table: SensitivityTable, budget_bytes: int, candidates: list[str] | None = None,
-             allow_float: bool = True) -> Allocation:
-    """The least-damage choice for `table`'s model within `budget_bytes` of weights."""
+             allow_float: bool = True, keep_float: Sequence[str] = ()) -> Allocation:
+    """The least-damage choice for `table`'s model within `budget_bytes` of weights.
+
+    Layers matching a `keep_float` glob stay float whatever `allow_float` says (a leaderboard
+    row "embedding at fp16" is a budget for the other layers)."""
     labels = candidates or table.labels()
-    options = labels + ([FLOAT] if allow_float else [])
     names = list(table.float_bytes)
+    kept = {n for n in names if any(fnmatch.fnmatchcase(n, pattern) for pattern in keep_float)}
+    for pattern in keep_float:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise AllocationError(f"--keep-float {pattern!r} matches no layer of {table.model}")
+    options = labels + ([FLOAT] if allow_float or kept else [])
     damage = np.full((len(names), len(options)), np.inf)
     sizes = np.zeros((len(names), len(options)))
     for j, label in enumerate(options):
         for i, name in enumerate(names):
             if label == FLOAT:
-                damage[i, j], sizes[i, j] = 0.0, table.float_bytes[name]
+                if allow_float or name in kept:
+                    damage[i, j], sizes[i, j] = 0.0, table.float_bytes[name]
+            elif name in kept:
+                continue
             else:
                 layer = table.candidate(label).layers.get(name)
                 if layer is not None:
