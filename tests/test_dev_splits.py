@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from qbench.data.librispeech import list_utterances
+from qbench.data.librispeech import DataNotFoundError, list_utterances
 
 SPLITS = Path(__file__).resolve().parent.parent / "splits"
 
@@ -25,7 +25,7 @@ def test_every_split_id_is_a_shared_dev_clean_utterance_and_none_is_in_test_clea
     ids = set(read_ids("dev-clean-tune.txt")) | set(read_ids("dev-clean-calibrate.txt"))
     try:
         dev = {u.id for u in list_utterances(data_dir, "dev-clean")}
-    except Exception as exc:  # a LibriSpeech sample without dev-clean
+    except DataNotFoundError as exc:  # a LibriSpeech sample without dev-clean
         pytest.skip(f"no dev-clean here: {exc}")
     if not ids <= dev:
         pytest.skip(f"this LibriSpeech sample lacks {len(ids - dev)} of the split's dev-clean utterances")

@@ -72,10 +72,12 @@ def allocate(table: SensitivityTable, budget_bytes: int, candidates: list[str] |
     row "embedding at fp16" is a budget for the other layers)."""
     labels = candidates or table.labels()
     names = list(table.float_bytes)
-    kept = {n for n in names if any(fnmatch.fnmatchcase(n, pattern) for pattern in keep_float)}
+    kept: set[str] = set()
     for pattern in keep_float:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+        matched = {n for n in names if fnmatch.fnmatchcase(n, pattern)}
+        if not matched:
             raise AllocationError(f"--keep-float {pattern!r} matches no layer of {table.model}")
+        kept |= matched
     options = labels + ([FLOAT] if allow_float or kept else [])
     damage = np.full((len(names), len(options)), np.inf)
     sizes = np.zeros((len(names), len(options)))
