@@ -36,10 +36,12 @@ from qbench.checkpoints.loader import load_model
 from qbench.data.calibration import load_calibration
 from qbench.data.librispeech import find_data_dir
 from qbench.quant.apply import quantize_model
+from qbench.quant.contract import apply_scales
 from qbench.quant.error_feedback import (
     MSEClip,
     UniformGrid,
     error_feedback_quantize,
+    gptq_hessian,
     inverse_hessian_factor,
 )
 from qbench.quant.hadamard import hadamard_transform, random_signs
@@ -91,24 +93,25 @@ def output_error(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
 def scalar_quip(w: np.ndarray, h: np.ndarray, bits: int, mse: bool) -> np.ndarray:
     grid = UniformGrid(bits, symmetric=True, full_range=True, mse=MSEClip() if mse else None)
     r = error_feedback_quantize(w, h, grid, group_size=128)
-    return r.codes * np.repeat(r.scales, 128, axis=1)[:, : w.shape[1]]
+    return apply_scales(r.codes.astype(np.float32), r.scales, r.zeros, r.group_size).astype(np.float64)
 
 
 def layer_statistics() -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(name, weight, H = 2 X^T X / n) of every layer, as quip 3-bit + MSE calibrates them."""
     ids = (REPO / "splits" / "dev-clean-calibrate.txt").read_text().split()
     audios, _ = load_calibration(find_data_dir(None, "dev-clean"), "dev-clean", None, set(), ids)
-    seen: list[tuple[str, np.ndarray, np.ndarray]] = []
+    seen: list[tuple[np.ndarray, np.ndarray]] = []
 
     class Recording(QuIPQuantizer):
         def quantize(self, weight, stats):
-            seen.append((f"layer {len(seen)}", weight.astype(np.float64), 2 * stats.xtx / max(stats.n_rows, 1)))
+            seen.append((weight.astype(np.float64), gptq_hessian(stats)))
             return super().quantize(weight, stats)
 
     model = load_model("whisper-tiny.en").model
+    # layers are quantized in execution order, the order quantizable_weights lists them in
     names = [info.name for info in model.quantizable_weights() if info.kind != "embedding"]
     quantize_model(model, Recording({"bits": 3, "mse": True}), None, audios)
-    return [(name, w, h) for name, (_, w, h) in zip(names, seen)]
+    return [(name, w, h) for name, (w, h) in zip(names, seen, strict=True)]
 
 
 def main() -> None:
