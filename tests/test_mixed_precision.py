@@ -165,3 +165,12 @@ def test_sensitivity_optimize_and_run_the_plan_on_wav2vec2(seeded_wav2vec2, data
     assert json.loads(out2.read_text())["hypotheses_sha256"] == result["hypotheses_sha256"]
     assert result["quantization"]["config"]["name"] == plan.name
     assert result["metrics"]["model_bytes"] <= budget
+
+    # --keep-float on the CLI: the CTC head stays float, every other layer is quantized
+    head = next(n for n in table.float_bytes if "lm_head" in n)
+    kept_budget = budget + table.float_bytes[head] - two.layers[head].bytes
+    kept_path = tmp_path / "kept.json"
+    assert main(["optimize", "--sensitivity", str(table_path), "--max-bytes", str(kept_budget), "--no-float",
+                 "--keep-float", head, "--plan-output", str(kept_path), "--name", "w2v-kept"]) == 0
+    kept = {n: r.plugin for r in read_plan(kept_path).rules for n in r.match}
+    assert kept[head] is None and all(kept[n] == "rtn" for n in table.float_bytes if n != head)
