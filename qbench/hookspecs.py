@@ -36,7 +36,8 @@ def qbench_register_quantizers() -> list[type[Quantizer]]:
     Each class must set `name` (unique across every installed plugin: two distributions
     offering the same name are reported as a conflict and neither is usable) and implement
     `quantize`. It may set `version` (default: the version of the distribution shipping it),
-    `description`, `needs_calibration` (default False) and `Config`, a `qbench.QuantizerConfig`
+    `description`, `needs_calibration` (default False), `wants_float_inputs` (default False; see
+    `qbench.LayerStats.dxtx`) and `Config`, a `qbench.QuantizerConfig`
     subclass holding its knobs (default: none); a `Config` that accepts unknown keys is
     rejected. Keep this hook cheap and side-effect free: it is called once per process, when
     qbench first lists or looks up quantizers. An exception raised here is reported under the

@@ -112,14 +112,21 @@ class LayerReport(BaseModel):
     rel_error: float
 
 
-def layer_stats(x: np.ndarray, in_features: int) -> LayerStats:
-    """`sum x^T x` over all rows of a layer input, accumulated in float64."""
+def layer_stats(x: np.ndarray, in_features: int, x_float: np.ndarray | None = None) -> LayerStats:
+    """`sum x^T x` over all rows of a layer input, accumulated in float64; with `x_float` (the
+    same rows as the float model computes them) also `sum (x_float - x)^T x`."""
     x2 = x.reshape(-1, in_features)
+    xf2 = None if x_float is None else x_float.reshape(-1, in_features)
+    if xf2 is not None and xf2.shape != x2.shape:
+        raise ValueError(f"float rows {xf2.shape} do not pair with quantized rows {x2.shape}")
     xtx = np.zeros((in_features, in_features), dtype=np.float64)
+    dxtx = None if xf2 is None else np.zeros_like(xtx)
     for start in range(0, x2.shape[0], _STATS_CHUNK_ROWS):
         chunk = x2[start : start + _STATS_CHUNK_ROWS].astype(np.float64)
         xtx += chunk.T @ chunk
-    return LayerStats(xtx=xtx, n_rows=int(x2.shape[0]))
+        if xf2 is not None:
+            dxtx += (xf2[start : start + _STATS_CHUNK_ROWS].astype(np.float64) - chunk).T @ chunk
+    return LayerStats(xtx=xtx, n_rows=int(x2.shape[0]), dxtx=dxtx)
 
 
 def _plugin_name(quantizer: Quantizer) -> str:
@@ -286,6 +293,11 @@ class CalibratingQuantizingStore(WeightStore):
     quantized and packed, and its output is computed with the dequantized packed weight, so
     every later layer is calibrated on the outputs of the already-quantized layers before it
     (GPTQ's sequential mode) within a single forward pass.
+
+    `paired`: the pass runs every calibration audio twice, `audios + audios`, and the first
+    half of the rows of every input (the models stack rows in audio order) is the float model:
+    it always goes through the float weights, so a layer's quantizer can be given
+    `LayerStats.dxtx`, how far its quantized-path input has drifted from the float one.
     """
 
     thread_safe = False  # layers must be reached in execution order
@@ -298,8 +310,10 @@ class CalibratingQuantizingStore(WeightStore):
         scale_dtype: np.dtype | type = np.float16,
         progress: Progress | None = None,
         lowrank: LowRankCorrection | None = None,
+        paired: bool = False,
     ):
         super().__init__(inner.params, inner.weight_infos())
+        self.paired = paired
         self.quantizers = dict(quantizers)  # layer name -> its quantizer (a plan may mix several)
         self.lowrank = lowrank
         self.selected: dict[str, WeightInfo] = {info.name: info for info in selected}
@@ -308,10 +322,11 @@ class CalibratingQuantizingStore(WeightStore):
         self.packed: dict[str, PackedTensor] = {}
         self.reports: dict[str, LayerReport] = {}
 
-    def _quantize(self, name: str, x: np.ndarray) -> np.ndarray:
+    def _quantize(self, name: str, x: np.ndarray, x_float: np.ndarray | None = None) -> np.ndarray:
         info = self.selected[name]
         quantizer = self.quantizers[name]
-        stats = layer_stats(x, info.shape[1]) if quantizer.needs_calibration else None
+        wants_float = bool(getattr(quantizer, "wants_float_inputs", False))
+        stats = layer_stats(x, info.shape[1], x_float if wants_float else None) if quantizer.needs_calibration else None
         packed, deq, report = _quantize_layer(quantizer, info, self.matrix(name), stats, self.scale_dtype, self.lowrank)
         self.packed[name] = packed
         self.reports[name] = report
@@ -324,14 +339,29 @@ class CalibratingQuantizingStore(WeightStore):
     def linear(self, name: str, x: np.ndarray) -> np.ndarray:
         if name not in self.selected:
             return super().linear(name, x)
-        deq = self._quantize(name, x) if name not in self.packed else self.packed[name].dequantize()
+        x_float, y_float = None, None
+        if self.paired:
+            x_float, x = self._halves(name, x)
+            y_float = super().linear(name, x_float)  # before _quantize drops the float copy
+        deq = self._quantize(name, x, x_float) if name not in self.packed else self.packed[name].dequantize()
         y = x @ deq.T
         bias_name = name + ".bias"
         if bias_name in self.params:
             y += self.param(bias_name)
-        return y
+        return y if y_float is None else np.concatenate([y_float, y.astype(y_float.dtype, copy=False)])
 
-    embedding = PackedWeightStore.embedding  # a layer quantized so far is looked up packed
+    def embedding(self, name: str, ids: np.ndarray) -> np.ndarray:
+        # a layer quantized so far is looked up packed (on the quantized half only, if paired)
+        if not self.paired or name not in self.packed:
+            return PackedWeightStore.embedding(self, name, ids)
+        ids_float, ids = self._halves(name, np.asarray(ids))
+        return np.concatenate([WeightStore.embedding(self, name, ids_float), PackedWeightStore.embedding(self, name, ids)])
+
+    @staticmethod
+    def _halves(name: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if x.shape[0] % 2:
+            raise CalibrationPassError(f"paired calibration: layer {name} got {x.shape[0]} leading rows, not an even number")
+        return x[: x.shape[0] // 2], x[x.shape[0] // 2 :]
 
     def missing(self) -> list[str]:
         """Selected layers the calibration pass has not reached (yet)."""
@@ -506,8 +536,9 @@ def quantize_layers(
             needy = next(q for q in assignment.values() if q.needs_calibration)
             raise QuantizationError(f"quantizer '{_plugin_name(needy)}' needs calibration audio")
         n_audios = len(calibration_audios)
-        cal = CalibratingQuantizingStore(store, assignment, selected, scale_dtype, progress, policy.lowrank)
-        model.with_store(cal).calibration_forward(calibration_audios)
+        paired = any(getattr(q, "wants_float_inputs", False) for q in assignment.values())
+        cal = CalibratingQuantizingStore(store, assignment, selected, scale_dtype, progress, policy.lowrank, paired)
+        model.with_store(cal).calibration_forward(calibration_audios + calibration_audios if paired else calibration_audios)
         missing = cal.missing()
         if missing:
             shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")

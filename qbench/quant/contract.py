@@ -54,10 +54,18 @@ class LayerStats:
     `xtx` is the float64 sum of `x^T x` over every calibration row reaching the layer (rows =
     all leading axes of the input flattened), `n_rows` the number of those rows. GPTQ's Hessian
     is `2 * xtx / n_rows`.
+
+    `dxtx` is given only to a quantizer that sets `wants_float_inputs`: the float64 sum of
+    `(x_float - x)^T x` over the same rows, where `x_float` is the row the float model feeds
+    this layer and `x` the row it gets with every earlier layer already quantized (GPTQ's
+    sequential mode). It is what an "asymmetric" calibration (GPTAQ, arXiv:2504.02692) needs to
+    match the layer's output to the float model's rather than to its own float weight on
+    already-perturbed inputs. None otherwise.
     """
 
     xtx: np.ndarray
     n_rows: int
+    dxtx: np.ndarray | None = None
 
 
 def code_range(code_bits: int, signed: bool, packing: Packing = "int") -> tuple[int, int]:
@@ -345,6 +353,10 @@ class Quantizer(ABC):
     Config: ClassVar[type[BaseModel]] = QuantizerConfig
     #: True if `quantize` needs `LayerStats` (the harness then runs calibration audio)
     needs_calibration: ClassVar[bool] = False
+    #: True if `quantize` uses `LayerStats.dxtx`: the harness then runs the float model beside
+    #: the quantized one through the calibration pass (twice its cost). A property may read the
+    #: config; it is asked once, after the quantizer is built.
+    wants_float_inputs: bool = False
 
     config: BaseModel
 

@@ -39,11 +39,12 @@ with the least `sum |q(w) - w|^norm` is kept.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
+from pydantic import Field, model_serializer
 
-from qbench.quant.contract import LayerStats
+from qbench.quant.contract import LayerStats, QuantizerConfig
 from qbench.quant.grids import column_groups, grid_codes, grid_values, uniform_grid
 
 #: `(scale, zero)` of one group: float64 `[rows]` (or `[1]`, shared by every row); zero None
@@ -130,6 +131,57 @@ class FeedbackResult:
 def gptq_hessian(stats: LayerStats) -> np.ndarray:
     """GPTQ's `H = 2 X^T X / n` (float64) from the harness's calibration statistics."""
     return 2.0 * np.asarray(stats.xtx, dtype=np.float64) / max(stats.n_rows, 1)
+
+
+class AsymmetricCalibrationConfig(QuantizerConfig):
+    """The `asym_alpha` knob of a GPTQ-style plugin (see `asymmetric_target`)."""
+
+    asym_alpha: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="GPTAQ's asymmetric calibration: fit the layer to the float model's output, not to its own "
+                    "float weight on already-quantized inputs; 0 = off (plain GPTQ), 1 = the whole correction. "
+                    "Runs the float model beside the quantized one in calibration (twice its cost)",
+    )
+
+    @model_serializer(mode="wrap")
+    def _without_default_asym_alpha(self, handler: Any) -> dict[str, Any]:
+        # off, the config serializes as before the knob existed: entries' labels and identities stay
+        data = handler(self)
+        if data.get("asym_alpha") == 0.0:
+            data.pop("asym_alpha", None)
+        return data
+
+
+def asymmetric_target(weight: np.ndarray, stats: LayerStats, alpha: float, percdamp: float) -> np.ndarray:
+    """The weight GPTQ should aim at so the layer's output matches the FLOAT model's (GPTAQ).
+
+    Sequential GPTQ fits `W_q` to `X~ W^T`, the layer's float weight applied to inputs `X~`
+    already perturbed by the quantized layers before it. GPTAQ (Li et al., "GPTQv2: Efficient
+    Finetuning-Free Quantization with Asymmetric Calibration", arXiv:2504.02692;
+    Intelligent-Computing-Lab-Yale/GPTAQ, fake_quant/gptaq_utils.py) fits it to the float
+    model's own output `X W^T` instead, which also undoes part of the earlier layers' error.
+    The reference folds that into the sweep (its `P = alpha (dXXT Hinv^T).triu(1) Hinv`
+    term). Here it is a change of target, which is exact for the same quadratic loss: with
+    `X = X~ + dX`, `||X~ W_q^T - X W^T||^2 = ||X~ (W_q - W*)^T||^2 + const` for
+    `W* = W (X^T X~)(X~^T X~)^-1 = W + W dX^T X~ (X~^T X~)^-1`, so GPTQ on `(W*, H)` minimises
+    it. `alpha` scales the correction as the reference's does (0: plain GPTQ, 1: the whole
+    asymmetric loss; its default is 0.25), and `H` gets GPTQ's dampening before the solve, so
+    a layer whose inputs did not drift (`dX = 0`) keeps `W* = W` exactly.
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    if alpha == 0.0:
+        return w
+    if stats.dxtx is None:
+        raise ValueError("the asymmetric target needs LayerStats.dxtx (set wants_float_inputs)")
+    if stats.dxtx.shape != stats.xtx.shape:
+        raise ValueError(f"LayerStats.dxtx has shape {stats.dxtx.shape}, expected {stats.xtx.shape}")
+    xtx = np.asarray(stats.xtx, dtype=np.float64)
+    damp = percdamp * float(np.mean(np.diag(xtx)))
+    if damp <= 0.0:
+        damp = 1e-8 * max(float(np.max(np.abs(xtx))), 1.0)  # no dampening asked: only keep the solve defined
+    correction = w @ np.asarray(stats.dxtx, dtype=np.float64)  # [out, in]
+    # (W dXXT) (XtX + damp I)^-1, as a solve against the symmetric matrix
+    return w + alpha * np.linalg.solve(xtx + damp * np.eye(len(xtx)), correction.T).T
 
 
 def inverse_hessian_factor(h: np.ndarray) -> np.ndarray:

@@ -79,6 +79,7 @@ class PluginProcess:
         self.distribution: str | None = None
         self.distribution_version: str | None = None
         self.needs_calibration = False
+        self.wants_float_inputs = False
         self.config = PluginConfig()
 
     # -- lifetime ----------------------------------------------------------------------------
@@ -97,6 +98,7 @@ class PluginProcess:
         self.name, self.version = str(reply["name"]), str(reply["version"])
         self.distribution, self.distribution_version = reply.get("distribution"), reply.get("distribution_version")
         self.needs_calibration = bool(reply["needs_calibration"])
+        self.wants_float_inputs = bool(reply.get("wants_float_inputs", False))
         self.config = PluginConfig(**reply["config"])
 
     def close(self) -> None:
@@ -140,6 +142,8 @@ class PluginProcess:
         if stats is not None:
             arrays["xtx"] = np.ascontiguousarray(stats.xtx, dtype=np.float64)
             header["n_rows"] = int(stats.n_rows)
+            if stats.dxtx is not None:
+                arrays["dxtx"] = np.ascontiguousarray(stats.dxtx, dtype=np.float64)
         reply, out = self._request(header, arrays)
         fields = reply.get("tensor")
         if not isinstance(fields, dict) or "codes" not in out or "scales" not in out:

@@ -7,7 +7,8 @@ sees the audio, the references, the scores or the result file, which live in the
 process (`qbench.quant.plugin_process` starts and talks to this one).
 
 Requests (`op`): `open` (plugin name and settings: discover it, validate the settings, answer
-with what it is), `quantize` (one layer's weight and, for calibrated plugins, `xtx`/`n_rows`),
+with what it is), `quantize` (one layer's weight and, for calibrated plugins, `xtx`/`n_rows`, and `dxtx`
+for one that wants float inputs),
 `device_profiles` (the profiles every installed plugin registers, as data), `open_activation`
 (an activation scheme's name and settings: answer with its declared `ActivationScheme`),
 `calibrate_activation` (one layer input's `ActivationStats`: answer with its static scale),
@@ -62,14 +63,14 @@ def _open(header: dict[str, Any]) -> tuple[Quantizer, dict[str, Any]]:
     quantizer = cls(config)
     info = {"name": entry.name, "version": entry.version, "distribution": entry.distribution,
             "distribution_version": entry.distribution_version, "needs_calibration": bool(cls.needs_calibration),
-            "config": config.model_dump(mode="json")}
+            "wants_float_inputs": bool(quantizer.wants_float_inputs), "config": config.model_dump(mode="json")}
     return quantizer, info
 
 
 def _quantize(quantizer: Quantizer, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> tuple[dict, dict]:
     stats = None
     if "xtx" in arrays:
-        stats = LayerStats(xtx=arrays["xtx"], n_rows=int(header["n_rows"]))
+        stats = LayerStats(xtx=arrays["xtx"], n_rows=int(header["n_rows"]), dxtx=arrays.get("dxtx"))
     qt = quantizer.quantize(arrays["weight"], stats)
     if not isinstance(qt, QuantizedTensor):
         raise TypeError(f"quantize returned {type(qt).__name__}, not a QuantizedTensor")

@@ -30,10 +30,12 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from qbench import LayerStats, QuantizedTensor, Quantizer, QuantizerConfig, hookimpl
+from qbench import LayerStats, QuantizedTensor, Quantizer, hookimpl
 from qbench.quant.error_feedback import (
+    AsymmetricCalibrationConfig,
     MSEClip,
     UniformGrid,
+    asymmetric_target,
     error_feedback_quantize,
     gptq_hessian,
 )
@@ -44,7 +46,7 @@ class GPTQQuantizer(Quantizer):
     description = "GPTQ: Hessian-aware column-by-column quantization with error feedback (needs calibration)"
     needs_calibration = True
 
-    class Config(QuantizerConfig):
+    class Config(AsymmetricCalibrationConfig):
         bits: int = Field(4, ge=2, le=8, description="bits per weight code")
         group_size: int | None = Field(
             128, ge=1, description="input columns sharing one scale; null = one scale per output channel"
@@ -68,6 +70,10 @@ class GPTQQuantizer(Quantizer):
 
     config: Config
 
+    @property
+    def wants_float_inputs(self) -> bool:
+        return self.config.asym_alpha > 0.0
+
     def quantize(self, weight: np.ndarray, stats: LayerStats | None) -> QuantizedTensor:
         if stats is None:
             raise ValueError("gptq needs calibration statistics (LayerStats)")
@@ -77,8 +83,9 @@ class GPTQQuantizer(Quantizer):
             raise ValueError(f"LayerStats.xtx has shape {stats.xtx.shape}, expected {(in_f, in_f)}")
         mse = MSEClip(cfg.mse_norm, cfg.mse_grid, cfg.mse_maxshrink) if cfg.mse else None
         grid = UniformGrid(cfg.bits, cfg.symmetric, cfg.full_range and cfg.symmetric, mse)
+        target = asymmetric_target(weight, stats, cfg.asym_alpha, cfg.percdamp)
         r = error_feedback_quantize(
-            weight, gptq_hessian(stats), grid, group_size=cfg.group_size, block_size=cfg.block_size,
+            target, gptq_hessian(stats), grid, group_size=cfg.group_size, block_size=cfg.block_size,
             percdamp=cfg.percdamp, act_order=cfg.act_order, static_groups=cfg.static_groups,
         )
         return QuantizedTensor(

@@ -132,3 +132,23 @@ def test_mse_shrinks_scales_below_the_max_based_grid(problem) -> None:
         plain = GPTQ(GPTQ.Config(bits=3, group_size=64, symmetric=symmetric, static_groups=True)).quantize(w, stats)
         clipped = GPTQ(GPTQ.Config(bits=3, group_size=64, symmetric=symmetric, static_groups=True, mse=True)).quantize(w, stats)
         assert np.all(clipped.scales <= plain.scales) and np.mean(clipped.scales < plain.scales) > 0.5
+
+
+def test_asym_alpha_moves_the_target_to_the_float_output(problem) -> None:
+    """GPTAQ's knob: off it changes nothing (config, codes); on it asks for float inputs and,
+    on inputs an earlier layer has distorted, fits the float model's output better."""
+    w, x, _ = problem
+    assert "asym_alpha" not in GPTQ().config.model_dump() and not GPTQ().wants_float_inputs
+    assert GPTQ({"asym_alpha": 0.5}).wants_float_inputs
+    rng = np.random.default_rng(7)
+    in_f = x.shape[1]
+    x_q = (x @ (np.eye(in_f) + 0.2 * rng.normal(size=(in_f, in_f)) / np.sqrt(in_f))).astype(np.float32)
+    stats = layer_stats(x_q, in_f, x)
+    plain = GPTQ({"bits": 3}).quantize(w, stats)
+    np.testing.assert_array_equal(GPTQ({"bits": 3}).quantize(w, LayerStats(stats.xtx, stats.n_rows)).codes, plain.codes)
+
+    def loss(qt) -> float:
+        wq = dequantize(qt)
+        return float(np.linalg.norm(x_q @ wq.T - x @ w.T))
+
+    assert loss(GPTQ({"bits": 3, "asym_alpha": 1.0}).quantize(w, stats)) < 0.8 * loss(plain)

@@ -33,10 +33,12 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from qbench import LayerStats, QuantizedTensor, Quantizer, QuantizerConfig, hookimpl
+from qbench import LayerStats, QuantizedTensor, Quantizer, hookimpl
 from qbench.quant.error_feedback import (
+    AsymmetricCalibrationConfig,
     MSEClip,
     UniformGrid,
+    asymmetric_target,
     error_feedback_quantize,
     gptq_hessian,
 )
@@ -56,7 +58,7 @@ class QuIPQuantizer(Quantizer):
     description = "Randomized-Hadamard incoherence + GPTQ on a full-range grid (QuIP#/QuaRot style, needs calibration)"
     needs_calibration = True
 
-    class Config(QuantizerConfig):
+    class Config(AsymmetricCalibrationConfig):
         bits: int = Field(4, ge=2, le=8, description="bits per weight code")
         group_size: int | None = Field(
             128, ge=1, description="input columns (of the rotated weight) sharing one scale; null = per output channel"
@@ -69,6 +71,10 @@ class QuIPQuantizer(Quantizer):
 
     config: Config
 
+    @property
+    def wants_float_inputs(self) -> bool:
+        return self.config.asym_alpha > 0.0
+
     def quantize(self, weight: np.ndarray, stats: LayerStats | None) -> QuantizedTensor:
         if stats is None:
             raise ValueError("quip needs calibration statistics (LayerStats)")
@@ -77,7 +83,8 @@ class QuIPQuantizer(Quantizer):
         if stats.xtx.shape != (in_f, in_f):
             raise ValueError(f"LayerStats.xtx has shape {stats.xtx.shape}, expected {(in_f, in_f)}")
         signs = random_signs(in_f, cfg.seed)
-        w_rot = hadamard_transform(weight.astype(np.float64), signs)
+        # the asymmetric target is W's, in the input basis dxtx is in, and is rotated with it
+        w_rot = hadamard_transform(asymmetric_target(weight, stats, cfg.asym_alpha, cfg.percdamp), signs)
         h_rot = rotate_hessian(gptq_hessian(stats), signs)
         grid = UniformGrid(cfg.bits, symmetric=True, full_range=True, mse=MSEClip() if cfg.mse else None)
         r = error_feedback_quantize(

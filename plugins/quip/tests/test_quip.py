@@ -138,3 +138,47 @@ def test_whisper_width_not_a_power_of_two() -> None:
     qt = QuIP(QuIP.Config(bits=8)).quantize(w, layer_stats(x, 384))
     assert qt.hadamard_signs.shape == (384,) and qt.group_size == 128 and qt.scales.shape == (6, 3)
     assert np.linalg.norm(dequantize(qt) - w) / np.linalg.norm(w) < 0.02
+
+
+def test_asym_alpha_is_off_by_default_and_then_leaves_the_config_as_it_was() -> None:
+    assert not QuIP().wants_float_inputs and QuIP({"asym_alpha": 0.25}).wants_float_inputs
+    assert "asym_alpha" not in QuIP().config.model_dump()  # labels of earlier entries unchanged
+    assert QuIP({"asym_alpha": 0.25}).config.model_dump()["asym_alpha"] == 0.25
+    with pytest.raises(ValueError, match="dxtx"):
+        w, _, stats = outlier_problem()
+        QuIP({"asym_alpha": 0.25}).quantize(w, stats)  # stats without the float inputs
+
+
+def test_asymmetric_calibration_follows_the_float_output_through_drifted_inputs() -> None:
+    """GPTAQ's point: when an earlier quantized layer has distorted this layer's input, fitting
+    the float model's output beats fitting the float weight on the distorted input."""
+    w, x_float, _ = outlier_problem(seed=4)
+    rng = np.random.default_rng(5)
+    in_f = x_float.shape[1]
+    x = (x_float @ (np.eye(in_f) + 0.2 * rng.normal(size=(in_f, in_f)) / np.sqrt(in_f))).astype(np.float32)
+    stats = layer_stats(x, in_f, x_float)
+
+    def loss(cfg: dict) -> float:
+        wq = dequantize(QuIP({"bits": 3, **cfg}).quantize(w, stats))
+        return float(np.linalg.norm(x @ wq.T - x_float @ w.T) / np.linalg.norm(x_float @ w.T))
+
+    plain, quarter, full = loss({}), loss({"asym_alpha": 0.25}), loss({"asym_alpha": 1.0})
+    assert full < quarter < plain and full < 0.7 * plain
+
+
+def test_wav2vec2_asymmetric_run_end_to_end(seeded_base_dir: Path, tmp_path: Path) -> None:
+    """The float inputs cross the plugin process boundary and the config records the knob."""
+    from qbench.cli import main
+    from qbench.data.librispeech import DataNotFoundError, find_data_dir
+
+    try:
+        data_dir = find_data_dir(None, "test-clean")
+    except DataNotFoundError as exc:
+        pytest.skip(f"shared LibriSpeech sample not found: {exc}")
+    out = tmp_path / "r.json"
+    argv = ["run", "--model", "wav2vec2-base-960h", "--weights", str(seeded_base_dir), "--limit", "1",
+            "--data-dir", str(data_dir), "--device", "none", "--threads", "1", "--calibration-limit", "2",
+            "-o", str(out), "-q", "--plugin", "quip", "--set", "bits=3", "--set", "asym_alpha=0.25"]
+    assert main(argv) == 0
+    r = json.loads(out.read_text())
+    assert r["status"] == "complete" and r["quantization"]["config"]["asym_alpha"] == 0.25
