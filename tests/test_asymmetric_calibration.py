@@ -170,3 +170,36 @@ def test_gptq_on_the_asymmetric_target_matches_the_float_output_better_than_plai
     plain = asymmetric_loss(x_float, x, w, quantized(w))
     asym = asymmetric_loss(x_float, x, w, quantized(asymmetric_target(w, stats, 1.0, 0.01)))
     assert asym < 0.7 * plain
+
+
+def test_refit_scales_recovers_exact_scales_and_never_raises_the_output_error():
+    from qbench.quant.contract import apply_scales
+    from qbench.quant.error_feedback import refit_scales
+
+    rng = np.random.default_rng(8)
+    codes = rng.integers(-2, 2, size=(5, 64)).astype(np.int16)
+    true = rng.uniform(0.5, 2.0, size=(5, 4))
+    x = rng.standard_normal((300, 64)) @ rng.standard_normal((64, 64))
+    h = x.T @ x
+    w = apply_scales(codes.astype(np.float32), true, None, 16).astype(np.float64)
+    np.testing.assert_allclose(refit_scales(w, h, codes, np.ones((5, 4)), None, 16, ridge=0.0), true, rtol=1e-6)
+    zeros = rng.integers(0, 3, size=(5, 4)).astype(np.float64)
+    w_z = apply_scales(codes.astype(np.float32), true, zeros, 16).astype(np.float64)
+    np.testing.assert_allclose(refit_scales(w_z, h, codes, np.ones((5, 4)), zeros, 16, ridge=0.0), true, rtol=1e-6)
+
+    noisy = w + 0.3 * rng.standard_normal(w.shape)
+    grid = UniformGrid(2, symmetric=True, full_range=True)
+    r = error_feedback_quantize(noisy, 2 * h / 300, grid, group_size=16)
+    refit = refit_scales(noisy, h, r.codes, r.scales, None, 16)
+
+    def err(s):
+        d = noisy - apply_scales(r.codes.astype(np.float32), s, None, 16).astype(np.float64)
+        return np.einsum("ri,ij,rj->r", d, h, d)
+
+    assert np.all(err(refit) <= err(r.scales) * (1 + 1e-9)) and err(refit).sum() < err(r.scales).sum()
+    # a group of all-zero codes has no say in the output: its scale stays
+    codes[0, :16] = 0
+    kept = refit_scales(w, h, codes, np.full((5, 4), 7.0), None, 16)
+    assert kept[0, 0] == 7.0
+    with pytest.raises(ValueError, match="one scale per row"):
+        refit_scales(w, h, codes, np.ones((1, 4)), None, 16)

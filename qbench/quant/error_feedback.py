@@ -45,7 +45,7 @@ import numpy as np
 from pydantic import Field, model_serializer
 
 from qbench.quant.contract import LayerStats, QuantizerConfig
-from qbench.quant.grids import column_groups, grid_codes, grid_values, uniform_grid
+from qbench.quant.grids import column_groups, expand_groups, grid_codes, grid_values, uniform_grid
 
 #: `(scale, zero)` of one group: float64 `[rows]` (or `[1]`, shared by every row); zero None
 #: for grids without a zero point
@@ -133,8 +133,10 @@ def gptq_hessian(stats: LayerStats) -> np.ndarray:
     return 2.0 * np.asarray(stats.xtx, dtype=np.float64) / max(stats.n_rows, 1)
 
 
-class AsymmetricCalibrationConfig(QuantizerConfig):
-    """The `asym_alpha` knob of a GPTQ-style plugin (see `asymmetric_target`)."""
+class GPTQExtensionsConfig(QuantizerConfig):
+    """Knobs a GPTQ-style plugin adds to the sweep: `asym_alpha` (`asymmetric_target`) and
+    `refit_scales` (`refit_scales`). Both are off by default, and a knob left off is left out
+    of the config, so entries made before it existed keep their labels and identities."""
 
     asym_alpha: float = Field(
         0.0, ge=0.0, le=1.0,
@@ -142,13 +144,18 @@ class AsymmetricCalibrationConfig(QuantizerConfig):
                     "float weight on already-quantized inputs; 0 = off (plain GPTQ), 1 = the whole correction. "
                     "Runs the float model beside the quantized one in calibration (twice its cost)",
     )
+    refit_scales: bool = Field(
+        False, description="after the sweep, refit each row's scales to its final codes by least squares on the "
+                           "layer's output error (one small solve per row)",
+    )
 
     @model_serializer(mode="wrap")
-    def _without_default_asym_alpha(self, handler: Any) -> dict[str, Any]:
-        # off, the config serializes as before the knob existed: entries' labels and identities stay
+    def _without_knobs_left_off(self, handler: Any) -> dict[str, Any]:
         data = handler(self)
         if data.get("asym_alpha") == 0.0:
             data.pop("asym_alpha", None)
+        if data.get("refit_scales") is False:
+            data.pop("refit_scales", None)
         return data
 
 
@@ -182,6 +189,51 @@ def asymmetric_target(weight: np.ndarray, stats: LayerStats, alpha: float, percd
     correction = w @ np.asarray(stats.dxtx, dtype=np.float64)  # [out, in]
     # (W dXXT) (XtX + damp I)^-1, as a solve against the symmetric matrix
     return w + alpha * np.linalg.solve(xtx + damp * np.eye(len(xtx)), correction.T).T
+
+
+def refit_scales(target: np.ndarray, h: np.ndarray, codes: np.ndarray, scales: np.ndarray,
+                 zeros: np.ndarray | None, group_size: int | None, ridge: float = 1e-6) -> np.ndarray:
+    """Least-squares scales for fixed codes: per row, the `s` minimising the layer's output
+    error `(w - A s)^T H (w - A s)`, where column `g` of `A` holds the row's code values of
+    group `g` (`codes - zeros` for a grid with zero points; zero outside the group).
+
+    GPTQ fits each group's scale to the weights once, when its sweep reaches the group, and
+    then spends the rounding error on the columns after it; at 2 bits the scale chosen then is
+    far from the best one for the codes it ends with. With the codes fixed the loss is a
+    quadratic in the `n_groups` scales of a row, so this is one small solve per row. A row
+    whose solve is not positive keeps its old scales. `ridge` (relative to the mean diagonal
+    of the solve's matrix) keeps rows with near-empty groups well posed.
+    """
+    w = np.asarray(target, dtype=np.float64)
+    q = np.asarray(codes, dtype=np.float64)
+    if zeros is not None:  # the code values the scales multiply
+        q = q - expand_groups(np.asarray(zeros, dtype=np.float64), group_size, q.shape[1])
+    rows, in_f = q.shape
+    if np.asarray(scales).shape[0] != rows:
+        raise ValueError(f"refit_scales needs one scale per row and group, got scales of shape {np.asarray(scales).shape}")
+    old = np.array(scales, dtype=np.float64)
+    n_groups = old.shape[1]
+    size = in_f if group_size is None or n_groups == 1 else group_size
+    bounds = [(g * size, min((g + 1) * size, in_f)) for g in range(n_groups)]
+    wh = w @ h
+    m = np.empty((rows, n_groups, n_groups))
+    b = np.empty((rows, n_groups))
+    for g, (a0, a1) in enumerate(bounds):
+        qh = q[:, a0:a1] @ h[a0:a1]  # [rows, in]: the row's group-g codes times H
+        b[:, g] = np.sum(q[:, a0:a1] * wh[:, a0:a1], axis=1)
+        for k, (c0, c1) in enumerate(bounds):
+            m[:, g, k] = np.sum(qh[:, c0:c1] * q[:, c0:c1], axis=1)
+    diag = np.einsum("rgg->rg", m)
+    m += (ridge * np.maximum(diag.mean(axis=1), 1e-30))[:, None, None] * np.eye(n_groups)
+    # a group whose codes are all zero leaves its scale undetermined: keep the old one there
+    empty = diag <= 0
+    m[empty] = 0.0
+    idx = np.nonzero(empty)
+    m[idx[0], idx[1], idx[1]] = 1.0
+    b[empty] = old[empty]
+    new = np.linalg.solve(m, b[:, :, None])[:, :, 0]
+    ok = np.all(new > 0, axis=1) & np.all(np.isfinite(new), axis=1)
+    return np.where(ok[:, None], new, old)
 
 
 def inverse_hessian_factor(h: np.ndarray) -> np.ndarray:

@@ -32,10 +32,11 @@ from pydantic import Field
 
 from qbench import LayerStats, QuantizedTensor, Quantizer, hookimpl
 from qbench.quant.error_feedback import (
-    AsymmetricCalibrationConfig,
+    GPTQExtensionsConfig,
     MSEClip,
     UniformGrid,
     asymmetric_target,
+    refit_scales,
     error_feedback_quantize,
     gptq_hessian,
 )
@@ -46,7 +47,7 @@ class GPTQQuantizer(Quantizer):
     description = "GPTQ: Hessian-aware column-by-column quantization with error feedback (needs calibration)"
     needs_calibration = True
 
-    class Config(AsymmetricCalibrationConfig):
+    class Config(GPTQExtensionsConfig):
         bits: int = Field(4, ge=2, le=8, description="bits per weight code")
         group_size: int | None = Field(
             128, ge=1, description="input columns sharing one scale; null = one scale per output channel"
@@ -83,13 +84,14 @@ class GPTQQuantizer(Quantizer):
             raise ValueError(f"LayerStats.xtx has shape {stats.xtx.shape}, expected {(in_f, in_f)}")
         mse = MSEClip(cfg.mse_norm, cfg.mse_grid, cfg.mse_maxshrink) if cfg.mse else None
         grid = UniformGrid(cfg.bits, cfg.symmetric, cfg.full_range and cfg.symmetric, mse)
-        target = asymmetric_target(weight, stats, cfg.asym_alpha, cfg.percdamp)
+        target, h = asymmetric_target(weight, stats, cfg.asym_alpha, cfg.percdamp), gptq_hessian(stats)
         r = error_feedback_quantize(
-            target, gptq_hessian(stats), grid, group_size=cfg.group_size, block_size=cfg.block_size,
+            target, h, grid, group_size=cfg.group_size, block_size=cfg.block_size,
             percdamp=cfg.percdamp, act_order=cfg.act_order, static_groups=cfg.static_groups,
         )
+        scales = refit_scales(target, h, r.codes, r.scales, r.zeros, r.group_size) if cfg.refit_scales else r.scales
         return QuantizedTensor(
-            codes=r.codes, code_bits=cfg.bits, scales=r.scales, group_size=r.group_size, zeros=r.zeros, signed=cfg.symmetric
+            codes=r.codes, code_bits=cfg.bits, scales=scales, group_size=r.group_size, zeros=r.zeros, signed=cfg.symmetric
         )
 
 

@@ -35,10 +35,11 @@ from pydantic import Field
 
 from qbench import LayerStats, QuantizedTensor, Quantizer, hookimpl
 from qbench.quant.error_feedback import (
-    AsymmetricCalibrationConfig,
+    GPTQExtensionsConfig,
     MSEClip,
     UniformGrid,
     asymmetric_target,
+    refit_scales,
     error_feedback_quantize,
     gptq_hessian,
 )
@@ -58,7 +59,7 @@ class QuIPQuantizer(Quantizer):
     description = "Randomized-Hadamard incoherence + GPTQ on a full-range grid (QuIP#/QuaRot style, needs calibration)"
     needs_calibration = True
 
-    class Config(AsymmetricCalibrationConfig):
+    class Config(GPTQExtensionsConfig):
         bits: int = Field(4, ge=2, le=8, description="bits per weight code")
         group_size: int | None = Field(
             128, ge=1, description="input columns (of the rotated weight) sharing one scale; null = per output channel"
@@ -91,8 +92,9 @@ class QuIPQuantizer(Quantizer):
             w_rot, h_rot, grid, group_size=cfg.group_size, block_size=cfg.block_size,
             percdamp=cfg.percdamp, act_order=cfg.act_order,
         )
+        scales = refit_scales(w_rot, h_rot, r.codes, r.scales, None, r.group_size) if cfg.refit_scales else r.scales
         return QuantizedTensor(
-            codes=r.codes, code_bits=cfg.bits, scales=r.scales, group_size=r.group_size, signed=True,
+            codes=r.codes, code_bits=cfg.bits, scales=scales, group_size=r.group_size, signed=True,
             hadamard_signs=signs,
         )
 

@@ -142,7 +142,7 @@ def test_whisper_width_not_a_power_of_two() -> None:
 
 def test_asym_alpha_is_off_by_default_and_then_leaves_the_config_as_it_was() -> None:
     assert not QuIP().wants_float_inputs and QuIP({"asym_alpha": 0.25}).wants_float_inputs
-    assert "asym_alpha" not in QuIP().config.model_dump()  # labels of earlier entries unchanged
+    assert "asym_alpha" not in QuIP().config.model_dump() and "refit_scales" not in QuIP().config.model_dump()  # labels of earlier entries unchanged
     assert QuIP({"asym_alpha": 0.25}).config.model_dump()["asym_alpha"] == 0.25
     with pytest.raises(ValueError, match="dxtx"):
         w, _, stats = outlier_problem()
@@ -182,3 +182,11 @@ def test_wav2vec2_asymmetric_run_end_to_end(seeded_base_dir: Path, tmp_path: Pat
     assert main(argv) == 0
     r = json.loads(out.read_text())
     assert r["status"] == "complete" and r["quantization"]["config"]["asym_alpha"] == 0.25
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_refit_scales_lowers_the_layer_output_error(bits: int) -> None:
+    w, x, stats = outlier_problem(seed=6)
+    plain = output_error(w, dequantize(QuIP({"bits": bits}).quantize(w, stats)), x)
+    refit = output_error(w, dequantize(QuIP({"bits": bits, "refit_scales": True}).quantize(w, stats)), x)
+    assert refit < plain
