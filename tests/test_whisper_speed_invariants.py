@@ -167,14 +167,19 @@ def test_threaded_encoder_gives_the_serial_transcripts(model: W.Whisper, monkeyp
 
 
 def test_encoder_output_is_bit_identical_on_any_thread_count(model: W.Whisper) -> None:
-    """Threads change where work runs, never how it rounds: one window with its heads in
-    threads and a multi-threaded BLAS equals the single-threaded encoder bit for bit."""
+    """qbench's own threads change where work runs, never how it rounds: one window with its
+    heads and GELU in threads equals the single-threaded encoder bit for bit. A multi-threaded
+    BLAS is the library's business: OpenBLAS's threaded sgemm rounds like its serial one on
+    some CPUs but not on others (on an AMD EPYC box it differs by ~1e-6), so there the encoder
+    is held to float32 rounding only."""
     mels = np.random.default_rng(6).standard_normal((1, W.N_FRAMES, 80)).astype(np.float32)
     with parallel.blas_threads_at_most(1):
         alone = W.encode(model.store, DIMS, mels, threads=1)
-    np.testing.assert_array_equal(W.encode(model.store, DIMS, mels, threads=4), alone)
-    # and one thread for the heads under the machine's own (threaded) BLAS setting
-    np.testing.assert_array_equal(W.encode(model.store, DIMS, mels, threads=1), alone)
+        np.testing.assert_array_equal(W.encode(model.store, DIMS, mels, threads=4), alone)
+    # and under the machine's own (threaded) BLAS setting
+    scale = float(np.abs(alone).max())
+    for threads in (1, 4):
+        np.testing.assert_allclose(W.encode(model.store, DIMS, mels, threads=threads), alone, rtol=0, atol=1e-5 * scale)
 
 
 def test_stores_with_state_in_linear_encode_one_window_at_a_time(model: W.Whisper, monkeypatch: pytest.MonkeyPatch) -> None:
