@@ -28,3 +28,28 @@ def seeded_wav2vec2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.save_pretrained(directory)
     shutil.copy(WAV2VEC2_FIXTURE / "vocab.json", directory / "vocab.json")
     return directory
+
+
+@pytest.fixture
+def run_seeded_wav2vec2(seeded_wav2vec2: Path, tmp_path: Path):
+    """`run(*args)`: `qbench run` of `seeded_wav2vec2` on the first shared test-clean utterance,
+    no device, one thread, with `args` (plugin, settings, calibration) appended; returns the
+    result JSON. The plugins' end-to-end tests share it. Skipped without the shared LibriSpeech
+    sample."""
+    from qbench.cli import main
+    from qbench.data.librispeech import DataNotFoundError, find_data_dir
+
+    try:
+        data_dir = find_data_dir(None, "test-clean")
+    except DataNotFoundError as exc:
+        pytest.skip(f"shared LibriSpeech sample not found: {exc}")
+    runs = iter(range(1_000_000))
+
+    def run(*args: str) -> dict:
+        out = tmp_path / f"r{next(runs)}.json"
+        argv = ["run", "--model", "wav2vec2-base-960h", "--weights", str(seeded_wav2vec2), "--limit", "1",
+                "--data-dir", str(data_dir), "--device", "none", "--threads", "1", "-o", str(out), "-q", *args]
+        assert main(argv) == 0
+        return json.loads(out.read_text())
+
+    return run

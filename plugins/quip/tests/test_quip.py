@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,26 +104,8 @@ def test_needs_stats() -> None:
         QuIP().quantize(np.ones((2, 4), np.float32), LayerStats(xtx=np.eye(3), n_rows=1))
 
 
-@pytest.fixture
-def seeded_base_dir(seeded_wav2vec2: Path) -> Path:
-    """The shared seeded wav2vec2 directory (root conftest.py)."""
-    return seeded_wav2vec2
-
-
-def test_wav2vec2_run_end_to_end(seeded_base_dir: Path, tmp_path: Path) -> None:
-    from qbench.cli import main
-    from qbench.data.librispeech import DataNotFoundError, find_data_dir
-
-    try:
-        data_dir = find_data_dir(None, "test-clean")
-    except DataNotFoundError as exc:
-        pytest.skip(f"shared LibriSpeech sample not found: {exc}")
-    out = tmp_path / "r.json"
-    argv = ["run", "--model", "wav2vec2-base-960h", "--weights", str(seeded_base_dir), "--limit", "1",
-            "--data-dir", str(data_dir), "--device", "none", "--threads", "1", "--calibration-limit", "2",
-            "-o", str(out), "-q", "--plugin", "quip", "--set", "bits=4"]
-    assert main(argv) == 0
-    r = json.loads(out.read_text())
+def test_wav2vec2_run_end_to_end(run_seeded_wav2vec2) -> None:
+    r = run_seeded_wav2vec2("--calibration-limit", "2", "--plugin", "quip", "--set", "bits=4")
     assert r["status"] == "complete" and r["quantization"]["quantizer"] == "quip"
     assert r["metrics"]["model_bytes"] < r["quantization"]["float_model_bytes"]
 
@@ -166,21 +146,9 @@ def test_asymmetric_calibration_follows_the_float_output_through_drifted_inputs(
     assert full < quarter < plain and full < 0.7 * plain
 
 
-def test_wav2vec2_asymmetric_run_end_to_end(seeded_base_dir: Path, tmp_path: Path) -> None:
+def test_wav2vec2_asymmetric_run_end_to_end(run_seeded_wav2vec2) -> None:
     """The float inputs cross the plugin process boundary and the config records the knob."""
-    from qbench.cli import main
-    from qbench.data.librispeech import DataNotFoundError, find_data_dir
-
-    try:
-        data_dir = find_data_dir(None, "test-clean")
-    except DataNotFoundError as exc:
-        pytest.skip(f"shared LibriSpeech sample not found: {exc}")
-    out = tmp_path / "r.json"
-    argv = ["run", "--model", "wav2vec2-base-960h", "--weights", str(seeded_base_dir), "--limit", "1",
-            "--data-dir", str(data_dir), "--device", "none", "--threads", "1", "--calibration-limit", "2",
-            "-o", str(out), "-q", "--plugin", "quip", "--set", "bits=3", "--set", "asym_alpha=0.25"]
-    assert main(argv) == 0
-    r = json.loads(out.read_text())
+    r = run_seeded_wav2vec2("--calibration-limit", "2", "--plugin", "quip", "--set", "bits=3", "--set", "asym_alpha=0.25")
     assert r["status"] == "complete" and r["quantization"]["config"]["asym_alpha"] == 0.25
 
 

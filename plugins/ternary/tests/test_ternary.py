@@ -1,6 +1,4 @@
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,25 +144,7 @@ def test_ternary_gptq_needs_stats_and_validates_config_again() -> None:
     assert TernaryGPTQ.Config.model_validate(cfg.model_dump()) == cfg
 
 
-@pytest.fixture
-def seeded_base_dir(seeded_wav2vec2: Path) -> Path:
-    """The shared seeded wav2vec2 directory (root conftest.py)."""
-    return seeded_wav2vec2
-
-
-def test_ternary_gptq_wav2vec2_run_end_to_end(seeded_base_dir: Path, tmp_path: Path) -> None:
-    from qbench.cli import main
-    from qbench.data.librispeech import DataNotFoundError, find_data_dir
-
-    try:
-        data_dir = find_data_dir(None, "test-clean")
-    except DataNotFoundError as exc:
-        pytest.skip(f"shared LibriSpeech sample not found: {exc}")
-    out = tmp_path / "r.json"
-    argv = ["run", "--model", "wav2vec2-base-960h", "--weights", str(seeded_base_dir), "--limit", "1",
-            "--data-dir", str(data_dir), "--device", "none", "--threads", "1", "--calibration-limit", "2",
-            "-o", str(out), "-q", "--plugin", "ternary-gptq", "--set", "granularity=channel"]
-    assert main(argv) == 0
-    r = json.loads(out.read_text())
+def test_ternary_gptq_wav2vec2_run_end_to_end(run_seeded_wav2vec2) -> None:
+    r = run_seeded_wav2vec2("--calibration-limit", "2", "--plugin", "ternary-gptq", "--set", "granularity=channel")
     assert r["status"] == "complete" and r["quantization"]["quantizer"] == "ternary-gptq"
     assert r["metrics"]["model_bytes"] < r["quantization"]["float_model_bytes"]
