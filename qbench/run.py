@@ -117,6 +117,9 @@ class RunSpec(BaseModel):
     calibration_ids: tuple[str, ...] | None = None
     calibration_data_dir: str | None = Field(None, description="folder holding LibriSpeech/ with the calibration subset "
                                                                "(None: data_dir's place, found for that subset)")
+    calibration_counts_padding: bool = Field(False, description="count the calibration pass's padded rows (Whisper's "
+                                                                "decoder past end of text) as calibration data, as qbench "
+                                                                "did before this field (entries made so record it)")
     artifact: str | None = Field(None, description="evaluate this quantized-model artifact (from qbench quantize)")
     plugin_timeout: float | None = Field(None, gt=0, description="seconds the plugin may take per layer")
     threads: int | None = Field(None, ge=1, description="None: QBENCH_THREADS, else every CPU")
@@ -221,9 +224,11 @@ class RunSpec(BaseModel):
         for key in ("activations", "encoder_seconds"):
             if fields[key] is None:
                 fields.pop(key)  # and so do those from before activation schemes and encoder windows
+        if fields["calibration_counts_padding"]:
+            fields.pop("calibration_counts_padding")  # and those calibrated the way qbench did before it
         if self.plugin is None and self.plan is None and self.activations is None:
-            for key in ("calibration_subset", "calibration_limit", "calibration_ids"):
-                fields.pop(key)
+            for key in ("calibration_subset", "calibration_limit", "calibration_ids", "calibration_counts_padding"):
+                fields.pop(key, None)
         return fields
 
     def identity(self) -> str:
@@ -247,6 +252,7 @@ class RunSpec(BaseModel):
             plan=plan,
             policy=QuantizationPolicy.model_validate(q.policy) if q else QuantizationPolicy(),
             calibration_subset=c.subset if c else "dev-clean", calibration_ids=tuple(c.utterance_ids) if c else None,
+            calibration_counts_padding=c.counts_padding if c else False,
             activations=ActivationRecord.model_validate(entry.activations.model_dump()).choice() if entry.activations else None,
             encoder_seconds=entry.encoder_seconds,
             output=output,
@@ -333,9 +339,11 @@ def quantize_for_run(
             progress.note(f"calibrating {what} on {calibration['utterance_count']} {calibration['subset']} utterances "
                           f"({calibration['audio_seconds']:.0f} s) from {calibration_dir / 'LibriSpeech' / calibration['subset']}")
         if assignment is None:
-            model, report = quantize_model(model, quantizer, spec.policy, audios, progress=progress.quantizing)
+            model, report = quantize_model(model, quantizer, spec.policy, audios, progress=progress.quantizing,
+                                           count_padding=spec.calibration_counts_padding)
         else:
-            model, report = quantize_layers(model, assignment, spec.policy, audios, progress=progress.quantizing)
+            model, report = quantize_layers(model, assignment, spec.policy, audios, progress=progress.quantizing,
+                                            count_padding=spec.calibration_counts_padding)
             plan_identity = QuantizerIdentity(name=PLAN_QUANTIZER, version=qbench_version, config=spec.plan.model_dump(mode="json"),
                                               needs_calibration=audios is not None)
             report.quantizer, report.quantizer_version, report.config = plan_identity.name, plan_identity.version, plan_identity.config
@@ -365,13 +373,14 @@ def quantize_for_run(
 
 
 def calibration_audio(spec: RunSpec, data_dir: Path, eval_ids: set[str]) -> tuple[list, dict[str, Any], Path]:
-    """The spec's calibration audio (disjoint from `eval_ids`), its record, and the folder it
-    was read from: `spec.calibration_data_dir` when given, else `data_dir`."""
+    """The spec's calibration audio (disjoint from `eval_ids`), its record (with whether the pass
+    counts padded rows), and the folder it was read from: `spec.calibration_data_dir` when
+    given, else `data_dir`."""
     if spec.calibration_data_dir is not None:
         data_dir = find_data_dir(spec.calibration_data_dir, spec.calibration_subset)
     ids = list(spec.calibration_ids) if spec.calibration_ids is not None else None
     audios, record = load_calibration(data_dir, spec.calibration_subset, spec.calibration_limit, eval_ids, ids)
-    return audios, record.model_dump(), data_dir
+    return audios, record.model_dump() | {"counts_padding": spec.calibration_counts_padding}, data_dir
 
 
 def activations_for_run(
@@ -391,7 +400,7 @@ def activations_for_run(
                 audios, loaded, read_from = calibration_audio(spec, data_dir, eval_ids)
                 loaded = loaded | {"data_dir": str(read_from)}
             progress.note(f"calibrating activation scheme {scheme.name} on {len(audios)} utterances")
-            scales = static_scales(model, audios, float_params, scheme.calibrate)
+            scales = static_scales(model, audios, float_params, scheme.calibrate, spec.calibration_counts_padding)
         record = scheme.record(choice.kv_cache, scales, choice.attention)
     progress.note(f"activations: {record.label} ({record.scheme.granularity}, "
                   f"{'symmetric' if record.scheme.symmetric else 'asymmetric'}, "

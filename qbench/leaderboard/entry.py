@@ -273,6 +273,17 @@ class EntryCalibration(_Strict):
     utterance_count: Count
     utterance_ids_sha256: Sha256
     utterance_ids: list[SafeName]
+    #: the calibration pass counted padded rows (Whisper's decoder past end of text) as data,
+    #: as every entry made before the field existed did; `RunSpec.calibration_counts_padding`
+    counts_padding: bool = True
+
+    @model_serializer(mode="wrap")
+    def _without_old_padding(self, handler: Any) -> dict[str, Any]:
+        # an entry calibrated the old way serializes as it was written
+        data = handler(self)
+        if data.get("counts_padding") is True:
+            data.pop("counts_padding")
+        return data
 
 
 class SubsetScore(_Strict):
@@ -488,7 +499,8 @@ def _entry_of(result: RunResult, devices_fitted: list[str]) -> LeaderboardEntry:
     if result.calibration:
         c = result.calibration
         calibration = EntryCalibration(subset=c["subset"], utterance_count=c["utterance_count"],
-                                       utterance_ids_sha256=c["utterance_ids_sha256"], utterance_ids=c["utterance_ids"])
+                                       utterance_ids_sha256=c["utterance_ids_sha256"], utterance_ids=c["utterance_ids"],
+                                       counts_padding=c.get("counts_padding", True))
     device = compute = None
     timings: dict[str, float] = {}
     d = result.device or {}

@@ -57,7 +57,7 @@ class SpeechModel(Protocol):
         """Raw (unnormalized) transcripts of a batch of 16 kHz mono float32 waveforms."""
         ...
 
-    def calibration_forward(self, audios: list[np.ndarray]) -> None:
+    def calibration_forward(self, audios: list[np.ndarray], count_padding: bool = False) -> None:
         """One forward pass over all calibration audio, for capturing layer inputs.
 
         Contract: every matrix of `quantizable_weights()` is passed through `store.linear`
@@ -66,6 +66,9 @@ class SpeechModel(Protocol):
         them as the store returns them. A store that quantizes a layer on first use therefore
         gets GPTQ's sequential calibration (each layer sees the outputs of the already-quantized
         layers before it) from a single pass.
+
+        Where inputs are padded to stack them, the pass marks the rows inference would feed
+        with `store.counting_rows`, and only those are calibration data, unless `count_padding`.
         """
         ...
 

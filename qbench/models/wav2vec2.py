@@ -253,8 +253,10 @@ class Wav2Vec2:
         chunks = [self.logits(audio[i : i + step]) for i in range(0, max(1, len(audio)), step)]
         return np.concatenate(chunks, axis=0)
 
-    def calibration_forward(self, audios: list[np.ndarray], max_seconds: float | None = 4.0) -> None:
-        """One pass over all utterances with every matrix applied once to the stacked inputs.
+    def calibration_forward(self, audios: list[np.ndarray], count_padding: bool = False,
+                            max_seconds: float | None = 4.0) -> None:
+        """One pass over all utterances with every matrix applied once to the stacked inputs
+        (concatenated, so there is no padding for `count_padding` to count).
 
         Each utterance is cropped to its first `max_seconds` (None: no crop) because the
         stacked, unchunked feature encoder holds 512 x 3200 floats per second of audio at its

@@ -15,7 +15,8 @@ models' im2col produces, so a quantizer's "input channel" groups are contiguous 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -65,6 +66,17 @@ class WeightStore:
                 raise ValueError(f"{info.name}: weight shape {w.shape} does not match {info.shape}")
         self._param_cache: dict[str, np.ndarray] = {}
         self._wt_cache: dict[str, np.ndarray] = {}
+
+    @contextmanager
+    def counting_rows(self, mask: np.ndarray | None) -> Iterator[None]:
+        """Within this block, only the rows where `mask` (the leading axes of every `linear`
+        input, e.g. `[windows, positions]`) is True are calibration data; None: every row.
+
+        A model's calibration pass says so around computation on padded rows (Whisper's
+        decoder past end of text), which inference never feeds a layer. Only stores that
+        gather calibration statistics act on it; a plain store computes every row the same.
+        """
+        yield
 
     # -- parameters that are not quantized ---------------------------------------------------
     def param(self, name: str) -> np.ndarray:

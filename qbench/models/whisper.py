@@ -684,23 +684,31 @@ class Whisper:
             tokens[row, : len(seq)] = seq
         return tokens, [len(s) for s in sequences]
 
-    def calibration_forward(self, audios: list[np.ndarray]) -> None:
+    def calibration_forward(self, audios: list[np.ndarray], count_padding: bool = False) -> None:
         """Encoder on every calibration window, then the decoder teacher-forced on the model's
         own greedy transcript of each window (in-distribution text, unlike the upper-case
         LibriSpeech references), all rows stacked so each matrix is called exactly once.
 
         The transcripts come from the float model (`self` before any quantization): they are
         computed first with a plain float store over the same parameters.
+
+        Transcripts differ in length, so the decoder runs on rows padded with end of text; on
+        44 dev-clean windows about two thirds of its positions are padding. Only the positions
+        inference feeds the decoder (the prompt and the transcript, not the end of text or the
+        padding after it) count as calibration rows (`store.counting_rows`); `count_padding`
+        counts every position, as qbench did before (entries made so record it).
         """
         float_model = self.with_store(WeightStore(self.store.params, self.store.weight_infos()))
         windows = [w for audio in audios for w in self._windows(audio)]
         mels = np.stack(windows)
         targets = greedy_decode(float_model.store, self.dims, self.vocab, mels)
-        tokens, _ = self._teacher_forced_tokens(targets)
+        tokens, lengths = self._teacher_forced_tokens(targets)
+        fed = np.arange(tokens.shape[1])[None, :] < np.asarray(lengths)[:, None] - 1
         features = encode(self.store, self.dims, mels)
         state = start_decoder(self.store, self.dims, features)
-        hidden = decode_step(self.store, self.dims, tokens, state)
-        output_logits(self.store, hidden)
+        with self.store.counting_rows(None if count_padding else fed):
+            hidden = decode_step(self.store, self.dims, tokens, state)
+            output_logits(self.store, hidden)
 
 
 def count_parameters(dims: ModelDimensions, params: dict[str, np.ndarray]) -> int:

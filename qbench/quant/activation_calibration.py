@@ -8,11 +8,13 @@ process. Only the statistics cross to the plugin, never the audio.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 import numpy as np
 
 from qbench.models.speech_model import SpeechModel
+from qbench.quant.apply import counted_rows
 from qbench.quant.activation_scheme import (
     ActivationStats,
     StaticActivationScale,
@@ -31,6 +33,15 @@ class _RecordingStore:
         self.inner = inner
         self.params = float_params
         self.stats: dict[str, ActivationStats] = {}
+        self._rows: np.ndarray | None = None
+
+    @contextmanager
+    def counting_rows(self, mask: np.ndarray | None) -> Iterator[None]:
+        outer, self._rows = self._rows, None if mask is None else np.asarray(mask, dtype=bool)
+        try:
+            yield
+        finally:
+            self._rows = outer
 
     def __getattr__(self, attr):
         return getattr(self.inner, attr)
@@ -40,21 +51,23 @@ class _RecordingStore:
         x_in = pt.transform_input(x) if pt is not None and pt.transforms_input else x
         if name in self.stats:  # a layer called again (it should not be, by the calibration contract)
             raise RuntimeError(f"calibration pass ran {name} twice")
-        self.stats[name] = collect_stats([x_in])
+        self.stats[name] = collect_stats([counted_rows(name, x_in, self._rows)])
         return self.inner.linear(name, x)
 
 
-def activation_statistics(model: SpeechModel, audios: list[np.ndarray],
-                          float_params: Mapping[str, np.ndarray]) -> dict[str, ActivationStats]:
+def activation_statistics(model: SpeechModel, audios: list[np.ndarray], float_params: Mapping[str, np.ndarray],
+                          count_padding: bool = False) -> dict[str, ActivationStats]:
     """Every linear input's statistics over one calibration pass of `audios` on `model` (its
-    weights as quantized); `float_params` are the unquantized model's parameters."""
+    weights as quantized); `float_params` are the unquantized model's parameters;
+    `count_padding` as in `SpeechModel.calibration_forward`."""
     recorder = _RecordingStore(model.store, float_params)
-    model.with_store(recorder).calibration_forward(audios)
+    model.with_store(recorder).calibration_forward(audios, **({"count_padding": True} if count_padding else {}))
     return recorder.stats
 
 
 def static_scales(model: SpeechModel, audios: list[np.ndarray], float_params: Mapping[str, np.ndarray],
-                  calibrate: Callable[[str, ActivationStats], StaticActivationScale]) -> dict[str, StaticActivationScale]:
+                  calibrate: Callable[[str, ActivationStats], StaticActivationScale],
+                  count_padding: bool = False) -> dict[str, StaticActivationScale]:
     """`calibrate(layer, stats)` of every linear input, in execution order."""
-    stats = activation_statistics(model, audios, float_params)
+    stats = activation_statistics(model, audios, float_params, count_padding)
     return {name: calibrate(name, s) for name, s in stats.items()}

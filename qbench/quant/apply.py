@@ -12,7 +12,8 @@ import fnmatch
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, Literal, TypeVar
 
 import numpy as np
@@ -127,6 +128,20 @@ def layer_stats(x: np.ndarray, in_features: int, x_float: np.ndarray | None = No
         if xf2 is not None:
             dxtx += (xf2[start : start + _STATS_CHUNK_ROWS].astype(np.float64) - chunk).T @ chunk
     return LayerStats(xtx=xtx, n_rows=int(x2.shape[0]), dxtx=dxtx)
+
+
+def counted_rows(name: str, x: np.ndarray, mask: np.ndarray | None, paired: bool = False) -> np.ndarray:
+    """The rows of layer `name`'s input `x` that `mask` (over its leading axes) counts, as a
+    `[rows, in]` array; all of `x` without a mask. `paired`: `x` is one half of a paired pass,
+    whose two halves the mask covers alike (the same audio twice)."""
+    if mask is None:
+        return x
+    if paired:
+        mask = mask[mask.shape[0] // 2 :]
+    if x.shape[:-1] != mask.shape:
+        raise CalibrationPassError(f"calibration pass: layer {name} got input of shape {x.shape}, "
+                                   f"not the {mask.shape} rows its counted-rows mask covers")
+    return x[mask]
 
 
 def _plugin_name(quantizer: Quantizer) -> str:
@@ -298,6 +313,9 @@ class CalibratingQuantizingStore(WeightStore):
     half of the rows of every input (the models stack rows in audio order) is the float model:
     it always goes through the float weights, so a layer's quantizer can be given
     `LayerStats.dxtx`, how far its quantized-path input has drifted from the float one.
+
+    Statistics count only the rows the pass marks with `counting_rows` (every row where it
+    marks none); outputs are computed for every row.
     """
 
     thread_safe = False  # layers must be reached in execution order
@@ -321,11 +339,22 @@ class CalibratingQuantizingStore(WeightStore):
         self.progress = progress
         self.packed: dict[str, PackedTensor] = {}
         self.reports: dict[str, LayerReport] = {}
+        self._rows: np.ndarray | None = None
+
+    @contextmanager
+    def counting_rows(self, mask: np.ndarray | None) -> Iterator[None]:
+        outer, self._rows = self._rows, None if mask is None else np.asarray(mask, dtype=bool)
+        try:
+            yield
+        finally:
+            self._rows = outer
 
     def _quantize(self, name: str, x: np.ndarray, x_float: np.ndarray | None = None) -> np.ndarray:
         info = self.selected[name]
         quantizer = self.quantizers[name]
         wants_float = bool(getattr(quantizer, "wants_float_inputs", False))
+        x = counted_rows(name, x, self._rows, self.paired)
+        x_float = None if x_float is None else counted_rows(name, x_float, self._rows, self.paired)
         stats = layer_stats(x, info.shape[1], x_float if wants_float else None) if quantizer.needs_calibration else None
         packed, deq, report = _quantize_layer(quantizer, info, self.matrix(name), stats, self.scale_dtype, self.lowrank)
         self.packed[name] = packed
@@ -467,6 +496,7 @@ def quantize_model(
     scale_dtype: np.dtype | type = np.float16,
     cache_bytes: int = 0,
     without_audio: bool = False,
+    count_padding: bool = False,
 ) -> tuple[SpeechModel, QuantizationReport]:
     """Quantize the model's selected weights with `quantizer`; return the packed model and report.
 
@@ -478,7 +508,7 @@ def quantize_model(
     policy = policy or QuantizationPolicy()
     assignment = {info.name: quantizer for info in policy.select(model.quantizable_weights())}
     model, report = quantize_layers(model, assignment, policy, calibration_audios, progress, scale_dtype, cache_bytes,
-                                    without_audio)
+                                    without_audio, count_padding)
     identity = quantizer_identity(quantizer)
     report.quantizer, report.quantizer_version = identity.name, identity.version
     report.distribution, report.distribution_version = identity.distribution, identity.distribution_version
@@ -513,6 +543,7 @@ def quantize_layers(
     scale_dtype: np.dtype | type = np.float16,
     cache_bytes: int = 0,
     without_audio: bool = False,
+    count_padding: bool = False,
 ) -> tuple[SpeechModel, QuantizationReport]:
     """Quantize each layer named in `assignment` with its quantizer (a plan, or one quantizer
     for every selected layer); the report's quantizer fields are the caller's to fill.
@@ -520,7 +551,8 @@ def quantize_layers(
     If any of the quantizers needs calibration (and `without_audio` is not set), one calibration
     pass quantizes every layer as it is reached, so each is calibrated on the outputs of the
     already-quantized layers before it whatever quantizer those had; otherwise the layers are
-    quantized matrix by matrix with no audio.
+    quantized matrix by matrix with no audio. `count_padding`: the pass's padded rows count
+    as calibration data too (`SpeechModel.calibration_forward`).
     """
     store = model.store
     if isinstance(store, PackedWeightStore):
@@ -538,7 +570,9 @@ def quantize_layers(
         n_audios = len(calibration_audios)
         paired = any(getattr(q, "wants_float_inputs", False) for q in assignment.values())
         cal = CalibratingQuantizingStore(store, assignment, selected, scale_dtype, progress, policy.lowrank, paired)
-        model.with_store(cal).calibration_forward(calibration_audios + calibration_audios if paired else calibration_audios)
+        audios = calibration_audios + calibration_audios if paired else calibration_audios
+        # only asked of a model when set: a model that stacks without padding need not know it
+        model.with_store(cal).calibration_forward(audios, **({"count_padding": True} if count_padding else {}))
         missing = cal.missing()
         if missing:
             shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")

@@ -60,6 +60,17 @@ class ArtifactCalibration(_Strict):
     subset: str
     utterance_ids: list[str]
     utterance_ids_sha256: str
+    #: the pass counted padded rows as calibration data (`SpeechModel.calibration_forward`), as
+    #: every calibration did before the field existed
+    counts_padding: bool = True
+
+    @model_serializer(mode="wrap")
+    def _without_old_padding(self, handler: Any) -> dict[str, Any]:
+        # an artifact calibrated the old way serializes as it did then: its digest holds
+        data = handler(self)
+        if data.get("counts_padding") is True:
+            data.pop("counts_padding")
+        return data
 
 
 class ArtifactManifest(_Strict):
@@ -121,7 +132,8 @@ def build_manifest(model: str, model_sha256: str, identity: QuantizerIdentity, p
     cal = None
     if calibration is not None:
         cal = ArtifactCalibration(subset=calibration["subset"], utterance_ids=list(calibration["utterance_ids"]),
-                                  utterance_ids_sha256=calibration["utterance_ids_sha256"])
+                                  utterance_ids_sha256=calibration["utterance_ids_sha256"],
+                                  counts_padding=calibration.get("counts_padding", True))
     manifest = ArtifactManifest(model=model, model_sha256=model_sha256, quantizer=identity, policy=policy,
                                 scale_dtype=scale_dtype, calibration=cal, layers=layers, plan_quantizers=plan_quantizers,
                                 activations=activations)
