@@ -212,7 +212,7 @@ def spec_from_args(args: argparse.Namespace):
             calibration_subset=args.calibration_subset, calibration_limit=args.calibration_limit,
             calibration_ids=read_ids(args.calibration_ids, "calibration") if args.calibration_ids else None,
             calibration_data_dir=args.calibration_data_dir,
-            calibration_counts_padding=getattr(args, "calibration_counts_padding", False),
+            calibration_counts_padding=not getattr(args, "calibration_without_padding", False),
             artifact=getattr(args, "artifact", None), plugin_timeout=args.plugin_timeout,
             threads=args.threads, batch_size=args.batch_size, output=args.output,
             activations=activations_from_args(args), encoder_seconds=getattr(args, "encoder_seconds", None),
@@ -989,9 +989,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--calibration-data-dir", metavar="DIR",
                      help="folder holding LibriSpeech/ with the calibration subset, when it is not beside the "
                           "evaluation audio (default: where --data-dir's search finds it)")
-    run.add_argument("--calibration-counts-padding", action="store_true",
-                     help="count the decoder's padded positions past end of text as calibration data, as qbench did "
-                          "before entries recorded counts_padding (to reproduce such an entry by hand)")
+    run.add_argument("--calibration-without-padding", action="store_true",
+                     help="count only the calibration rows inference feeds, not the decoder's padding past end of "
+                          "text (recorded in the entry as counts_padding=false)")
     run.add_argument("--output", "-o", help="result JSON path (default results/<model>__<subset>__<label>.json)")
     run.add_argument("--force", action="store_true", help="start afresh even if the output holds a result (of this "
                      "run or another): the old file is kept aside as <name>.<UTC time>.json")
@@ -1024,9 +1024,9 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--calibration-ids", metavar="FILE")
     quantize.add_argument("--calibration-data-dir", metavar="DIR", help="folder holding LibriSpeech/ with the calibration "
                           "subset (default: --data-dir)")
-    quantize.add_argument("--calibration-counts-padding", action="store_true",
-                     help="count the decoder's padded positions past end of text as calibration data, as qbench did "
-                          "before entries recorded counts_padding (to reproduce such an entry by hand)")
+    quantize.add_argument("--calibration-without-padding", action="store_true",
+                     help="count only the calibration rows inference feeds, not the decoder's padding past end of "
+                          "text (recorded in the entry as counts_padding=false)")
     quantize.add_argument("--plugin-timeout", type=float, metavar="SECONDS")
     quantize.add_argument("--threads", type=int)
     quantize.add_argument("--output", "-o", dest="artifact_output",

@@ -117,9 +117,9 @@ class RunSpec(BaseModel):
     calibration_ids: tuple[str, ...] | None = None
     calibration_data_dir: str | None = Field(None, description="folder holding LibriSpeech/ with the calibration subset "
                                                                "(None: data_dir's place, found for that subset)")
-    calibration_counts_padding: bool = Field(False, description="count the calibration pass's padded rows (Whisper's "
-                                                                "decoder past end of text) as calibration data, as qbench "
-                                                                "did before this field (entries made so record it)")
+    calibration_counts_padding: bool = Field(True, description="the calibration pass's padded rows (Whisper's decoder "
+                                                               "past end of text) count as calibration data; False: only "
+                                                               "the rows inference feeds (recorded in the entry)")
     artifact: str | None = Field(None, description="evaluate this quantized-model artifact (from qbench quantize)")
     plugin_timeout: float | None = Field(None, gt=0, description="seconds the plugin may take per layer")
     threads: int | None = Field(None, ge=1, description="None: QBENCH_THREADS, else every CPU")
@@ -225,7 +225,7 @@ class RunSpec(BaseModel):
             if fields[key] is None:
                 fields.pop(key)  # and so do those from before activation schemes and encoder windows
         if fields["calibration_counts_padding"]:
-            fields.pop("calibration_counts_padding")  # and those calibrated the way qbench did before it
+            fields.pop("calibration_counts_padding")  # and those from before the choice existed
         if self.plugin is None and self.plan is None and self.activations is None:
             for key in ("calibration_subset", "calibration_limit", "calibration_ids", "calibration_counts_padding"):
                 fields.pop(key, None)
@@ -252,7 +252,7 @@ class RunSpec(BaseModel):
             plan=plan,
             policy=QuantizationPolicy.model_validate(q.policy) if q else QuantizationPolicy(),
             calibration_subset=c.subset if c else "dev-clean", calibration_ids=tuple(c.utterance_ids) if c else None,
-            calibration_counts_padding=c.counts_padding if c else False,
+            calibration_counts_padding=c.counts_padding if c else True,
             activations=ActivationRecord.model_validate(entry.activations.model_dump()).choice() if entry.activations else None,
             encoder_seconds=entry.encoder_seconds,
             output=output,
@@ -380,7 +380,9 @@ def calibration_audio(spec: RunSpec, data_dir: Path, eval_ids: set[str]) -> tupl
         data_dir = find_data_dir(spec.calibration_data_dir, spec.calibration_subset)
     ids = list(spec.calibration_ids) if spec.calibration_ids is not None else None
     audios, record = load_calibration(data_dir, spec.calibration_subset, spec.calibration_limit, eval_ids, ids)
-    return audios, record.model_dump() | {"counts_padding": spec.calibration_counts_padding}, data_dir
+    # recorded only when not the default: records of default runs read as they did before the choice
+    extra = {} if spec.calibration_counts_padding else {"counts_padding": False}
+    return audios, record.model_dump() | extra, data_dir
 
 
 def activations_for_run(

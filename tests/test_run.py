@@ -73,6 +73,12 @@ def test_from_entry_asks_for_exactly_what_the_entry_records():
     assert spec.data_dir == "/data"
     fp = RunSpec.from_entry(read_entry(LEADERBOARD / "fp.json"))
     assert fp.plugin is None and fp.calibration_ids is None
+    # an entry calibrated on fed rows only is reproduced that way, and its spec is another run
+    assert spec.calibration_counts_padding is True
+    assert entry.calibration is not None
+    fed_only = entry.model_copy(update={"calibration": entry.calibration.model_copy(update={"counts_padding": False})})
+    again = RunSpec.from_entry(fed_only, data_dir="/data")
+    assert again.calibration_counts_padding is False and again.identity() != spec.identity()
 
 
 def test_utterance_ids_not_in_the_data_are_named(data_dir):

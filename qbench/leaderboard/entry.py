@@ -274,12 +274,13 @@ class EntryCalibration(_Strict):
     utterance_ids_sha256: Sha256
     utterance_ids: list[SafeName]
     #: the calibration pass counted padded rows (Whisper's decoder past end of text) as data,
-    #: as every entry made before the field existed did; `RunSpec.calibration_counts_padding`
+    #: the default, and what every entry made before the field existed did;
+    #: `RunSpec.calibration_counts_padding`
     counts_padding: bool = True
 
     @model_serializer(mode="wrap")
     def _without_old_padding(self, handler: Any) -> dict[str, Any]:
-        # an entry calibrated the old way serializes as it was written
+        # an entry calibrated the default way serializes as entries did before the field
         data = handler(self)
         if data.get("counts_padding") is True:
             data.pop("counts_padding")

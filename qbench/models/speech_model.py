@@ -57,7 +57,7 @@ class SpeechModel(Protocol):
         """Raw (unnormalized) transcripts of a batch of 16 kHz mono float32 waveforms."""
         ...
 
-    def calibration_forward(self, audios: list[np.ndarray], count_padding: bool = False) -> None:
+    def calibration_forward(self, audios: list[np.ndarray], count_padding: bool = True) -> None:
         """One forward pass over all calibration audio, for capturing layer inputs.
 
         Contract: every matrix of `quantizable_weights()` is passed through `store.linear`
@@ -67,8 +67,9 @@ class SpeechModel(Protocol):
         gets GPTQ's sequential calibration (each layer sees the outputs of the already-quantized
         layers before it) from a single pass.
 
-        Where inputs are padded to stack them, the pass marks the rows inference would feed
-        with `store.counting_rows`, and only those are calibration data, unless `count_padding`.
+        Where inputs are padded to stack them, the padded rows are calibration data too unless
+        `count_padding` is False: then the pass marks the rows inference would feed with
+        `store.counting_rows`, and only those count.
         """
         ...
 

@@ -253,7 +253,7 @@ class Wav2Vec2:
         chunks = [self.logits(audio[i : i + step]) for i in range(0, max(1, len(audio)), step)]
         return np.concatenate(chunks, axis=0)
 
-    def calibration_forward(self, audios: list[np.ndarray], count_padding: bool = False,
+    def calibration_forward(self, audios: list[np.ndarray], count_padding: bool = True,
                             max_seconds: float | None = 4.0) -> None:
         """One pass over all utterances with every matrix applied once to the stacked inputs
         (concatenated, so there is no padding for `count_padding` to count).

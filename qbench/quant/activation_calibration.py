@@ -56,18 +56,18 @@ class _RecordingStore:
 
 
 def activation_statistics(model: SpeechModel, audios: list[np.ndarray], float_params: Mapping[str, np.ndarray],
-                          count_padding: bool = False) -> dict[str, ActivationStats]:
+                          count_padding: bool = True) -> dict[str, ActivationStats]:
     """Every linear input's statistics over one calibration pass of `audios` on `model` (its
     weights as quantized); `float_params` are the unquantized model's parameters;
     `count_padding` as in `SpeechModel.calibration_forward`."""
     recorder = _RecordingStore(model.store, float_params)
-    model.with_store(recorder).calibration_forward(audios, **({"count_padding": True} if count_padding else {}))
+    model.with_store(recorder).calibration_forward(audios, **({} if count_padding else {"count_padding": False}))
     return recorder.stats
 
 
 def static_scales(model: SpeechModel, audios: list[np.ndarray], float_params: Mapping[str, np.ndarray],
                   calibrate: Callable[[str, ActivationStats], StaticActivationScale],
-                  count_padding: bool = False) -> dict[str, StaticActivationScale]:
+                  count_padding: bool = True) -> dict[str, StaticActivationScale]:
     """`calibrate(layer, stats)` of every linear input, in execution order."""
     stats = activation_statistics(model, audios, float_params, count_padding)
     return {name: calibrate(name, s) for name, s in stats.items()}

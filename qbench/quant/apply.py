@@ -496,7 +496,7 @@ def quantize_model(
     scale_dtype: np.dtype | type = np.float16,
     cache_bytes: int = 0,
     without_audio: bool = False,
-    count_padding: bool = False,
+    count_padding: bool = True,
 ) -> tuple[SpeechModel, QuantizationReport]:
     """Quantize the model's selected weights with `quantizer`; return the packed model and report.
 
@@ -543,7 +543,7 @@ def quantize_layers(
     scale_dtype: np.dtype | type = np.float16,
     cache_bytes: int = 0,
     without_audio: bool = False,
-    count_padding: bool = False,
+    count_padding: bool = True,
 ) -> tuple[SpeechModel, QuantizationReport]:
     """Quantize each layer named in `assignment` with its quantizer (a plan, or one quantizer
     for every selected layer); the report's quantizer fields are the caller's to fill.
@@ -552,7 +552,7 @@ def quantize_layers(
     pass quantizes every layer as it is reached, so each is calibrated on the outputs of the
     already-quantized layers before it whatever quantizer those had; otherwise the layers are
     quantized matrix by matrix with no audio. `count_padding`: the pass's padded rows count
-    as calibration data too (`SpeechModel.calibration_forward`).
+    as calibration data too (`SpeechModel.calibration_forward`); False counts only fed rows.
     """
     store = model.store
     if isinstance(store, PackedWeightStore):
@@ -571,8 +571,8 @@ def quantize_layers(
         paired = any(getattr(q, "wants_float_inputs", False) for q in assignment.values())
         cal = CalibratingQuantizingStore(store, assignment, selected, scale_dtype, progress, policy.lowrank, paired)
         audios = calibration_audios + calibration_audios if paired else calibration_audios
-        # only asked of a model when set: a model that stacks without padding need not know it
-        model.with_store(cal).calibration_forward(audios, **({"count_padding": True} if count_padding else {}))
+        # only asked of a model when not the default: a model that stacks without padding need not know it
+        model.with_store(cal).calibration_forward(audios, **({} if count_padding else {"count_padding": False}))
         missing = cal.missing()
         if missing:
             shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")

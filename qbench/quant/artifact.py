@@ -60,13 +60,13 @@ class ArtifactCalibration(_Strict):
     subset: str
     utterance_ids: list[str]
     utterance_ids_sha256: str
-    #: the pass counted padded rows as calibration data (`SpeechModel.calibration_forward`), as
-    #: every calibration did before the field existed
+    #: the pass counted padded rows as calibration data (`SpeechModel.calibration_forward`): the
+    #: default, and what every calibration did before the field existed
     counts_padding: bool = True
 
     @model_serializer(mode="wrap")
     def _without_old_padding(self, handler: Any) -> dict[str, Any]:
-        # an artifact calibrated the old way serializes as it did then: its digest holds
+        # an artifact calibrated the default way serializes as before the field: its digest holds
         data = handler(self)
         if data.get("counts_padding") is True:
             data.pop("counts_padding")
