@@ -214,3 +214,35 @@ def test_refit_scales_recovers_exact_scales_and_never_raises_the_output_error():
     assert kept[0, 0] == 7.0
     with pytest.raises(ValueError, match="one scale per row"):
         refit_scales(w, h, codes, np.ones((1, 4)), None, 16)
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "zero-points"])
+def test_alternating_sweeps_and_refits_never_raise_the_output_error_and_zero_rounds_is_one_refit(symmetric):
+    from qbench.quant.error_feedback import output_error, refit_alternating, refit_scales
+
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((400, 64)) @ rng.standard_normal((64, 64))
+    h = 2 * x.T @ x / 400
+    w = rng.standard_normal((12, 64)) * rng.uniform(0.2, 3.0, size=64)
+    grid = UniformGrid(2, symmetric=symmetric, full_range=symmetric)
+    first = error_feedback_quantize(w, h, grid, group_size=16)
+    once = refit_alternating(w, h, grid, first, 0)
+    np.testing.assert_array_equal(once.scales, refit_scales(w, h, first.codes, first.scales, first.zeros, 16))
+    np.testing.assert_array_equal(once.codes, first.codes)
+    errors = [output_error(w, h, r.codes, r.scales, r.zeros, 16)
+              for r in (first, once, refit_alternating(w, h, grid, first, 4))]
+    assert errors[2] <= errors[1] < errors[0]
+    # a sweep on given scales rounds onto exactly those scales
+    fixed = error_feedback_quantize(w, h, grid, group_size=16, fixed_grid=(once.scales, once.zeros))
+    np.testing.assert_array_equal(fixed.scales, once.scales)
+    with pytest.raises(ValueError, match="fixed grid scales of shape"):
+        error_feedback_quantize(w, h, grid, group_size=16, fixed_grid=(once.scales[:, :2], None))
+
+
+def test_refit_rounds_need_refit_scales_and_stay_out_of_labels_when_off():
+    from qbench_gptq import GPTQQuantizer
+
+    with pytest.raises(ValueError, match="refit_rounds needs refit_scales"):
+        GPTQQuantizer({"refit_rounds": 2})
+    assert "refit_rounds" not in GPTQQuantizer({"refit_scales": True}).config.model_dump()
+    assert GPTQQuantizer({"refit_scales": True, "refit_rounds": 2}).config.model_dump()["refit_rounds"] == 2

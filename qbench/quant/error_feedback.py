@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
-from pydantic import Field, model_serializer
+from pydantic import Field, model_serializer, model_validator
 
 from qbench.quant.contract import LayerStats, QuantizerConfig
 from qbench.quant.grids import column_groups, expand_groups, grid_codes, grid_values, uniform_grid
@@ -148,6 +148,11 @@ class GPTQExtensionsConfig(QuantizerConfig):
         False, description="after the sweep, refit each row's scales to its final codes by least squares on the "
                            "layer's output error (one small solve per row)",
     )
+    refit_rounds: int = Field(
+        0, ge=0, le=8, description="with refit_scales: up to this many more sweeps on the refitted scales, each "
+                                   "refitted again; the round with the least output error on the calibration data "
+                                   "is kept (0 = one sweep, one refit)",
+    )
 
     @model_serializer(mode="wrap")
     def _without_knobs_left_off(self, handler: Any) -> dict[str, Any]:
@@ -156,7 +161,15 @@ class GPTQExtensionsConfig(QuantizerConfig):
             data.pop("asym_alpha", None)
         if data.get("refit_scales") is False:
             data.pop("refit_scales", None)
+        if data.get("refit_rounds") == 0:
+            data.pop("refit_rounds", None)
         return data
+
+    @model_validator(mode="after")
+    def _rounds_need_refit(self) -> GPTQExtensionsConfig:
+        if self.refit_rounds and not self.refit_scales:
+            raise ValueError("refit_rounds needs refit_scales=true")
+        return self
 
 
 def asymmetric_target(weight: np.ndarray, stats: LayerStats, alpha: float, percdamp: float) -> np.ndarray:
@@ -236,6 +249,47 @@ def refit_scales(target: np.ndarray, h: np.ndarray, codes: np.ndarray, scales: n
     return np.where(ok[:, None], new, old)
 
 
+def output_error(target: np.ndarray, h: np.ndarray, codes: np.ndarray, scales: np.ndarray,
+                 zeros: np.ndarray | None, group_size: int | None) -> float:
+    """`tr((W - deq) H (W - deq)^T)`: the layer-output error GPTQ's sweep and `refit_scales`
+    minimise, for the dequantized `(codes - zeros) * scales` of the grouped layout."""
+    in_f = codes.shape[1]
+    q = np.asarray(codes, dtype=np.float64)
+    if zeros is not None:
+        q = q - expand_groups(np.asarray(zeros, dtype=np.float64), group_size, in_f)
+    e = np.asarray(target, dtype=np.float64) - q * expand_groups(np.asarray(scales, dtype=np.float64), group_size, in_f)
+    return float(np.sum((e @ h) * e))
+
+
+def refit_alternating(target: np.ndarray, h: np.ndarray, grid: ColumnGrid, first: FeedbackResult, rounds: int, *,
+                      block_size: int = 128, percdamp: float = 0.01) -> FeedbackResult:
+    """`refit_scales` of `first`, then up to `rounds` more times: the sweep again on those
+    scales (`fixed_grid`), whose codes fit them better than the ones chosen while the scales were
+    still GPTQ's, and the scales refitted to the new codes. Each round is scored by
+    `output_error` on the calibration Hessian `h` and the best round is returned, so the result
+    is never worse there than one sweep and one refit; a round that does not improve ends it.
+
+    Alternating codes and scales is the coordinate descent of the layer-output loss that
+    refitting the scales begins (GPTQ's rounding is greedy, so a round is not guaranteed to
+    lower it: hence the score).
+    """
+    def refit(r: FeedbackResult) -> FeedbackResult:
+        scales = refit_scales(target, h, r.codes, r.scales, r.zeros, r.group_size)
+        return FeedbackResult(codes=r.codes, scales=scales, zeros=r.zeros, group_size=r.group_size)
+
+    best = refit(first)
+    best_error = output_error(target, h, best.codes, best.scales, best.zeros, best.group_size)
+    for _ in range(rounds):
+        swept = error_feedback_quantize(target, h, grid, group_size=best.group_size, block_size=block_size,
+                                        percdamp=percdamp, fixed_grid=(best.scales, best.zeros))
+        candidate = refit(swept)
+        error = output_error(target, h, candidate.codes, candidate.scales, candidate.zeros, candidate.group_size)
+        if not error < best_error:
+            break
+        best, best_error = candidate, error
+    return best
+
+
 def inverse_hessian_factor(h: np.ndarray) -> np.ndarray:
     """Upper Cholesky factor `U` of `H^-1` (`H^-1 = U^T U`), as the reference computes it."""
     lower = np.linalg.cholesky(h)
@@ -255,11 +309,14 @@ def error_feedback_quantize(
     percdamp: float = 0.01,
     act_order: bool = False,
     static_groups: bool = False,
+    fixed_grid: tuple[np.ndarray, np.ndarray | None] | None = None,
 ) -> FeedbackResult:
     """GPTQ's sweep of `weight` `[out, in]` over `grid`, with `hessian` `[in, in]` undamped.
 
     `percdamp` dampens a copy of `hessian` (the caller's array is not changed); see the module
     docstring for dead inputs, the order of columns and when each group's grid is fitted.
+    `fixed_grid`: `(scales, zeros)` `[out, n_groups]` of every group, used as given instead of
+    fitted (`refit_alternating`).
     """
     W = np.array(weight, dtype=np.float64)  # a copy: the sweep updates it in place
     out_f, in_f = W.shape
@@ -272,8 +329,15 @@ def error_feedback_quantize(
 
     g = group_size if group_size is not None and group_size < in_f else None
     groups = column_groups(in_f, g)
-    static = g is None or static_groups or act_order
-    params: list[GroupGrid | None] = [grid.fit(W[:, cols]) for cols in groups] if static else [None] * len(groups)
+    static = g is None or static_groups or act_order or fixed_grid is not None
+    if fixed_grid is not None:
+        fixed_scales, fixed_zeros = (np.asarray(a, dtype=np.float64) if a is not None else None for a in fixed_grid)
+        if fixed_scales.shape != (out_f, len(groups)):
+            raise ValueError(f"fixed grid scales of shape {fixed_scales.shape}, expected {(out_f, len(groups))}")
+        params: list[GroupGrid | None] = [(fixed_scales[:, k], None if fixed_zeros is None else fixed_zeros[:, k])
+                                          for k in range(len(groups))]
+    else:
+        params = [grid.fit(W[:, cols]) for cols in groups] if static else [None] * len(groups)
 
     if act_order:
         perm = np.argsort(-np.diag(H), kind="stable")

@@ -36,7 +36,7 @@ from qbench.quant.error_feedback import (
     MSEClip,
     UniformGrid,
     asymmetric_target,
-    refit_scales,
+    refit_alternating,
     error_feedback_quantize,
     gptq_hessian,
 )
@@ -89,9 +89,10 @@ class GPTQQuantizer(Quantizer):
             target, h, grid, group_size=cfg.group_size, block_size=cfg.block_size,
             percdamp=cfg.percdamp, act_order=cfg.act_order, static_groups=cfg.static_groups,
         )
-        scales = refit_scales(target, h, r.codes, r.scales, r.zeros, r.group_size) if cfg.refit_scales else r.scales
+        if cfg.refit_scales:
+            r = refit_alternating(target, h, grid, r, cfg.refit_rounds, block_size=cfg.block_size, percdamp=cfg.percdamp)
         return QuantizedTensor(
-            codes=r.codes, code_bits=cfg.bits, scales=scales, group_size=r.group_size, zeros=r.zeros, signed=cfg.symmetric
+            codes=r.codes, code_bits=cfg.bits, scales=r.scales, group_size=r.group_size, zeros=r.zeros, signed=cfg.symmetric
         )
 
 

@@ -39,7 +39,7 @@ from qbench.quant.error_feedback import (
     MSEClip,
     UniformGrid,
     asymmetric_target,
-    refit_scales,
+    refit_alternating,
     error_feedback_quantize,
     gptq_hessian,
 )
@@ -92,9 +92,10 @@ class QuIPQuantizer(Quantizer):
             w_rot, h_rot, grid, group_size=cfg.group_size, block_size=cfg.block_size,
             percdamp=cfg.percdamp, act_order=cfg.act_order,
         )
-        scales = refit_scales(w_rot, h_rot, r.codes, r.scales, None, r.group_size) if cfg.refit_scales else r.scales
+        if cfg.refit_scales:
+            r = refit_alternating(w_rot, h_rot, grid, r, cfg.refit_rounds, block_size=cfg.block_size, percdamp=cfg.percdamp)
         return QuantizedTensor(
-            codes=r.codes, code_bits=cfg.bits, scales=scales, group_size=r.group_size, signed=True,
+            codes=r.codes, code_bits=cfg.bits, scales=r.scales, group_size=r.group_size, signed=True,
             hadamard_signs=signs,
         )
 
