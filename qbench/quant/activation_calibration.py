@@ -8,13 +8,12 @@ process. Only the statistics cross to the plugin, never the audio.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
 from qbench.models.speech_model import SpeechModel
-from qbench.quant.apply import counted_rows
+from qbench.quant.apply import RowCountingStore, counted_rows
 from qbench.quant.activation_scheme import (
     ActivationStats,
     StaticActivationScale,
@@ -22,7 +21,7 @@ from qbench.quant.activation_scheme import (
 )
 
 
-class _RecordingStore:
+class _RecordingStore(RowCountingStore):
     """Delegates to `inner`; measures every `linear` input on the way. `params` are the float
     parameters, which a model's calibration pass reads to build its float twin (Whisper's
     teacher-forced targets come from the float model)."""
@@ -33,15 +32,6 @@ class _RecordingStore:
         self.inner = inner
         self.params = float_params
         self.stats: dict[str, ActivationStats] = {}
-        self._rows: np.ndarray | None = None
-
-    @contextmanager
-    def counting_rows(self, mask: np.ndarray | None) -> Iterator[None]:
-        outer, self._rows = self._rows, None if mask is None else np.asarray(mask, dtype=bool)
-        try:
-            yield
-        finally:
-            self._rows = outer
 
     def __getattr__(self, attr):
         return getattr(self.inner, attr)

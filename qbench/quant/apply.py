@@ -144,6 +144,21 @@ def counted_rows(name: str, x: np.ndarray, mask: np.ndarray | None, paired: bool
     return x[mask]
 
 
+class RowCountingStore:
+    """`WeightStore.counting_rows` for a store that gathers calibration statistics: the mask
+    in force is `self._rows` (None: every row counts), for `counted_rows`."""
+
+    _rows: np.ndarray | None = None
+
+    @contextmanager
+    def counting_rows(self, mask: np.ndarray | None) -> Iterator[None]:
+        outer, self._rows = self._rows, None if mask is None else np.asarray(mask, dtype=bool)
+        try:
+            yield
+        finally:
+            self._rows = outer
+
+
 def _plugin_name(quantizer: Quantizer) -> str:
     return getattr(quantizer, "name", type(quantizer).__name__)
 
@@ -300,7 +315,7 @@ class PackedWeightStore(WeightStore):
         return int(sum(np.asarray(p).nbytes for p in self.params.values()) + sum(p.nbytes for p in self.packed.values()))
 
 
-class CalibratingQuantizingStore(WeightStore):
+class CalibratingQuantizingStore(RowCountingStore, WeightStore):
     """Quantizes each selected layer, with its own quantizer, the first time the calibration
     pass reaches it.
 
@@ -339,15 +354,6 @@ class CalibratingQuantizingStore(WeightStore):
         self.progress = progress
         self.packed: dict[str, PackedTensor] = {}
         self.reports: dict[str, LayerReport] = {}
-        self._rows: np.ndarray | None = None
-
-    @contextmanager
-    def counting_rows(self, mask: np.ndarray | None) -> Iterator[None]:
-        outer, self._rows = self._rows, None if mask is None else np.asarray(mask, dtype=bool)
-        try:
-            yield
-        finally:
-            self._rows = outer
 
     def _quantize(self, name: str, x: np.ndarray, x_float: np.ndarray | None = None) -> np.ndarray:
         info = self.selected[name]
