@@ -174,6 +174,14 @@ class RerunProgress(RichProgress):
             super().note(message)
 
 
+def speed_list(text: str) -> tuple[float, ...]:
+    """`--calibration-speeds 0.9,1.1`."""
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected speeds like 0.9,1.1") from None
+
+
 def read_ids(path: str, which: str) -> list[str]:
     """Utterance ids from a text file (one a line) or from a leaderboard entry (`.json`): its
     scored utterances (`which="scored"`) or its calibration set (`which="calibration"`), so a
@@ -213,6 +221,7 @@ def spec_from_args(args: argparse.Namespace):
             calibration_ids=read_ids(args.calibration_ids, "calibration") if args.calibration_ids else None,
             calibration_data_dir=args.calibration_data_dir,
             calibration_counts_padding=not getattr(args, "calibration_without_padding", False),
+            calibration_speeds=getattr(args, "calibration_speeds", None) or (),
             artifact=getattr(args, "artifact", None), plugin_timeout=args.plugin_timeout,
             threads=args.threads, batch_size=args.batch_size, output=args.output,
             activations=activations_from_args(args), encoder_seconds=getattr(args, "encoder_seconds", None),
@@ -989,6 +998,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--calibration-data-dir", metavar="DIR",
                      help="folder holding LibriSpeech/ with the calibration subset, when it is not beside the "
                           "evaluation audio (default: where --data-dir's search finds it)")
+    run.add_argument("--calibration-speeds", type=speed_list, metavar="F,F",
+                     help="add a speed-perturbed copy of every calibration utterance at each speed, e.g. 0.9,1.1 "
+                          "(more calibration rows from the same utterances; recorded in the entry)")
     run.add_argument("--calibration-without-padding", action="store_true",
                      help="count only the calibration rows inference feeds, not the decoder's padding past end of "
                           "text (recorded in the entry as counts_padding=false)")
@@ -1024,6 +1036,9 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--calibration-ids", metavar="FILE")
     quantize.add_argument("--calibration-data-dir", metavar="DIR", help="folder holding LibriSpeech/ with the calibration "
                           "subset (default: --data-dir)")
+    quantize.add_argument("--calibration-speeds", type=speed_list, metavar="F,F",
+                     help="add a speed-perturbed copy of every calibration utterance at each speed, e.g. 0.9,1.1 "
+                          "(more calibration rows from the same utterances; recorded in the entry)")
     quantize.add_argument("--calibration-without-padding", action="store_true",
                      help="count only the calibration rows inference feeds, not the decoder's padding past end of "
                           "text (recorded in the entry as counts_padding=false)")

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Annotated, Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -120,6 +120,8 @@ class RunSpec(BaseModel):
     calibration_counts_padding: bool = Field(True, description="the calibration pass's padded rows (Whisper's decoder "
                                                                "past end of text) count as calibration data; False: only "
                                                                "the rows inference feeds (recorded in the entry)")
+    calibration_speeds: tuple[Annotated[float, Field(ge=0.5, le=2.0)], ...] = Field(
+        (), description="each adds a speed-perturbed copy of every calibration utterance (e.g. 0.9, 1.1)")
     artifact: str | None = Field(None, description="evaluate this quantized-model artifact (from qbench quantize)")
     plugin_timeout: float | None = Field(None, gt=0, description="seconds the plugin may take per layer")
     threads: int | None = Field(None, ge=1, description="None: QBENCH_THREADS, else every CPU")
@@ -226,8 +228,11 @@ class RunSpec(BaseModel):
                 fields.pop(key)  # and so do those from before activation schemes and encoder windows
         if fields["calibration_counts_padding"]:
             fields.pop("calibration_counts_padding")  # and those from before the choice existed
+        if not fields["calibration_speeds"]:
+            fields.pop("calibration_speeds")  # and from before speed perturbation
         if self.plugin is None and self.plan is None and self.activations is None:
-            for key in ("calibration_subset", "calibration_limit", "calibration_ids", "calibration_counts_padding"):
+            for key in ("calibration_subset", "calibration_limit", "calibration_ids", "calibration_counts_padding",
+                        "calibration_speeds"):
                 fields.pop(key, None)
         return fields
 
@@ -253,6 +258,7 @@ class RunSpec(BaseModel):
             policy=QuantizationPolicy.model_validate(q.policy) if q else QuantizationPolicy(),
             calibration_subset=c.subset if c else "dev-clean", calibration_ids=tuple(c.utterance_ids) if c else None,
             calibration_counts_padding=c.counts_padding if c else True,
+            calibration_speeds=tuple(c.speeds) if c else (),
             activations=ActivationRecord.model_validate(entry.activations.model_dump()).choice() if entry.activations else None,
             encoder_seconds=entry.encoder_seconds,
             output=output,
@@ -379,9 +385,12 @@ def calibration_audio(spec: RunSpec, data_dir: Path, eval_ids: set[str]) -> tupl
     if spec.calibration_data_dir is not None:
         data_dir = find_data_dir(spec.calibration_data_dir, spec.calibration_subset)
     ids = list(spec.calibration_ids) if spec.calibration_ids is not None else None
-    audios, record = load_calibration(data_dir, spec.calibration_subset, spec.calibration_limit, eval_ids, ids)
+    audios, record = load_calibration(data_dir, spec.calibration_subset, spec.calibration_limit, eval_ids, ids,
+                                      spec.calibration_speeds)
     # recorded only when not the default: records of default runs read as they did before the choice
     extra = {} if spec.calibration_counts_padding else {"counts_padding": False}
+    if spec.calibration_speeds:
+        extra["speeds"] = list(spec.calibration_speeds)
     return audios, record.model_dump() | extra, data_dir
 
 

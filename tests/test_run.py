@@ -79,6 +79,10 @@ def test_from_entry_asks_for_exactly_what_the_entry_records():
     fed_only = entry.model_copy(update={"calibration": entry.calibration.model_copy(update={"counts_padding": False})})
     again = RunSpec.from_entry(fed_only, data_dir="/data")
     assert again.calibration_counts_padding is False and again.identity() != spec.identity()
+    # and so is one calibrated on speed-perturbed copies
+    assert spec.calibration_speeds == ()
+    perturbed = entry.model_copy(update={"calibration": entry.calibration.model_copy(update={"speeds": [0.9, 1.1]})})
+    assert RunSpec.from_entry(perturbed).calibration_speeds == (0.9, 1.1)
 
 
 def test_utterance_ids_not_in_the_data_are_named(data_dir):

@@ -24,12 +24,30 @@ class CalibrationSet(BaseModel):
     audio_seconds: float
 
 
+def speed_perturbed(audio: np.ndarray, factor: float) -> np.ndarray:
+    """`audio` played `factor` times faster, tempo and pitch together (Kaldi's speed perturbation,
+    Ko et al., Interspeech 2015), by band-limited resampling: the spectrum is kept up to the new
+    Nyquist frequency (or zero-padded) and read back at the new length."""
+    if not 0.5 <= factor <= 2.0:
+        raise CalibrationError(f"calibration speed {factor}: must be between 0.5 and 2")
+    n = max(2, int(round(len(audio) / factor)))
+    spectrum = np.fft.rfft(audio.astype(np.float64))
+    kept = np.zeros(n // 2 + 1, dtype=np.complex128)
+    keep = min(len(spectrum), len(kept))
+    kept[:keep] = spectrum[:keep]
+    return (np.fft.irfft(kept, n) * (n / len(audio))).astype(np.float32)
+
+
 def load_calibration(data_dir: Path, subset: str, limit: int | None, eval_ids: set[str],
-                     ids: list[str] | None = None) -> tuple[list[np.ndarray], CalibrationSet]:
+                     ids: list[str] | None = None,
+                     speeds: tuple[float, ...] = ()) -> tuple[list[np.ndarray], CalibrationSet]:
     """Audio of the calibration utterances (default: every shared dev-clean one) and its record.
 
     Refuses any overlap with the evaluation utterances: calibrating on the test set would
-    flatter every calibrated quantizer.
+    flatter every calibrated quantizer. Each of `speeds` adds a `speed_perturbed` copy of every
+    utterance after the originals: more distinct calibration rows from the same utterances (the
+    decoder's Hessians are rank-deficient on dev-clean's ~1150 transcript positions). The record
+    describes the utterances; the caller records the speeds.
     """
     utts = list_utterances(data_dir, subset, limit if ids is None else None)
     if ids is not None:
@@ -41,8 +59,10 @@ def load_calibration(data_dir: Path, subset: str, limit: int | None, eval_ids: s
     if overlap:
         raise CalibrationError(f"calibration set {subset} overlaps the evaluation set ({len(overlap)} utterances, e.g. {overlap[0]})")
     audios = [load_audio(u.path) for u in utts]
+    originals = audios
+    audios = originals + [speed_perturbed(a, f) for f in speeds for a in originals]
     record = CalibrationSet(
         subset=subset, utterance_count=len(utts), utterance_ids_sha256=utterance_digest(u.id for u in utts),
-        utterance_ids=[u.id for u in utts], audio_seconds=sum(len(a) for a in audios) / 16000,
+        utterance_ids=[u.id for u in utts], audio_seconds=sum(len(a) for a in originals) / 16000,
     )
     return audios, record

@@ -277,13 +277,18 @@ class EntryCalibration(_Strict):
     #: the default, and what every entry made before the field existed did;
     #: `RunSpec.calibration_counts_padding`
     counts_padding: bool = True
+    #: a speed-perturbed copy of every utterance was added at each of these speeds;
+    #: `RunSpec.calibration_speeds`
+    speeds: list[Annotated[float, Field(ge=0.5, le=2.0)]] = []
 
     @model_serializer(mode="wrap")
     def _without_old_padding(self, handler: Any) -> dict[str, Any]:
-        # an entry calibrated the default way serializes as entries did before the field
+        # an entry calibrated the default way serializes as entries did before the fields
         data = handler(self)
         if data.get("counts_padding") is True:
             data.pop("counts_padding")
+        if data.get("speeds") == []:
+            data.pop("speeds")
         return data
 
 
@@ -397,6 +402,12 @@ class LeaderboardEntry(_Strict):
         base = entry_label(self.quantizer)
         if self.activations is not None:
             base = f"{base}-{self.activations.label}"
+        c = self.calibration
+        # entries calibrated another way than the default sit beside the default's, not over it
+        if c is not None and not c.counts_padding:
+            base = f"{base}-cal-fed"
+        if c is not None and c.speeds:
+            base = f"{base}-cal-speed{'_'.join(f'{f:g}' for f in c.speeds)}"
         return base if self.encoder_seconds is None else f"{base}-enc{self.encoder_seconds:g}s"
 
     @model_serializer(mode="wrap")
@@ -501,7 +512,7 @@ def _entry_of(result: RunResult, devices_fitted: list[str]) -> LeaderboardEntry:
         c = result.calibration
         calibration = EntryCalibration(subset=c["subset"], utterance_count=c["utterance_count"],
                                        utterance_ids_sha256=c["utterance_ids_sha256"], utterance_ids=c["utterance_ids"],
-                                       counts_padding=c.get("counts_padding", True))
+                                       counts_padding=c.get("counts_padding", True), speeds=c.get("speeds", []))
     device = compute = None
     timings: dict[str, float] = {}
     d = result.device or {}

@@ -63,13 +63,17 @@ class ArtifactCalibration(_Strict):
     #: the pass counted padded rows as calibration data (`SpeechModel.calibration_forward`): the
     #: default, and what every calibration did before the field existed
     counts_padding: bool = True
+    #: speed-perturbed copies of every utterance, one per speed (`RunSpec.calibration_speeds`)
+    speeds: list[float] = []
 
     @model_serializer(mode="wrap")
     def _without_old_padding(self, handler: Any) -> dict[str, Any]:
-        # an artifact calibrated the default way serializes as before the field: its digest holds
+        # an artifact calibrated the default way serializes as before the fields: its digest holds
         data = handler(self)
         if data.get("counts_padding") is True:
             data.pop("counts_padding")
+        if data.get("speeds") == []:
+            data.pop("speeds")
         return data
 
 
@@ -133,7 +137,8 @@ def build_manifest(model: str, model_sha256: str, identity: QuantizerIdentity, p
     if calibration is not None:
         cal = ArtifactCalibration(subset=calibration["subset"], utterance_ids=list(calibration["utterance_ids"]),
                                   utterance_ids_sha256=calibration["utterance_ids_sha256"],
-                                  counts_padding=calibration.get("counts_padding", True))
+                                  counts_padding=calibration.get("counts_padding", True),
+                                  speeds=calibration.get("speeds", []))
     manifest = ArtifactManifest(model=model, model_sha256=model_sha256, quantizer=identity, policy=policy,
                                 scale_dtype=scale_dtype, calibration=cal, layers=layers, plan_quantizers=plan_quantizers,
                                 activations=activations)

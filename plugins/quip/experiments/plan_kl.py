@@ -8,8 +8,11 @@ both models, and the script prints the mean KL(float || quantized) per predicted
 often the quantized model's top token is the float one's. Never test-clean.
 
     python plugins/quip/experiments/plan_kl.py plans/tiny-en-2-bits.json [--without-padding] [--set KEY=VALUE ...]
+        [--calibration-utterances N] [--speed F ...]
 
-`--set` overrides a setting in every rule of the plan (e.g. `asym_alpha=0.1`).
+`--set` overrides a setting in every rule of the plan (e.g. `asym_alpha=0.1`);
+`--calibration-utterances` calibrates on the split's first N only, and each `--speed` adds a
+speed-perturbed copy of every calibration utterance (`qbench run --calibration-speeds`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 
 from qbench.checkpoints.loader import load_model
 from qbench.data.audio import load_audio
+from qbench.data.calibration import speed_perturbed
 from qbench.data.librispeech import find_data_dir, list_utterances
 from qbench.plugin_manager import get_quantizer
 from qbench.quant.apply import QuantizationPolicy, quantize_layers
@@ -40,12 +44,17 @@ def main() -> None:
     parser.add_argument("plan", type=Path)
     parser.add_argument("--without-padding", action="store_true", help="count only the decoder rows inference feeds")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--calibration-utterances", type=int, help="calibrate on only the first N of the split")
+    parser.add_argument("--speed", action="append", type=float, default=[],
+                        help="add a speed-perturbed copy of every calibration utterance (e.g. 0.9)")
     args = parser.parse_args()
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
 
     model = load_model("whisper-tiny.en").model
     root = find_data_dir(None, "dev-clean")
     tune, calibrate = split_audio(root, "dev-clean-tune.txt"), split_audio(root, "dev-clean-calibrate.txt")
+    calibrate = calibrate[: args.calibration_utterances]
+    calibrate = calibrate + [speed_perturbed(a, f) for f in args.speed for a in calibrate]
     plan = read_plan(args.plan)
     quantizers = {}
     assignment = {}
@@ -64,6 +73,7 @@ def main() -> None:
     kl = float(np.mean(np.sum(np.exp(reference) * (reference - other), axis=1)))
     agree = float(np.mean(reference.argmax(axis=1) == other.argmax(axis=1)))
     print(json.dumps({"plan": plan.name, "count_padding": not args.without_padding, "overrides": overrides,
+                      "calibration_utterances": len(calibrate), "speed": args.speed,
                       "positions": int(reference.shape[0]), "mean_kl": round(kl, 5), "top1_agreement": round(agree, 5),
                       "bits_per_weight": round(report.mean_bits_per_weight, 4)}))
 
