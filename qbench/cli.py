@@ -182,6 +182,23 @@ def speed_list(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected speeds like 0.9,1.1") from None
 
 
+def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
+    """The calibration options `run` and `quantize` share (`spec_from_args` reads them)."""
+    parser.add_argument("--calibration-subset", default="dev-clean")
+    parser.add_argument("--calibration-limit", type=int, default=None)
+    parser.add_argument("--calibration-ids", metavar="FILE",
+                        help="exactly these calibration utterances (one id a line, or a leaderboard entry's)")
+    parser.add_argument("--calibration-data-dir", metavar="DIR",
+                        help="folder holding LibriSpeech/ with the calibration subset, when it is not beside the "
+                             "evaluation audio (default: where --data-dir's search finds it)")
+    parser.add_argument("--calibration-speeds", type=speed_list, metavar="F,F",
+                        help="add a speed-perturbed copy of every calibration utterance at each speed, e.g. 0.9,1.1 "
+                             "(more calibration rows from the same utterances; recorded in the entry)")
+    parser.add_argument("--calibration-without-padding", action="store_true",
+                        help="count only the calibration rows inference feeds, not the decoder's padding past end of "
+                             "text (recorded in the entry as counts_padding=false)")
+
+
 def read_ids(path: str, which: str) -> list[str]:
     """Utterance ids from a text file (one a line) or from a leaderboard entry (`.json`): its
     scored utterances (`which="scored"`) or its calibration set (`which="calibration"`), so a
@@ -991,19 +1008,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_activation_arguments(run)
     run.add_argument("--encoder-seconds", type=float, metavar="S", help="audio per encoder pass: Whisper windows of S "
                      "seconds instead of 30 (whisper.cpp's audio_ctx), wav2vec2 chunks of S seconds")
-    run.add_argument("--calibration-subset", default="dev-clean")
-    run.add_argument("--calibration-limit", type=int, default=None)
-    run.add_argument("--calibration-ids", metavar="FILE",
-                     help="exactly these calibration utterances (one id a line, or a leaderboard entry's)")
-    run.add_argument("--calibration-data-dir", metavar="DIR",
-                     help="folder holding LibriSpeech/ with the calibration subset, when it is not beside the "
-                          "evaluation audio (default: where --data-dir's search finds it)")
-    run.add_argument("--calibration-speeds", type=speed_list, metavar="F,F",
-                     help="add a speed-perturbed copy of every calibration utterance at each speed, e.g. 0.9,1.1 "
-                          "(more calibration rows from the same utterances; recorded in the entry)")
-    run.add_argument("--calibration-without-padding", action="store_true",
-                     help="count only the calibration rows inference feeds, not the decoder's padding past end of "
-                          "text (recorded in the entry as counts_padding=false)")
+    add_calibration_arguments(run)
     run.add_argument("--output", "-o", help="result JSON path (default results/<model>__<subset>__<label>.json)")
     run.add_argument("--force", action="store_true", help="start afresh even if the output holds a result (of this "
                      "run or another): the old file is kept aside as <name>.<UTC time>.json")
@@ -1031,17 +1036,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--lowrank-dtype", choices=["float16", "int8"], help="storage of the low-rank factors (default float16)")
     add_activation_arguments(quantize)
     quantize.add_argument("--data-dir", help="folder holding LibriSpeech/ with the calibration subset")
-    quantize.add_argument("--calibration-subset", default="dev-clean")
-    quantize.add_argument("--calibration-limit", type=int, default=None)
-    quantize.add_argument("--calibration-ids", metavar="FILE")
-    quantize.add_argument("--calibration-data-dir", metavar="DIR", help="folder holding LibriSpeech/ with the calibration "
-                          "subset (default: --data-dir)")
-    quantize.add_argument("--calibration-speeds", type=speed_list, metavar="F,F",
-                     help="add a speed-perturbed copy of every calibration utterance at each speed, e.g. 0.9,1.1 "
-                          "(more calibration rows from the same utterances; recorded in the entry)")
-    quantize.add_argument("--calibration-without-padding", action="store_true",
-                     help="count only the calibration rows inference feeds, not the decoder's padding past end of "
-                          "text (recorded in the entry as counts_padding=false)")
+    add_calibration_arguments(quantize)
     quantize.add_argument("--plugin-timeout", type=float, metavar="SECONDS")
     quantize.add_argument("--threads", type=int)
     quantize.add_argument("--output", "-o", dest="artifact_output",
