@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -27,7 +27,7 @@ from qbench import __version__ as qbench_version
 from qbench.checkpoints.card import safe_name
 from qbench.checkpoints.loader import DEFAULT_MODEL, load_model
 from qbench.data.audio import AudioError, audio_duration
-from qbench.data.calibration import load_calibration
+from qbench.data.calibration import CalibrationSpeed, load_calibration
 from qbench.data.librispeech import (
     OFFICIAL_COUNTS,
     Utterance,
@@ -120,7 +120,7 @@ class RunSpec(BaseModel):
     calibration_counts_padding: bool = Field(True, description="the calibration pass's padded rows (Whisper's decoder "
                                                                "past end of text) count as calibration data; False: only "
                                                                "the rows inference feeds (recorded in the entry)")
-    calibration_speeds: tuple[Annotated[float, Field(ge=0.5, le=2.0)], ...] = Field(
+    calibration_speeds: tuple[CalibrationSpeed, ...] = Field(
         (), description="each adds a speed-perturbed copy of every calibration utterance (e.g. 0.9, 1.1)")
     artifact: str | None = Field(None, description="evaluate this quantized-model artifact (from qbench quantize)")
     plugin_timeout: float | None = Field(None, gt=0, description="seconds the plugin may take per layer")

@@ -8,10 +8,11 @@ import json
 
 import numpy as np
 import pytest
+from test_run import LEADERBOARD
 
 from qbench.cli import main
 from qbench.data.calibration import CalibrationError, speed_perturbed
-from qbench.leaderboard.entry import EntryCalibration
+from qbench.leaderboard.entry import EntryCalibration, read_entry
 from qbench.quant.artifact import ArtifactCalibration
 from qbench.run import RunSpec
 
@@ -101,28 +102,21 @@ def qbench_register_quantizers():
 def test_wav2vec2_calibrates_on_the_copies_and_the_result_records_them(run_seeded_wav2vec2, install_plugin, tmp_path):
     rows = tmp_path / "rows"
     install_plugin("qbench-row-counting", COUNTING.replace("{rows!r}", repr(str(rows))), entry_point="row-counting")
-    counts = {}
+    counts, results = {}, {}
     for name, extra in (("plain", []), ("perturbed", ["--calibration-speeds", "0.9,1.1"])):
         rows.unlink(missing_ok=True)
-        result = run_seeded_wav2vec2("--plugin", "row-counting", "--calibration-limit", "2", *extra)
+        results[name] = run_seeded_wav2vec2("--plugin", "row-counting", "--calibration-limit", "2", *extra)
         counts[name] = [json.loads(line) for line in rows.read_text().split()]
-        assert result["status"] == "complete"
-    assert "speeds" not in result_of_plain(tmp_path)
+        assert results[name]["status"] == "complete"
+    assert "speeds" not in results["plain"]["calibration"]
     # each copy adds about as many frames as its duration: 1 + 1/0.9 + 1/1.1 = 3.02 times
     ratios = np.array(counts["perturbed"]) / np.array(counts["plain"])
     assert np.all((ratios > 2.8) & (ratios < 3.2)), ratios
-    assert result["calibration"]["speeds"] == [0.9, 1.1] and result["calibration"]["utterance_count"] == 2
-
-
-def result_of_plain(tmp_path) -> dict:
-    return json.loads((tmp_path / "r0.json").read_text())["calibration"]
+    perturbed = results["perturbed"]["calibration"]
+    assert perturbed["speeds"] == [0.9, 1.1] and perturbed["utterance_count"] == 2
 
 
 def test_an_entry_calibrated_another_way_gets_its_own_file_name():
-    from test_run import LEADERBOARD
-
-    from qbench.leaderboard.entry import read_entry
-
     entry = next(e for e in (read_entry(p) for p in sorted(LEADERBOARD.glob("*.json"))) if e.calibration is not None)
     perturbed = entry.model_copy(update={"calibration": entry.calibration.model_copy(update={"speeds": [0.9, 1.1]})})
     assert perturbed.label == f"{entry.label}-cal-speed0.9_1.1"

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from qbench.data.audio import load_audio
 from qbench.data.librispeech import list_utterances, utterance_digest
@@ -24,12 +25,17 @@ class CalibrationSet(BaseModel):
     audio_seconds: float
 
 
+MIN_SPEED, MAX_SPEED = 0.5, 2.0
+#: a speed `speed_perturbed` accepts, for the records that name one
+CalibrationSpeed = Annotated[float, Field(ge=MIN_SPEED, le=MAX_SPEED)]
+
+
 def speed_perturbed(audio: np.ndarray, factor: float) -> np.ndarray:
     """`audio` played `factor` times faster, tempo and pitch together (Kaldi's speed perturbation,
     Ko et al., Interspeech 2015), by band-limited resampling: the spectrum is kept up to the new
     Nyquist frequency (or zero-padded) and read back at the new length."""
-    if not 0.5 <= factor <= 2.0:
-        raise CalibrationError(f"calibration speed {factor}: must be between 0.5 and 2")
+    if not MIN_SPEED <= factor <= MAX_SPEED:
+        raise CalibrationError(f"calibration speed {factor}: must be between {MIN_SPEED:g} and {MAX_SPEED:g}")
     n = max(2, int(round(len(audio) / factor)))
     spectrum = np.fft.rfft(audio.astype(np.float64))
     kept = np.zeros(n // 2 + 1, dtype=np.complex128)
@@ -58,8 +64,7 @@ def load_calibration(data_dir: Path, subset: str, limit: int | None, eval_ids: s
     overlap = sorted(eval_ids.intersection(u.id for u in utts))
     if overlap:
         raise CalibrationError(f"calibration set {subset} overlaps the evaluation set ({len(overlap)} utterances, e.g. {overlap[0]})")
-    audios = [load_audio(u.path) for u in utts]
-    originals = audios
+    originals = [load_audio(u.path) for u in utts]
     audios = originals + [speed_perturbed(a, f) for f in speeds for a in originals]
     record = CalibrationSet(
         subset=subset, utterance_count=len(utts), utterance_ids_sha256=utterance_digest(u.id for u in utts),

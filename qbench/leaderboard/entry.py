@@ -282,7 +282,7 @@ class EntryCalibration(_Strict):
     speeds: list[Annotated[float, Field(ge=0.5, le=2.0)]] = []
 
     @model_serializer(mode="wrap")
-    def _without_old_padding(self, handler: Any) -> dict[str, Any]:
+    def _without_default_choices(self, handler: Any) -> dict[str, Any]:
         # an entry calibrated the default way serializes as entries did before the fields
         data = handler(self)
         if data.get("counts_padding") is True:

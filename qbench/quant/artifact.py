@@ -67,7 +67,7 @@ class ArtifactCalibration(_Strict):
     speeds: list[float] = []
 
     @model_serializer(mode="wrap")
-    def _without_old_padding(self, handler: Any) -> dict[str, Any]:
+    def _without_default_choices(self, handler: Any) -> dict[str, Any]:
         # an artifact calibrated the default way serializes as before the fields: its digest holds
         data = handler(self)
         if data.get("counts_padding") is True:
