@@ -8,7 +8,8 @@ they are counted from the query and key shapes the kernel receives, and the call
 layer count the encoder's inputs and the decoder's steps.
 
 Bit operations are MACs x weight bits x activation bits (float32 activations: 32 bits; weights
-at their stored code width, or 16/32 for float layers). Ternary weights need no multiplication:
+at their stored code width, a vector codebook's code width over the `vector_dim` weights each
+code stands for, or 16/32 for float layers). Ternary weights need no multiplication:
 their MACs become additions, and the zero codes skip work altogether (counted from the codes).
 
 A packed layer that declares extra parts runs them around its product, and each is counted on
@@ -21,7 +22,8 @@ and a low-rank correction (`lowrank_macs`, `rows x r x (in + out)` float MACs).
 float32 activations every product is an `fp32_mac` (a weight-only quantized layer is
 dequantized to float first); with an activation scheme (`qbench.quant.activation_store`) a
 uniform-grid layer is `int<a>xint<w>_mac` (or `int<a>xternary_add`, counted per nonzero weight)
-plus one `fp32_rescale` per output and group, a codebook or float layer is `int<a>xfp16_mac`,
+plus one `fp32_rescale` per output and group, a codebook layer (scalar or vector: it has no
+integer codes to multiply, a lookup-table kernel reads its values) or a float one is `int<a>xfp16_mac`,
 and quantizing each input value is one `act_quantize`. `arithmetic_energy_pj` prices them with
 `ENERGY_PJ`.
 """
@@ -165,7 +167,8 @@ class ComputeCountingStore:
                 codes = pt._codes_range(0, pt.numel)
                 self._nonzero[name] = float(np.count_nonzero(codes)) / codes.size
             else:
-                bits = float(pt.code_bits)
+                # a vector code spans vector_dim weights: 8-bit D4 codes are 2 bits per weight
+                bits = pt.code_bits / pt.vector_dim
             self._weight_bits[name] = bits
         return bits
 

@@ -9,6 +9,7 @@ end up cached.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 
@@ -26,6 +27,25 @@ F32 = 4
 #: Peak bytes of unpacking temporaries per code while one block is dequantized (`unpack_bits`
 #: shifts codes in uint64 words: 2 x 8 B per code, then int16 and float32 copies).
 _UNPACK_SCRATCH_PER_CODE = {"int": 18, "trit5": 12, "float": 4}
+#: int16 bytes per code of the unpacked codes a vector codebook is indexed with
+_INT16 = 2
+
+
+def _scratch_per_weight(pt: PackedTensor | None) -> float:
+    """Peak unpacking bytes per weight of a row block of `pt` (None: a float layer).
+
+    A vector-codebook layer unpacks one code per `vector_dim` weights, so its bit unpacking
+    costs `1 / vector_dim` of a scalar layer's; what peaks instead is the codebook lookup, its
+    float32 values beside the scaled float32 rows, with the int16 codes still held (tracemalloc
+    of `code_rows` on 256K weights at d=4: 8.6 B per weight, this model's 8 + 2/4 plus a fixed
+    ~35 KB).
+    """
+    if pt is None:
+        return _UNPACK_SCRATCH_PER_CODE["float"]
+    if pt.vector_dim == 1:
+        return _UNPACK_SCRATCH_PER_CODE[pt.packing]
+    d = pt.vector_dim
+    return max(_UNPACK_SCRATCH_PER_CODE["int"] / d, 2 * F32 + _INT16 / d)
 
 
 class DeviceWeightStore(PackedWeightStore):
@@ -153,13 +173,13 @@ class DeviceWeightStore(PackedWeightStore):
         if name in self.cached_layers():
             return extra, 0  # one GEMM straight into the output
         product = self.block_product_bytes(name, rows_in) + extra
-        codes = self.block_rows(name) * self.infos[name].shape[1]
+        weights = self.block_rows(name) * self.infos[name].shape[1]  # a vector layer holds fewer codes
         pt = self.packed.get(name)
         if pt is None:
             # float32 at rest: `rows` is a view of the stored weight; other dtypes are upcast
-            return product, 0 if self.params[name + ".weight"].dtype == np.float32 else F32 * codes
+            return product, 0 if self.params[name + ".weight"].dtype == np.float32 else F32 * weights
         # the unpacking temporaries are freed before the product is allocated; the rows are not
-        return product, max(F32 * codes, _UNPACK_SCRATCH_PER_CODE[pt.packing] * codes - product)
+        return product, max(F32 * weights, math.ceil(_scratch_per_weight(pt) * weights) - product)
 
     def _around_product_bytes(self, name: str, rows_in: int) -> int:
         """What a layer's declared extras hold while it runs: the transformed input `(x / s) H`
@@ -178,9 +198,8 @@ class DeviceWeightStore(PackedWeightStore):
         """Float rows plus unpacking scratch of the largest row block any layer is streamed in."""
         worst = 0
         for info in self.weight_infos():
-            pt = self.packed.get(info.name)
-            per_code = F32 + _UNPACK_SCRATCH_PER_CODE["float" if pt is None else pt.packing]
-            worst = max(worst, self.block_rows(info.name) * info.shape[1] * per_code)
+            per_weight = F32 + _scratch_per_weight(self.packed.get(info.name))
+            worst = max(worst, math.ceil(self.block_rows(info.name) * info.shape[1] * per_weight))
         return worst
 
     def cached_layers(self) -> dict[str, int]:

@@ -6,8 +6,8 @@ transform, AWQ's scales or QuIP's rotation, as a kernel would) and multiplies:
 
 * a layer on a uniform grid (RTN, GPTQ, HQQ, AWQ, QuIP, ternary): integer activations times
   integer codes, accumulated exactly (`qbench.quant.integer_matmul`), then rescaled;
-* a codebook layer (NF4, SqueezeLLM) or a float one: the dequantized activations times the
-  float32 weights, as a lookup-table or float kernel would.
+* a codebook layer (NF4, SqueezeLLM, QuIP#'s vector codebooks) or a float one: the dequantized
+  activations times the float32 weights, as a lookup-table or float kernel would.
 
 A low-rank correction and the bias stay float. With `attention`, every attention runs on
 quantized Q, K, V and probabilities (`qbench.quant.integer_attention`). With `kv_cache`, the keys and values the decoder

@@ -111,6 +111,16 @@ class LayerReport(BaseModel):
     bits_per_weight: float
     #: ||W - Wq||_F / ||W||_F with Wq exactly as the packed layer dequantizes
     rel_error: float
+    #: weights per code: d for a vector codebook (its code_bits span d weights), else 1
+    vector_dim: int = 1
+
+    @model_serializer(mode="wrap")
+    def _without_scalar_vector_dim(self, handler: Any) -> dict[str, Any]:
+        # a scalar layer's report serializes as before vector codebooks existed
+        data = handler(self)
+        if data.get("vector_dim") == 1:
+            data.pop("vector_dim")
+        return data
 
 
 def layer_stats(x: np.ndarray, in_features: int, x_float: np.ndarray | None = None) -> LayerStats:
@@ -209,6 +219,7 @@ def layer_report(info: WeightInfo, weight: np.ndarray, packed: PackedTensor, deq
         code_bytes=packed.code_nbytes,
         bits_per_weight=packed.bits_per_weight,
         rel_error=rel,
+        vector_dim=packed.vector_dim,
     )
 
 

@@ -6,7 +6,9 @@ signs, low-rank factors: `PackedTensor.BUFFERS`) as tensors named
 model it applies to (name and weights sha256), the quantizer (name, version, distribution and
 its version, full config), the policy, the scale dtype, the calibration utterances, the
 layout of every layer, and the artifact's own digest. The float parameters are not in it: they
-come from the model's weights, which the sha256 pins.
+come from the model's weights, which the sha256 pins. A layer's layout names `vector_dim` only
+for a vector-codebook layer, so a scalar layer's layout, and the digest, are as they were
+before vector codebooks existed.
 
 The digest is a sha256 over the manifest (without the digest itself) as canonical JSON and
 every tensor (name, dtype, shape, bytes) in name order. It depends on nothing but what the
@@ -54,6 +56,16 @@ class LayerLayout(_Strict):
     offset: int
     buffers: list[Literal["codes", "scales", "zeros", "codebook", "input_scales", "hadamard_signs",
                           "lowrank_u", "lowrank_v", "lowrank_u_scales", "lowrank_v_scales"]]
+    #: weights per code: 1 for scalar codes, d for a vector codebook (`[out, in / d]` codes)
+    vector_dim: int = 1
+
+    @model_serializer(mode="wrap")
+    def _without_scalar_vector_dim(self, handler: Any) -> dict[str, Any]:
+        # a scalar layer serializes as before vector codebooks existed: its artifact's digest holds
+        data = handler(self)
+        if data.get("vector_dim") == 1:
+            data.pop("vector_dim")
+        return data
 
 
 class ArtifactCalibration(_Strict):
@@ -131,7 +143,8 @@ def build_manifest(model: str, model_sha256: str, identity: QuantizerIdentity, p
                    activations: ActivationRecord | None = None) -> ArtifactManifest:
     """The manifest of `packed`, digest included."""
     layers = [LayerLayout(name=name, shape=pt.shape, code_bits=pt.code_bits, packing=pt.packing, group_size=pt.group_size,
-                          offset=pt.offset, buffers=[b for b in _BUFFERS if getattr(pt, b) is not None])
+                          offset=pt.offset, buffers=[b for b in _BUFFERS if getattr(pt, b) is not None],
+                          vector_dim=pt.vector_dim)
               for name, pt in packed.items()]
     cal = None
     if calibration is not None:
@@ -187,13 +200,18 @@ def read_artifact(path: Path) -> tuple[ArtifactManifest, dict[str, PackedTensor]
     for layer in manifest.layers:
         buffers = {b: tensors[f"{layer.name}.{b}"] for b in layer.buffers}
         codes = buffers["codes"]
-        n = layer.shape[0] * layer.shape[1]
+        if layer.vector_dim < 1 or layer.shape[1] % layer.vector_dim:
+            raise ArtifactError(f"{path}: layer {layer.name}: vector_dim {layer.vector_dim} does not divide "
+                                f"in_features {layer.shape[1]}")
+        # a vector layer stores one code per vector_dim weights
+        n = layer.shape[0] * (layer.shape[1] // layer.vector_dim)
         if codes.dtype != np.uint8 or codes.ndim != 1 or codes.size != packed_code_bytes(n, layer.code_bits, layer.packing):
             raise ArtifactError(f"{path}: layer {layer.name}: code buffer does not hold {n} {layer.packing} codes")
         extras = {b: buffers.get(b) for b in PackedTensor.BUFFERS if b not in ("codes", "scales")}
         try:
             pt = PackedTensor(codes=codes, code_bits=layer.code_bits, packing=layer.packing, shape=layer.shape,
-                              scales=buffers["scales"], group_size=layer.group_size, offset=layer.offset, **extras)
+                              scales=buffers["scales"], group_size=layer.group_size, offset=layer.offset,
+                              vector_dim=layer.vector_dim, **extras)
             check_packed_layout(pt)
         except ValueError as exc:
             raise ArtifactError(f"{path}: layer {layer.name}: {one_line(exc)}") from None

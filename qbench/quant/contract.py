@@ -12,8 +12,17 @@ Dequantization contract (implemented once, in `dequantize_codes` and `dequantize
     W = (q @ H^T) / input_scales + U @ V           # the weight the layer stands for
 
 where group `g` spans input columns `[g * group_size, (g + 1) * group_size)` (the last group
-may be shorter) and `group_size=None` means one group spans the whole input dimension. The
-last line's parts are each optional:
+may be shorter) and `group_size=None` means one group spans the whole input dimension.
+
+A vector codebook (`vector_dim = d > 1`, QuIP#'s E8P or D4 lattice codebooks) makes one code
+stand for `d` consecutive weights of a row: `codes` is `[out, in / d]`, `codebook` is one
+`[K, d]` table for the tensor, and the first line becomes
+
+    v = codebook[codes].reshape(out, in)           # code [r, j] -> columns [j*d, (j+1)*d) of row r
+
+after which scales, the input transform and the low-rank correction are exactly as above (it
+needs unsigned codes, "int" packing, no zeros, and groups of whole vectors). `vector_dim = 1`
+is the scalar contract, unchanged. The last line's parts are each optional:
 
 - `input_scales` s (AWQ): the codes quantize `W diag(s)`; at run time the layer's input is
   divided by s, so `(x / s) (W diag(s))^T = x W^T`.
@@ -85,7 +94,8 @@ def n_groups_for(in_features: int, group_size: int | None) -> int:
 class QuantizedTensor:
     """What `Quantizer.quantize` returns: codes plus the parameters that dequantize them.
 
-    codes      integer array, same shape as the weight `[out, in]`
+    codes      integer array, same shape as the weight `[out, in]` (`[out, in / vector_dim]`
+               for a vector codebook, below)
     code_bits  bits per code the packer uses, 2..8
     packing    "int" (`code_bits` per code, bit-packed) or "trit5" (codes in {-1, 0, 1},
                five per byte; `signed` must be True)
@@ -107,6 +117,16 @@ class QuantizedTensor:
     lowrank_v       float32 `[r, in]`: `W ~ (dequantized codes) + U V`
     lowrank_dtype   how U and V are stored: "float16", or "int8" with one float16 scale per
                     row of U and of V (absmax)
+    vector_dim      weights per code (default 1: one code per weight). With d > 1 (vector
+                    codebooks, QuIP#'s D4/E8P lattices): `codes` is `[out, in / d]`, code
+                    `[r, j]` standing for columns `[j*d, (j+1)*d)` of row r; `codebook` is
+                    required, one float32 `[K, d]` table for the tensor (1 <= K <= 2^code_bits,
+                    codes unsigned and < K); `packing` must be "int", `zeros` None, and
+                    `group_size` None or a multiple of d. `scales`, `input_scales`,
+                    `hadamard_signs` and the low-rank factors are sized by the weight's `in`,
+                    as in the scalar case; `shape` is the weight's `(out, in)`, not `codes.shape`.
+                    With a 256-entry D4 codebook (8-bit codes, d = 4) the codes cost 2 bits
+                    per weight.
     """
 
     codes: np.ndarray
@@ -122,6 +142,7 @@ class QuantizedTensor:
     lowrank_u: np.ndarray | None = None
     lowrank_v: np.ndarray | None = None
     lowrank_dtype: LowRankDtype = "float16"
+    vector_dim: int = 1
 
     def __post_init__(self) -> None:
         # Coerce first so plugins may hand back float64 scales; overflow to inf is caught below.
@@ -149,19 +170,24 @@ class QuantizedTensor:
         if not isinstance(self.code_bits, (int, np.integer)) or not 2 <= self.code_bits <= 8:
             raise QuantizedTensorError(f"code_bits must be an int in 2..8, got {self.code_bits!r}")
         self.code_bits = int(self.code_bits)
+        if isinstance(self.vector_dim, bool) or not isinstance(self.vector_dim, (int, np.integer)) or self.vector_dim < 1:
+            raise QuantizedTensorError(f"vector_dim must be a positive int, got {self.vector_dim!r}")
+        self.vector_dim = int(self.vector_dim)
+        if self.vector_dim > 1:
+            # before the scalar rules, so a wrong vector declaration is named as such
+            self._check_group_size()
+            self._check_vector_declaration()
         if self.packing == "trit5" and (not self.signed or self.codebook is not None):
             raise QuantizedTensorError("trit5 packing needs signed=True codes and no codebook")
         if self.codebook is not None and self.signed:
             raise QuantizedTensorError("codes indexing a codebook must be unsigned (signed=False)")
-        out_f, in_f = codes.shape
-        if self.group_size is not None:
-            if not isinstance(self.group_size, (int, np.integer)) or self.group_size < 1:
-                raise QuantizedTensorError(f"group_size must be a positive int or None, got {self.group_size!r}")
-            self.group_size = int(self.group_size)
+        self._check_group_size()
+        out_f, in_f = self.shape
         n_groups = n_groups_for(in_f, self.group_size)
         if self.scales.ndim != 2 or self.scales.shape[0] not in (1, out_f) or self.scales.shape[1] != n_groups:
+            fits = f"codes {codes.shape}" if self.vector_dim == 1 else f"a [{out_f}, {in_f}] weight (vector_dim={self.vector_dim})"
             raise QuantizedTensorError(
-                f"scales shape {self.scales.shape} does not fit codes {codes.shape} with "
+                f"scales shape {self.scales.shape} does not fit {fits} with "
                 f"group_size={self.group_size} (expected [{out_f} or 1, {n_groups}])"
             )
         if not np.all(np.isfinite(self.scales)):
@@ -172,7 +198,9 @@ class QuantizedTensor:
             if not np.all(np.isfinite(self.zeros)):
                 raise QuantizedTensorError("zeros contain NaN or inf")
         lo, hi = code_range(self.code_bits, self.signed, self.packing)
-        if self.codebook is not None:
+        if self.vector_dim > 1:
+            hi = self.codebook.shape[0] - 1  # its shape was checked with the declaration
+        elif self.codebook is not None:
             cb = self.codebook
             k = cb.shape[-1] if cb.ndim else 0
             allowed = {1: True, 2: cb.ndim == 2 and cb.shape[0] in (1, out_f),
@@ -189,9 +217,39 @@ class QuantizedTensor:
             cmin, cmax = int(codes.min()), int(codes.max())
             if cmin < lo or cmax > hi:
                 kind = "trit5" if self.packing == "trit5" else f"{'signed' if self.signed else 'unsigned'} {self.code_bits}-bit"
+                if self.vector_dim > 1:
+                    kind = f"the {hi + 1}-entry vector codebook's"
                 raise QuantizedTensorError(f"codes span [{cmin}, {cmax}], outside {kind} range [{lo}, {hi}]")
         self._check_input_side(in_f)
         self._check_lowrank(out_f, in_f)
+
+    def _check_group_size(self) -> None:
+        if self.group_size is not None:
+            if not isinstance(self.group_size, (int, np.integer)) or self.group_size < 1:
+                raise QuantizedTensorError(f"group_size must be a positive int or None, got {self.group_size!r}")
+            self.group_size = int(self.group_size)
+
+    def _check_vector_declaration(self) -> None:
+        """The rules a vector codebook adds (`vector_dim > 1`), each refused with its own line."""
+        d = self.vector_dim
+        if self.codebook is None:
+            raise QuantizedTensorError(f"vector_dim={d} needs a codebook of shape [K, {d}] (each code indexes one row of it)")
+        cb, most = self.codebook, 1 << self.code_bits
+        if cb.ndim != 2 or cb.shape[1] != d or not 1 <= cb.shape[0] <= most:
+            raise QuantizedTensorError(f"codebook shape {cb.shape} does not fit vector_dim={d}: expected one [K, {d}] "
+                                       f"codebook for the tensor with 1 <= K <= {most}")
+        if not np.all(np.isfinite(cb)):
+            raise QuantizedTensorError("codebook contains NaN or inf")
+        if self.packing != "int":
+            raise QuantizedTensorError(f"vector_dim={d} needs packing='int' (one {self.code_bits}-bit index per code), "
+                                       f"got {self.packing!r}")
+        if self.signed:
+            raise QuantizedTensorError(f"vector_dim={d}: codes indexing a codebook must be unsigned (signed=False)")
+        if self.zeros is not None:
+            raise QuantizedTensorError(f"vector_dim={d} takes no zeros (a codebook row is a value, not a code to offset)")
+        if self.group_size is not None and self.group_size % d:
+            raise QuantizedTensorError(f"group_size={self.group_size} is not a multiple of vector_dim={d} "
+                                       "(a group must hold whole vectors)")
 
     def _check_input_side(self, in_f: int) -> None:
         s = self.input_scales
@@ -222,12 +280,20 @@ class QuantizedTensor:
     def validate(self, weight_shape: tuple[int, ...]) -> None:
         """Raise `QuantizedTensorError` unless this tensor can stand in for a weight of that shape."""
         self._check()
-        if tuple(self.codes.shape) != tuple(weight_shape):
+        if self.shape == tuple(weight_shape):
+            return
+        if self.vector_dim == 1:
             raise QuantizedTensorError(f"codes shape {self.codes.shape} != weight shape {tuple(weight_shape)}")
+        divides = "" if len(weight_shape) != 2 or weight_shape[1] % self.vector_dim == 0 else (
+            f"; in_features {weight_shape[1]} is not a multiple of vector_dim")
+        raise QuantizedTensorError(f"codes shape {self.codes.shape} with vector_dim={self.vector_dim} stand for a "
+                                   f"{self.shape} weight, not the weight shape {tuple(weight_shape)}{divides}")
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)  # type: ignore[return-value]
+        """The weight's `(out, in)`: `codes.shape`, with each code spanning `vector_dim` columns."""
+        out_f, n_codes = self.codes.shape
+        return int(out_f), int(n_codes) * self.vector_dim
 
     @property
     def lowrank_rank(self) -> int:
@@ -235,14 +301,18 @@ class QuantizedTensor:
 
 
 def codebook_values(codebook: np.ndarray, codes: np.ndarray, group_size: int | None,
-                    rows: np.ndarray | slice | None = None) -> np.ndarray:
+                    rows: np.ndarray | slice | None = None, vector_dim: int = 1) -> np.ndarray:
     """float32 `codebook[row, group, code]` for a block of `codes` `[n, in]`.
 
     `rows` says which rows of the tensor the block holds (a slice or row indices; None = all),
     for codebooks with one entry per row (`[rows, K]`) or per group (`[rows, n_groups, K]`).
+    With `vector_dim = d > 1` the codebook is `[K, d]` and `codes` `[n, in / d]`: each code's
+    row of the codebook fills its `d` columns, giving `[n, in]`.
     """
     codebook = np.asarray(codebook)
     codes = np.asarray(codes)
+    if vector_dim > 1:
+        return codebook[codes].reshape(codes.shape[0], codes.shape[1] * vector_dim)
     if codebook.ndim == 1:
         return codebook[codes]
     if codebook.shape[0] != 1 and rows is not None:
@@ -301,7 +371,7 @@ def dequantize_codes(qt: QuantizedTensor) -> np.ndarray:
     """float32 `(v - zeros) * scales`: the matrix the layer's (transformed) input is multiplied
     by, before input scales, transform and low-rank correction are undone or added."""
     if qt.codebook is not None:
-        values = codebook_values(qt.codebook, qt.codes, qt.group_size)
+        values = codebook_values(qt.codebook, qt.codes, qt.group_size, vector_dim=qt.vector_dim)
     else:
         values = qt.codes.astype(np.float32)
     return apply_scales(values, qt.scales, qt.zeros, qt.group_size)

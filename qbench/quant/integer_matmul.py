@@ -47,8 +47,9 @@ class IntegerWeights:
 
 
 def runs_on_integers(pt: PackedTensor | None) -> bool:
-    """True for a packed layer on a uniform grid (codes times scales); codebook layers and float
-    layers are multiplied in float (a lookup-table kernel)."""
+    """True for a packed layer on a uniform grid (codes times scales); codebook layers (scalar,
+    and vector ones, which always have a codebook) and float layers are multiplied in float (a
+    lookup-table kernel)."""
     return pt is not None and pt.codebook is None
 
 

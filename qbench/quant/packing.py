@@ -8,6 +8,9 @@ The harness packs, not the plugin, so every quantizer's size is measured with th
 * `pack_trits`: ternary codes five per byte (`sum(t_j * 3^j)`, `3^5 = 243 <= 256`), i.e.
   1.6 bits per weight, `ceil(n / 5)` bytes.
 
+A vector-codebook layer (`vector_dim = d > 1`) stores `out * in / d` codes, one per `d`
+weights, with `pack_bits`: its codes cost `code_bits / d` bits per weight.
+
 `PackedTensor` is the stored form of a layer; `.nbytes` is the sum of its real buffers.
 """
 
@@ -142,6 +145,11 @@ class PackedTensor:
     scales). `input_scales` are float32 (in_features floats), `hadamard_signs` int8, and the
     low-rank factors float16, or int8 with float16 absmax scales per row of U (`lowrank_u_scales`)
     and of V (`lowrank_v_scales`).
+
+    `shape` is always the weight's `[out, in]`. With `vector_dim = d > 1` the buffer holds
+    `code_shape = [out, in / d]` codes, each indexing a row of the `[K, d]` float32 codebook (one
+    for the tensor, a constant like a `[K]` one); every reader below goes through
+    `code_shape` / `n_codes`, so row ranges of codes and of weights stay apart.
     """
 
     codes: np.ndarray
@@ -159,6 +167,7 @@ class PackedTensor:
     lowrank_v: np.ndarray | None = None
     lowrank_u_scales: np.ndarray | None = None
     lowrank_v_scales: np.ndarray | None = None
+    vector_dim: int = 1
 
     #: every buffer a layer may hold, in the order artifacts list them
     BUFFERS = ("codes", "scales", "zeros", "codebook", "input_scales", "hadamard_signs",
@@ -166,7 +175,19 @@ class PackedTensor:
 
     @property
     def numel(self) -> int:
+        """Weights the layer stands for (`out * in`)."""
         return self.shape[0] * self.shape[1]
+
+    @property
+    def code_shape(self) -> tuple[int, int]:
+        """`[out, in / vector_dim]`: the codes the buffer holds, as rows."""
+        return self.shape[0], self.shape[1] // self.vector_dim
+
+    @property
+    def n_codes(self) -> int:
+        """Codes in the buffer: `numel` for a scalar layer, `numel / vector_dim` for a vector one."""
+        rows, per_row = self.code_shape
+        return rows * per_row
 
     @property
     def code_nbytes(self) -> int:
@@ -249,7 +270,7 @@ class PackedTensor:
             last = -(-stop // _CODES_PER_WORD)
             lo_byte = first * self.code_bits
             hi_byte = min(last * self.code_bits, self.codes.size)
-            n = min(last * _CODES_PER_WORD, self.numel) - first * _CODES_PER_WORD
+            n = min(last * _CODES_PER_WORD, self.n_codes) - first * _CODES_PER_WORD
             vals = unpack_bits(self.codes[lo_byte:hi_byte], self.code_bits, n)
             vals = vals[start - first * _CODES_PER_WORD : stop - first * _CODES_PER_WORD]
         return vals.astype(np.int16) - self.offset
@@ -257,7 +278,8 @@ class PackedTensor:
     def _values(self, codes: np.ndarray, rows: np.ndarray | slice | None = None) -> np.ndarray:
         """Code values of a block of rows (`rows` of the tensor, for per-row codebooks)."""
         if self.codebook is not None:
-            return codebook_values(self.codebook.astype(np.float32, copy=False), codes, self.group_size, rows)
+            return codebook_values(self.codebook.astype(np.float32, copy=False), codes, self.group_size, rows,
+                                   self.vector_dim)
         return codes.astype(np.float32)
 
     def dequantize(self) -> np.ndarray:
@@ -276,13 +298,13 @@ class PackedTensor:
                 scaled = self._scale_in_place(values.reshape(self.shape))
                 if scaled is not None:
                     return scaled
-        codes = self._codes_range(0, self.numel).reshape(self.shape)
+        codes = self._codes_range(0, self.n_codes).reshape(self.code_shape)
         return apply_scales(self._values(codes), self.scales, self.zeros, self.group_size)
 
     def code_rows(self, start: int, stop: int) -> np.ndarray:
         """float32 rows `[start, stop)` of `dequantize_codes()`, unpacking only those."""
-        in_f = self.shape[1]
-        codes = self._codes_range(start * in_f, stop * in_f).reshape(stop - start, in_f)
+        per_row = self.code_shape[1]
+        codes = self._codes_range(start * per_row, stop * per_row).reshape(stop - start, per_row)
         scales = self.scales if self.scales.shape[0] == 1 else self.scales[start:stop]
         zeros = None if self.zeros is None else (self.zeros if self.zeros.shape[0] == 1 else self.zeros[start:stop])
         return apply_scales(self._values(codes, slice(start, stop)), scales, zeros, self.group_size)
@@ -339,8 +361,9 @@ class PackedTensor:
         """Float32 rows of the weight (embedding lookups) without unpacking the whole table."""
         rows = np.asarray(rows).reshape(-1)
         uniq, inverse = np.unique(rows, return_inverse=True)
-        in_f = self.shape[1]
-        codes = np.stack([self._codes_range(int(r) * in_f, (int(r) + 1) * in_f) for r in uniq]) if uniq.size else np.zeros((0, in_f), np.int16)
+        per_row = self.code_shape[1]
+        codes = (np.stack([self._codes_range(int(r) * per_row, (int(r) + 1) * per_row) for r in uniq]) if uniq.size
+                 else np.zeros((0, per_row), np.int16))
         scales = self.scales if self.scales.shape[0] == 1 else self.scales[uniq]
         zeros = None if self.zeros is None else (self.zeros if self.zeros.shape[0] == 1 else self.zeros[uniq])
         out = apply_scales(self._values(codes, uniq), scales, zeros, self.group_size)
@@ -370,7 +393,8 @@ def _check_underflow(qt: QuantizedTensor, stored: np.ndarray, zeros: np.ndarray 
     flushed = (wanted != 0) & (stored == 0)
     if not flushed.any():
         return
-    values = codebook_values(qt.codebook, qt.codes, qt.group_size) if qt.codebook is not None else qt.codes.astype(np.float32)
+    values = (codebook_values(qt.codebook, qt.codes, qt.group_size, vector_dim=qt.vector_dim) if qt.codebook is not None
+              else qt.codes.astype(np.float32))
     # dequantize with 1 for each flushed scale and 0 elsewhere: nonzero where one is used
     touched = apply_scales(values, flushed.astype(np.float32), zeros, qt.group_size)
     if not np.any(touched):
@@ -383,7 +407,7 @@ def _check_underflow(qt: QuantizedTensor, stored: np.ndarray, zeros: np.ndarray 
 def pack_quantized(qt: QuantizedTensor, scale_dtype: np.dtype | type = np.float16) -> PackedTensor:
     """Store a validated `QuantizedTensor`: pack its codes, cast its scales to `scale_dtype`."""
     scale_dtype = np.dtype(scale_dtype)
-    shape = (int(qt.codes.shape[0]), int(qt.codes.shape[1]))
+    shape = qt.shape  # the weight's; a vector layer's codes are [out, in / vector_dim]
     offset = 0
     if qt.packing == "trit5":
         buf = pack_trits(qt.codes)
@@ -400,8 +424,10 @@ def pack_quantized(qt: QuantizedTensor, scale_dtype: np.dtype | type = np.float1
         raise ValueError(f"zero points overflow {scale_dtype.name}")
     codebook = None
     if qt.codebook is not None:
-        # one codebook for the tensor is a constant; one per row/group costs like scales
-        codebook = qt.codebook.astype(np.float32 if qt.codebook.ndim == 1 else scale_dtype)
+        # one codebook for the tensor ([K], or a vector codebook's [K, d]) is a constant; one per
+        # row/group costs like scales
+        per_tensor = qt.codebook.ndim == 1 or qt.vector_dim > 1
+        codebook = qt.codebook.astype(np.float32 if per_tensor else scale_dtype)
         if not np.all(np.isfinite(codebook.astype(np.float32))):
             raise ValueError(f"codebook overflows {codebook.dtype.name} (max |value| {float(np.abs(qt.codebook).max()):.3g})")
     lowrank = _stored_lowrank(qt)
@@ -417,6 +443,7 @@ def pack_quantized(qt: QuantizedTensor, scale_dtype: np.dtype | type = np.float1
         offset=offset,
         input_scales=None if qt.input_scales is None else qt.input_scales.astype(np.float32),
         hadamard_signs=None if qt.hadamard_signs is None else qt.hadamard_signs.astype(np.int8),
+        vector_dim=qt.vector_dim,
         **lowrank,
     )
 
@@ -428,6 +455,10 @@ def check_packed_layout(pt: PackedTensor) -> None:
     n_groups = 1 if pt.group_size is None else -(-in_f // pt.group_size)
     if pt.group_size is not None and pt.group_size < 1:
         raise ValueError(f"group_size {pt.group_size} is not positive")
+    if isinstance(pt.vector_dim, bool) or not isinstance(pt.vector_dim, (int, np.integer)) or pt.vector_dim < 1:
+        raise ValueError(f"vector_dim {pt.vector_dim!r} is not a positive int")
+    if pt.vector_dim > 1:
+        _check_vector_layout(pt)
     if pt.scales.ndim != 2 or pt.scales.shape[0] not in (1, out_f) or pt.scales.shape[1] != n_groups:
         raise ValueError(f"scales shape {pt.scales.shape} does not fit [{out_f}, {in_f}] with group_size={pt.group_size}")
     if pt.zeros is not None and pt.zeros.shape != pt.scales.shape:
@@ -436,7 +467,7 @@ def check_packed_layout(pt: PackedTensor) -> None:
         a = getattr(pt, name)
         if a is not None and not np.issubdtype(a.dtype, np.floating) and not (name == "zeros" and a.dtype == np.uint8):
             raise ValueError(f"{name} must be floating point, got {a.dtype.name}")
-    if pt.codebook is not None:
+    if pt.codebook is not None and pt.vector_dim == 1:
         cb = pt.codebook
         ok = (cb.ndim == 1 or (cb.ndim == 2 and cb.shape[0] in (1, out_f))
               or (cb.ndim == 3 and cb.shape[0] in (1, out_f) and cb.shape[1] == n_groups))
@@ -468,6 +499,30 @@ def check_packed_layout(pt: PackedTensor) -> None:
             raise ValueError("int8 low-rank factors need their row scales (and float16 ones have none)")
         if quantized and (us.shape != (u.shape[0],) or vs.shape != (v.shape[0],)):
             raise ValueError("low-rank row scales do not match the factors' rows")
+
+
+def _check_vector_layout(pt: PackedTensor) -> None:
+    """The layout rules of a vector-codebook layer (`vector_dim > 1`), as `QuantizedTensor` has them."""
+    d, in_f = pt.vector_dim, pt.shape[1]
+    if in_f % d:
+        raise ValueError(f"vector_dim {d} does not divide in_features {in_f}")
+    if pt.packing != "int" or pt.offset != 0 or pt.zeros is not None:
+        raise ValueError(f"vector_dim {d} needs int packing, unsigned codes (offset 0) and no zeros")
+    if pt.group_size is not None and pt.group_size % d:
+        raise ValueError(f"group_size {pt.group_size} is not a multiple of vector_dim {d}")
+    cb = pt.codebook
+    if cb is None or cb.ndim != 2 or cb.shape[1] != d or not 1 <= cb.shape[0] <= 1 << pt.code_bits or cb.dtype != np.float32:
+        shown = None if cb is None else f"{cb.dtype.name} {cb.shape}"
+        raise ValueError(f"vector_dim {d} needs a float32 [K, {d}] codebook with 1 <= K <= {1 << pt.code_bits}, got {shown}")
+    if not np.all(np.isfinite(cb)):
+        raise ValueError("codebook contains NaN or inf")
+    need = packed_code_bytes(pt.n_codes, pt.code_bits)
+    if pt.codes.dtype != np.uint8 or pt.codes.ndim != 1 or pt.codes.size != need:
+        raise ValueError(f"code buffer does not hold {pt.n_codes} {pt.code_bits}-bit codes ({need} bytes)")
+    if cb.shape[0] < 1 << pt.code_bits and pt.n_codes:
+        top = int(pt._codes_range(0, pt.n_codes).max())
+        if top >= cb.shape[0]:
+            raise ValueError(f"code {top} indexes past the vector codebook's {cb.shape[0]} entries")
 
 
 def quantize_int8_rows(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -154,7 +154,8 @@ class PluginProcess:
             raise PluginProcessError(f"answered with unknown arrays {sorted(unknown)}")
         return QuantizedTensor(code_bits=fields.get("code_bits"), group_size=fields.get("group_size"),
                                signed=bool(fields.get("signed")), packing=fields.get("packing", "int"),
-                               lowrank_dtype=fields.get("lowrank_dtype", "float16"), **out)
+                               lowrank_dtype=fields.get("lowrank_dtype", "float16"),
+                               vector_dim=fields.get("vector_dim", 1), **out)
 
     def device_profiles(self) -> tuple[list[dict[str, Any]], list[str]]:
         """The device profiles every installed plugin registers, as plain data, and the errors."""

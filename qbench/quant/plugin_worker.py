@@ -75,7 +75,7 @@ def _quantize(quantizer: Quantizer, header: dict[str, Any], arrays: dict[str, np
     if not isinstance(qt, QuantizedTensor):
         raise TypeError(f"quantize returned {type(qt).__name__}, not a QuantizedTensor")
     fields = {"code_bits": qt.code_bits, "group_size": qt.group_size, "signed": qt.signed, "packing": qt.packing,
-              "lowrank_dtype": qt.lowrank_dtype}
+              "lowrank_dtype": qt.lowrank_dtype, "vector_dim": qt.vector_dim}
     out = {name: np.asarray(getattr(qt, name)) for name in TENSOR_ARRAYS if getattr(qt, name) is not None}
     return {"ok": True, "tensor": fields}, out
 
