@@ -39,7 +39,7 @@ with the least `sum |q(w) - w|^norm` is kept.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 from pydantic import Field, model_serializer, model_validator
@@ -154,15 +154,15 @@ class GPTQExtensionsConfig(QuantizerConfig):
                                    "is kept (0 = one sweep, one refit)",
     )
 
+    #: knobs left out of the config while at their defaults (a subclass adds its own later knobs)
+    knobs_left_out_when_off: ClassVar[tuple[str, ...]] = ("asym_alpha", "refit_scales", "refit_rounds")
+
     @model_serializer(mode="wrap")
     def _without_knobs_left_off(self, handler: Any) -> dict[str, Any]:
         data = handler(self)
-        if data.get("asym_alpha") == 0.0:
-            data.pop("asym_alpha", None)
-        if data.get("refit_scales") is False:
-            data.pop("refit_scales", None)
-        if data.get("refit_rounds") == 0:
-            data.pop("refit_rounds", None)
+        for name in self.knobs_left_out_when_off:
+            if name in data and data[name] == type(self).model_fields[name].default:
+                data.pop(name)
         return data
 
     @model_validator(mode="after")
