@@ -17,7 +17,8 @@ rotated weights and Hessians quip quantizes:
   aims for) of d=2 (16 entries) or d=4 (256 entries), both exactly 2 bits per weight plus one
   scale per row, scaled by c times the row's RMS, rounded with block LDLQ (GPTQ's feedback,
   one d-column block at a time: `W[:, later] -= E U_bb^-1 U_b,later` with `U` the upper
-  Cholesky factor of `H^-1`).
+  Cholesky factor of `H^-1`; `qbench_quip.lattice.vector_error_feedback`, the sweep quip's
+  `codebook=d4` uses).
 
     python plugins/quip/experiments/two_bit_codebooks.py [--every 5]
 
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 from qbench_quip import QuIPQuantizer, rotate_hessian
+from qbench_quip.lattice import codeword_values, nearest_codewords, vector_error_feedback
 
 from qbench.checkpoints.loader import load_model
 from qbench.data.calibration import load_calibration
@@ -42,7 +44,6 @@ from qbench.quant.error_feedback import (
     UniformGrid,
     error_feedback_quantize,
     gptq_hessian,
-    inverse_hessian_factor,
 )
 from qbench.quant.hadamard import hadamard_transform, random_signs
 
@@ -54,7 +55,7 @@ def gaussian_codebook(d: int, k: int, samples: int = 200_000, iterations: int = 
     x = rng.standard_normal((samples, d))
     c = x[rng.choice(samples, k, replace=False)].copy()
     for _ in range(iterations):
-        nearest = nearest_codeword(x, c)
+        nearest = nearest_codewords(x, c)
         for j in range(k):
             members = nearest == j
             if members.any():
@@ -62,27 +63,10 @@ def gaussian_codebook(d: int, k: int, samples: int = 200_000, iterations: int = 
     return c
 
 
-def nearest_codeword(x: np.ndarray, c: np.ndarray) -> np.ndarray:
-    norms = np.sum(c * c, 1)
-    out = np.empty(len(x), dtype=np.int64)
-    for s in range(0, len(x), 65536):
-        out[s : s + 65536] = np.argmin(norms[None] - 2 * x[s : s + 65536] @ c.T, 1)
-    return out
-
-
-def block_ldlq(w: np.ndarray, h: np.ndarray, codebook: np.ndarray, row_scale: np.ndarray,
-               percdamp: float = 0.01) -> np.ndarray:
-    w = w.copy()
-    d = codebook.shape[1]
-    h = h + percdamp * np.mean(np.diag(h)) * np.eye(len(h))
-    u = inverse_hessian_factor(h)
-    q = np.zeros_like(w)
-    for j in range(0, w.shape[1], d):
-        b = slice(j, j + d)
-        q[:, b] = codebook[nearest_codeword(w[:, b] / row_scale[:, None], codebook)] * row_scale[:, None]
-        if j + d < w.shape[1]:
-            w[:, j + d :] -= (w[:, b] - q[:, b]) @ np.linalg.solve(u[b, b], u[b, j + d :])
-    return q
+def lattice_ldlq(w: np.ndarray, h: np.ndarray, codebook: np.ndarray, c: float) -> np.ndarray:
+    """Block LDLQ onto `codebook` scaled per row by c times the row's RMS (quip's `codebook=d4` sweep)."""
+    codes, scales = vector_error_feedback(w, h, codebook, group_size=None, scale_multiplier=c)
+    return codeword_values(codes, codebook) * scales
 
 
 def output_error(w: np.ndarray, q: np.ndarray, h: np.ndarray) -> float:
@@ -126,8 +110,7 @@ def main() -> None:
         signs = random_signs(w.shape[1], 0)
         wr, hr = hadamard_transform(w, signs), rotate_hessian(h, signs)
         errors = [output_error(wr, scalar_quip(wr, hr, b, m), hr) for b, m in ((3, True), (2, False), (2, True))]
-        rms = np.sqrt(np.mean(wr**2, 1))
-        errors += [output_error(wr, block_ldlq(wr, hr, cb, rms * c), hr) for cb in codebooks.values() for c in (0.9, 1.1, 1.3)]
+        errors += [output_error(wr, lattice_ldlq(wr, hr, cb, c), hr) for cb in codebooks.values() for c in (0.9, 1.1, 1.3)]
         ratios.append([e / errors[0] for e in errors])
         print(f"{name:32s} " + " ".join(f"{e:13.4f}" for e in errors), flush=True)
     print(f"{'median / 3-bit mse':32s} " + " ".join(f"{r:13.2f}" for r in np.median(ratios, axis=0)))

@@ -138,3 +138,18 @@ def test_a_d4_tensor_that_breaks_the_contract_is_refused() -> None:
     qt = QuIP(QuIP.Config(bits=2, codebook="d4", group_size=None)).quantize(w.astype(np.float32), layer_stats(x.astype(np.float32), 64))
     with pytest.raises(QuantizedTensorError):
         qt.validate((32, 60))
+
+
+def test_wav2vec2_d4_run_end_to_end(run_seeded_wav2vec2) -> None:
+    """Every layer whose input width is a multiple of 4 is stored on the lattice; wav2vec2's
+    first conv (1 channel x kernel 10) takes the 2-bit grid."""
+    r = run_seeded_wav2vec2("--calibration-limit", "2", "--plugin", "quip", "--set", "bits=2", "--set", "codebook=d4",
+                            "--set", "group_size=null", "--set", "asym_alpha=0.25")
+    q = r["quantization"]
+    assert r["status"] == "complete" and q["config"]["codebook"] == "d4"
+    layers = {layer["name"]: layer for layer in q["layers"]}
+    on_lattice = {name for name, layer in layers.items() if layer.get("vector_dim") == 4}
+    assert len(on_lattice) > 15
+    assert set(layers) - on_lattice == {name for name, layer in layers.items() if layer["shape"][1] % 4}
+    assert {layers[name]["code_bits"] for name in on_lattice} == {8}
+    assert all(layers[name]["code_bytes"] * 4 == layers[name]["shape"][0] * layers[name]["shape"][1] for name in on_lattice)
