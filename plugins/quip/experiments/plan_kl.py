@@ -7,7 +7,7 @@ the float model's own greedy transcripts of `splits/dev-clean-tune.txt` are teac
 both models, and the script prints the mean KL(float || quantized) per predicted token and how
 often the quantized model's top token is the float one's. Never test-clean.
 
-    python plugins/quip/experiments/plan_kl.py plans/tiny-en-2-bits.json [--without-padding] [--set KEY=VALUE ...]
+    python plugins/quip/experiments/plan_kl.py plans/tiny-en-2-bits.json|PLUGIN [--without-padding] [--set KEY=VALUE ...]
         [--calibration-utterances N] [--speed F ...] [--only-bits B]
 
 `--set` overrides a setting in every rule of the plan (e.g. `asym_alpha=0.1`), or with
@@ -30,7 +30,7 @@ from qbench.data.calibration import speed_perturbed
 from qbench.data.librispeech import find_data_dir, list_utterances
 from qbench.plugin_manager import get_quantizer
 from qbench.quant.apply import QuantizationPolicy, quantize_layers
-from qbench.quant.plan import read_plan
+from qbench.quant.plan import PlanRule, QuantizationPlan, read_plan
 
 SPLITS = Path(__file__).resolve().parents[3] / "splits"
 
@@ -50,7 +50,7 @@ def json_or_text(value: str) -> object:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("plan", type=Path)
+    parser.add_argument("plan", help="a plan file, or a plugin name: that plugin on every layer but the embedding (fp16)")
     parser.add_argument("--without-padding", action="store_true", help="count only the decoder rows inference feeds")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--only-bits", type=int, help="apply --set only to the rules with this many bits")
@@ -65,7 +65,8 @@ def main() -> None:
     tune, calibrate = split_audio(root, "dev-clean-tune.txt"), split_audio(root, "dev-clean-calibrate.txt")
     calibrate = calibrate[: args.calibration_utterances]
     calibrate = calibrate + [speed_perturbed(a, f) for f in args.speed for a in calibrate]
-    plan = read_plan(args.plan)
+    plan = read_plan(Path(args.plan)) if Path(args.plan).is_file() else QuantizationPlan(name=args.plan, rules=[
+        PlanRule(match=("encoder.*", "decoder.blocks.*"), plugin=args.plan), PlanRule(match=("decoder.token_embedding",))])
     quantizers = {}
     assignment = {}
     for layer, rule in plan.assign(model.quantizable_weights()).items():
